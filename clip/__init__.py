@@ -1,0 +1,1 @@
+from .model import CLIP, build_model

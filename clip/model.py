@@ -1,0 +1,239 @@
+"""CLIP's ViT image encoder and causal text transformer, written from scratch.
+
+Parameter names are OpenAI's (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
+...), so their checkpoints load with `load_state_dict(strict=True)` and every downstream repo's
+key names still apply. The numbers are OpenAI's to float32 rounding (tests/test_parity.py checks
+this against an independent implementation).
+
+Two things differ from openai/CLIP's model.py, neither changes a result:
+- attention is batch-first and runs through `F.scaled_dot_product_attention` (fused kernels on GPU);
+- both encoders take `deep_prompts`, the hook the prompt-learning methods use to put learnable
+  tokens into chosen layers (VPT / MaPLe / IVLP style) without forking the transformer blocks.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, so a model cast to fp16 keeps stable statistics (as OpenAI's)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation x * sigmoid(1.702 x). Using nn.GELU instead changes every feature."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        B, L, D = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x [B, L, D]
+        q, k, v = (t.reshape(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D/H]
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, D/H]
+        x = x.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
+        return self.out_proj(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x, causal=False, deep_prompts=None, prompt_start=0):
+        """x: [B, L, width]. deep_prompts: {layer index: tokens [n, width] or [B, n, width]}.
+
+        Before block i, the n tokens at x[:, prompt_start:prompt_start + n] are replaced by
+        deep_prompts[i] ("deep" prompting as in VPT-deep, MaPLe and IVLP: every prompted layer
+        gets fresh learnable tokens, and what the previous layer wrote there is discarded).
+        """
+        deep_prompts = deep_prompts or {}
+        for i, block in enumerate(self.resblocks):
+            if i in deep_prompts:
+                x = replace_tokens(x, deep_prompts[i], prompt_start)
+            x = block(x, causal=causal)
+        return x
+
+
+def replace_tokens(x, tokens, start):
+    """Return x with x[:, start:start + n] set to `tokens` ([n, D] shared by the batch, or [B, n, D])."""
+    B = x.shape[0]
+    tokens = tokens.to(x.dtype).expand(B, -1, -1) if tokens.dim() == 2 else tokens.to(x.dtype)  # [B, n, D]
+    return torch.cat([x[:, :start], tokens, x[:, start + tokens.shape[1]:]], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x, deep_prompts=None):
+        """x: images [B, 3, H, W]. deep_prompts: {layer: tokens [n, width] or [B, n, width]}.
+
+        Prompt tokens go after the patch tokens (MaPLe's layout, so CLS stays at index 0). Those
+        of layer 0 are appended to the input before ln_pre; those of a later layer i replace the
+        prompt slots before block i. The slots carry no positional embedding, as in VPT.
+        """
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, width, grid, grid]
+        x = x.flatten(2).transpose(1, 2)  # [B, grid ** 2, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, width]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, grid ** 2 + 1, width]
+        deep_prompts = dict(deep_prompts or {})
+        n_tokens = x.shape[1]
+        if 0 in deep_prompts:
+            x = replace_tokens(x, deep_prompts.pop(0), n_tokens)  # [B, grid ** 2 + 1 + n_ctx, width]
+        x = self.ln_pre(x)
+        x = self.transformer(x, deep_prompts=deep_prompts, prompt_start=n_tokens)
+        return self.ln_post(x[:, 0]) @ self.proj  # CLS token -> [B, output_dim]
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim,
+                 # vision
+                 image_resolution, vision_layers, vision_width, vision_patch_size,
+                 # text
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+        super().__init__()
+        self.context_length = context_length
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                        heads=vision_width // 64, output_dim=embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * torch.log(torch.tensor(1 / 0.07)))
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation; only matters for CLIPs trained from scratch (the tests' tiny ones)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for transformer in (self.transformer, self.visual.transformer):
+            width, layers = transformer.width, transformer.layers
+            proj_std, attn_std, fc_std = (width ** -0.5) * ((2 * layers) ** -0.5), width ** -0.5, (2 * width) ** -0.5
+            for block in transformer.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    @property
+    def dtype(self):
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, image, deep_prompts=None):
+        return self.visual(image, deep_prompts=deep_prompts)
+
+    def encode_text(self, text, embeddings=None, deep_prompts=None):
+        """text: token ids [B, 77] (from clip.tokenize). Returns features [B, embed_dim].
+
+        embeddings: optional [B, 77, width] input embeddings to use instead of token_embedding(text);
+        prompt learners pass their learnable context here (CoOp), and `text` still tells where the
+        end-of-text token is. deep_prompts: {layer: tokens [n, width]} replacing positions 1..n
+        (right after start-of-text) before that layer.
+
+        The sequence is cut after the batch's last end-of-text token. Under the causal mask no
+        token before it can see the padding behind it, so the features are the same, and short
+        class-name prompts (~15 tokens of 77) cost a fifth of the compute.
+        """
+        eot = text.argmax(dim=-1)  # end-of-text has the highest id (49407) in every sequence
+        n = int(eot.max()) + 1
+        x = self.token_embedding(text[:, :n]) if embeddings is None else embeddings[:, :n]  # [B, n, width]
+        x = x + self.positional_embedding[:n].to(x.dtype)
+        x = self.transformer(x, causal=True, deep_prompts=deep_prompts, prompt_start=1)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0]), eot] @ self.text_projection  # [B, embed_dim]
+
+    def forward(self, image, text):
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # [B_img, B_txt]
+        return logits_per_image, logits_per_image.t()
+
+
+# Keys of OpenAI's TorchScript archives that are not parameters.
+_JIT_METADATA = ("input_resolution", "context_length", "vocab_size")
+
+
+def build_model(state_dict):
+    """Build a float32 CLIP whose architecture is read off the state_dict's shapes, and load it.
+
+    Works for OpenAI's ViT-B/32, ViT-B/16, ViT-L/14(@336px) and any smaller CLIP of the same layout.
+    Raises ValueError with the reason when the state_dict is not such a CLIP.
+    """
+    sd = {k: v for k, v in state_dict.items() if k not in _JIT_METADATA}
+    if "visual.proj" not in sd:
+        if any(k.startswith("visual.layer1") for k in sd):
+            raise ValueError("this is a ResNet CLIP (RN50, RN101, ...); only the ViT CLIPs are supported "
+                             "(ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)")
+        raise ValueError("not an OpenAI-layout CLIP state_dict: the key 'visual.proj' is missing "
+                         f"(first keys: {list(sd)[:5]})")
+    try:
+        patch_size = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        width = sd["ln_final.weight"].shape[0]
+        model = CLIP(
+            embed_dim=sd["text_projection"].shape[1],
+            image_resolution=patch_size * grid,
+            vision_layers=len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]),
+            vision_width=sd["visual.conv1.weight"].shape[0],
+            vision_patch_size=patch_size,
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            transformer_width=width,
+            transformer_heads=width // 64,
+            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")}),
+        )
+    except KeyError as e:
+        raise ValueError(f"not an OpenAI-layout CLIP state_dict: the key {e} is missing") from None
+    sd = {k: v.float() for k, v in sd.items()}  # OpenAI ships half of the tensors in fp16
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the state_dict does not fit the CLIP its shapes describe:\n{e}") from None
+    return model.eval()
