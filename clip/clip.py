@@ -1,0 +1,171 @@
+"""OpenAI's weights: `available_models()` and `load(name_or_path) -> (model, preprocess)`, as in openai/CLIP.
+
+What is safe to load: a plain state_dict is read with torch.load(weights_only=True), which only
+rebuilds tensors and containers. OpenAI ships TorchScript archives, read with torch.jit.load, which
+deserialises TorchScript code: load archives only from OpenAI's URLs below (the download is checked
+against the sha256 in _MODELS) or from sources you trust.
+"""
+import hashlib
+import http.client
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+
+import torch
+
+from .model import build_model
+from .transform import Preprocess
+
+_MODELS = {  # name -> "sha256/filename"; the ResNet CLIPs are left out (model.py is ViT only)
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+# Tried in order. OpenAI's CDN host has moved before, so the storage account behind it is the fallback.
+MIRRORS = ["https://openaipublic.azureedge.net/clip/models/",
+           "https://openaipublic.blob.core.windows.net/clip/models/"]
+RETRIES = 3  # attempts per mirror on connection errors; each one resumes where the last one stopped
+RETRY_DELAY = 2.0  # seconds, times the attempt number
+TIMEOUT = 30  # seconds without data before a connection counts as dead
+
+
+def available_models():
+    return list(_MODELS)
+
+
+def load(name_or_path, device="cuda" if torch.cuda.is_available() else "cpu", download_root=None, jit=False):
+    """Return (model, preprocess): a float32 CLIP in eval mode on `device`, and its PIL -> tensor transform.
+
+    name_or_path: one of available_models() (downloaded once into download_root, else $CLIP_CACHE,
+    else ~/.cache/clip) or the path of a checkpoint (OpenAI's TorchScript .pt or a plain state_dict).
+    jit: only for openai/CLIP's call signature; there is no TorchScript model here.
+    """
+    if jit:
+        raise ValueError("jit=True is not supported: load returns a plain nn.Module (use torch.compile for speed)")
+    if name_or_path in _MODELS:
+        root = download_root or os.environ.get("CLIP_CACHE") or os.path.join("~", ".cache", "clip")
+        path = _download(name_or_path, os.path.expanduser(root))
+    elif os.path.isfile(name_or_path):
+        path = name_or_path
+    else:
+        raise ValueError(f"model {name_or_path!r} not found; available models: {available_models()} "
+                         "(a path to a checkpoint file works too)")
+    state_dict = _read_state_dict(path)
+    try:
+        model = build_model(state_dict)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    # OpenAI's load casts the model to fp16 on CUDA. We keep float32 weights (so fine-tuning and
+    # prompt learning get float32 gradients) and leave speed to torch.autocast at call time.
+    return model.to(device).eval(), Preprocess(model.visual.input_resolution)
+
+
+def _read_state_dict(path):
+    """A checkpoint file -> its state_dict, with a clear RuntimeError if the file cannot be read."""
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": no other reader exists for these
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError, ...
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise RuntimeError(f"{path} could not be read: it looks truncated or damaged ({reason}). "
+                           "Delete it and download again (or save it again).") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]  # a training checkpoint {"state_dict": ..., "optimizer": ...}
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        found = f"a dict with keys {list(state_dict)[:5]}" if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"{path}: expected a state_dict (a dict of tensors), found {found}")
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from DataParallel/DDP
+
+
+def _is_torchscript(path):
+    """torch.jit.save writes a zip with code/ and constants.pkl; torch.save's zip has neither."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(name, root):
+    """Download `name` into root unless a file with the right sha256 is already there; return its path."""
+    expected, filename = _MODELS[name].split("/")
+    target = os.path.join(root, filename)
+    if os.path.isfile(target):
+        if _sha256(target) == expected:
+            return target
+        print(f"{target} does not match its sha256 (damaged or replaced); downloading it again", file=sys.stderr)
+        os.remove(target)
+    os.makedirs(root, exist_ok=True)
+    part, errors = target + ".part", []
+    for url in [mirror + filename for mirror in MIRRORS]:
+        if not _fetch_with_retries(url, part, errors):
+            continue
+        actual = _sha256(part)
+        if actual != expected:
+            os.remove(part)
+            raise RuntimeError(f"the download of {name} from {url} is corrupt: sha256 {actual}, "
+                               f"expected {expected}; it was deleted, try again")
+        os.replace(part, target)  # atomic: no reader ever sees a half-written target
+        return target
+    raise RuntimeError(f"could not download {name}:\n  " + "\n  ".join(errors))
+
+
+def _fetch_with_retries(url, part, errors):
+    """Try to fetch url into part a few times; record failures in `errors`; return True on success."""
+    for attempt in range(1, RETRIES + 1):
+        try:
+            _fetch(url, part)
+            return True
+        except urllib.error.HTTPError as e:  # the server answered (404, 403, ...): retrying will not help
+            errors.append(f"{url}: {e}")
+            return False
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+            errors.append(f"{url} (attempt {attempt}): {e}")
+            if attempt < RETRIES:
+                time.sleep(RETRY_DELAY * attempt)
+    return False
+
+
+def _fetch(url, part):
+    """Download url into part, resuming after the bytes part already holds (HTTP Range)."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        os.remove(part)  # 416: part is not a prefix of this file (e.g. already too long); start over
+        return _fetch(url, part)
+    with response, open(part, "ab" if response.status == 206 else "wb") as f:  # 200: Range ignored
+        have = have if response.status == 206 else 0
+        size = int(response.headers.get("Content-Length", -1))
+        got, start = 0, time.time()
+        while block := response.read(1 << 20):
+            f.write(block)
+            got += len(block)
+            _progress(url, have + got, have + size if size >= 0 else None, got / max(time.time() - start, 1e-3))
+        print(file=sys.stderr)
+    if 0 <= size != got:  # http.client returns EOF, not an error, when the server closes early
+        raise ConnectionError(f"connection closed after {got} of {size} bytes")
+
+
+def _progress(url, done, total, speed):
+    percent = f"{100 * done / total:5.1f}% " if total else ""
+    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+    print(f"\r{url.rsplit('/', 1)[-1]}: {percent}{size} {speed / 1e6:.1f} MB/s", end="", file=sys.stderr)

@@ -1,0 +1,299 @@
+"""clip/clip.py: OpenAI-format archives and state_dicts load to the same model; downloads resume,
+fall back to the next mirror and are sha256-checked; damaged files give clear errors. CPU, no network:
+downloads come from a server on 127.0.0.1 that each test starts itself."""
+import hashlib
+import http.server
+import io
+import re
+import socket
+import threading
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import clip.clip as weights
+from tests.tiny import tiny_clip
+
+JIT_METADATA = {"input_resolution", "context_length", "vocab_size"}
+
+
+class OpenAIArchive(nn.Module):
+    """Holds a CLIP's modules and parameters at the same names, plus the three int entries OpenAI's
+    archives carry, so that its traced state_dict has the keys of OpenAI's ViT-B/32.pt."""
+
+    def __init__(self, model):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        self.register_buffer("input_resolution", torch.tensor(model.visual.input_resolution))
+        self.register_buffer("context_length", torch.tensor(model.context_length))
+        self.register_buffer("vocab_size", torch.tensor(model.token_embedding.num_embeddings))
+        self.clip = [model]  # in a list so it is not registered twice under a second name
+
+    def forward(self, image, text):
+        return self.clip[0](image, text)
+
+
+def save_archive(model, path):
+    image, text = inputs(model)
+    with warnings.catch_warnings():  # the tracer warns that encode_text's int(eot.max()) becomes a constant
+        warnings.simplefilter("ignore")
+        torch.jit.trace(OpenAIArchive(model), (image, text), check_trace=False).save(str(path))
+
+
+def inputs(model):
+    """Two images and two token sequences (end-of-text = the highest id, as clip.tokenize makes them)."""
+    g = torch.Generator().manual_seed(1)
+    vocab = model.token_embedding.num_embeddings
+    image = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution, generator=g)
+    text = torch.zeros(2, model.context_length, dtype=torch.long)
+    text[0, :5], text[1, :9] = torch.randint(1, vocab - 1, (5,), generator=g), torch.randint(1, vocab - 1, (9,), generator=g)
+    text[0, 5], text[1, 9] = vocab - 1, vocab - 1
+    return image, text
+
+
+@torch.no_grad()
+def features(model):
+    image, text = inputs(model)
+    return model.encode_image(image), model.encode_text(text)
+
+
+def assert_same_features(model, reference):
+    for got, expected in zip(features(model), features(reference)):
+        assert torch.equal(got, expected)
+
+
+def openai_fp16(key):
+    """The tensors OpenAI stores in fp16: Conv/Linear/attention weights and biases, and the projections."""
+    return any(part in key for part in ("conv1.", "attn.", "mlp.")) or key in ("text_projection", "visual.proj")
+
+
+# --- 1. loading files ---------------------------------------------------------------------------------
+
+def test_archive_and_state_dict_load_to_the_original_model(tmp_path):
+    model = tiny_clip()
+    archive, plain = tmp_path / "archive.pt", tmp_path / "plain.pt"
+    save_archive(model, archive)
+    torch.save(model.state_dict(), plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated
+        assert set(torch.jit.load(str(archive)).state_dict()) == set(model.state_dict()) | JIT_METADATA
+    for path in (archive, plain):
+        loaded, preprocess = weights.load(str(path), device="cpu")
+        assert not loaded.training and preprocess.n_px == 32
+        assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in loaded.parameters())
+        assert_same_features(loaded, model)  # so the archive and the state_dict also agree with each other
+
+
+def test_training_checkpoint_with_module_prefix_loads(tmp_path):
+    model = tiny_clip(seed=3)
+    wrapped = {"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 7}
+    torch.save(wrapped, tmp_path / "ckpt.pt")
+    assert_same_features(weights.load(str(tmp_path / "ckpt.pt"), device="cpu")[0], model)
+
+
+def test_fp16_state_dict_loads_as_float32(tmp_path):
+    model = tiny_clip()
+    half = {k: v.half() if openai_fp16(k) else v for k, v in model.state_dict().items()}
+    assert 0 < sum(v.dtype == torch.float16 for v in half.values()) < len(half)
+    torch.save(half, tmp_path / "half.pt")
+    loaded, _ = weights.load(str(tmp_path / "half.pt"), device="cpu")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    rounded = tiny_clip()
+    rounded.load_state_dict({k: v.float() for k, v in half.items()})
+    assert_same_features(loaded, rounded)
+    assert not torch.equal(features(loaded)[0], features(model)[0])  # the fp16 rounding really happened
+
+
+# --- 2. downloads, from a local server ------------------------------------------------------------------
+
+class Server:
+    """An HTTP file server on 127.0.0.1 that honours Range (unless told not to) and can cut its
+    first response after `cut_after` bytes. `requests` records each request's path and Range header."""
+
+    def __init__(self, files, cut_after=None, honour_range=True):
+        self.files, self.cut_after, self.honour_range, self.requests = files, cut_after, honour_range, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, h):
+        self.requests.append(SimpleNamespace(path=h.path, range=h.headers.get("Range")))
+        data = self.files.get(h.path.lstrip("/"))
+        if data is None:
+            return h.send_error(404)
+        start = int(re.fullmatch(r"bytes=(\d+)-", h.headers["Range"])[1]) if h.headers.get("Range") else 0
+        start = start if self.honour_range else 0
+        h.send_response(206 if start else 200)
+        if start:
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.send_header("Content-Length", str(len(data) - start))
+        h.end_headers()
+        cut = self.cut_after if self.cut_after is not None and len(self.requests) == 1 else None
+        h.wfile.write(data[start:][:cut])  # then the connection closes (HTTP/1.0), after `cut` bytes if cut
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def refused_url():
+    """The URL of a port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    """A tiny checkpoint registered as model "Tiny/8" (file tiny-8.pt) with its real sha256;
+    serve(...) starts a Server for it and makes it the only mirror."""
+    model = tiny_clip(vocab_size=512)  # ~1 MB
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    data = buffer.getvalue()
+    monkeypatch.setitem(weights._MODELS, "Tiny/8", hashlib.sha256(data).hexdigest() + "/tiny-8.pt")
+    monkeypatch.setattr(weights, "RETRY_DELAY", 0)
+    servers = []
+
+    def serve(**kwargs):
+        servers.append(Server({"tiny-8.pt": data}, **kwargs))
+        monkeypatch.setattr(weights, "MIRRORS", [servers[-1].url])
+        return servers[-1]
+
+    root = tmp_path / "cache"
+    yield SimpleNamespace(model=model, data=data, serve=serve, root=root, file=root / "tiny-8.pt")
+    for server in servers:
+        server.close()
+
+
+def test_download_is_verified_cached_and_loads(tiny_model, monkeypatch, capsys):
+    server = tiny_model.serve()
+    monkeypatch.setenv("CLIP_CACHE", str(tiny_model.root))  # no download_root: the env var decides
+    loaded, _ = weights.load("Tiny/8", device="cpu")
+    assert tiny_model.file.read_bytes() == tiny_model.data
+    assert not (tiny_model.root / "tiny-8.pt.part").exists()
+    assert_same_features(loaded, tiny_model.model)
+    assert "100.0%" in capsys.readouterr().err  # the progress bar
+    weights.load("Tiny/8", device="cpu")
+    assert len(server.requests) == 1  # the second load used the cached file
+
+
+def test_cut_download_resumes_with_range(tiny_model):
+    cut = len(tiny_model.data) // 3
+    server = tiny_model.serve(cut_after=cut)
+    loaded, _ = weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
+    assert [r.range for r in server.requests] == [None, f"bytes={cut}-"]
+    assert tiny_model.file.read_bytes() == tiny_model.data
+    assert_same_features(loaded, tiny_model.model)
+
+
+def test_server_ignoring_range_restarts_the_download(tiny_model):
+    server = tiny_model.serve(cut_after=len(tiny_model.data) // 3, honour_range=False)
+    weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
+    assert server.requests[1].range is not None  # asked to resume, got a 200 with the whole file
+    assert tiny_model.file.read_bytes() == tiny_model.data
+
+
+def test_wrong_sha256_is_refused(tiny_model, monkeypatch):
+    server = tiny_model.serve()
+    monkeypatch.setitem(weights._MODELS, "Tiny/8", "0" * 64 + "/tiny-8.pt")
+    with pytest.raises(RuntimeError) as error:
+        weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
+    message = str(error.value)
+    assert "0" * 64 in message and hashlib.sha256(tiny_model.data).hexdigest() in message
+    assert server.url + "tiny-8.pt" in message
+    assert list(tiny_model.root.iterdir()) == []  # neither the final file nor the .part
+
+
+def test_dead_first_mirror_falls_back_to_the_second(tiny_model, monkeypatch):
+    server = tiny_model.serve()
+    monkeypatch.setattr(weights, "MIRRORS", [refused_url(), server.url])
+    weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
+    assert len(server.requests) == 1 and tiny_model.file.read_bytes() == tiny_model.data
+
+
+def test_all_mirrors_failing_is_a_clear_error(tiny_model, monkeypatch):
+    dead, empty = refused_url(), Server({})
+    try:
+        monkeypatch.setattr(weights, "MIRRORS", [dead, empty.url])
+        with pytest.raises(RuntimeError, match="could not download Tiny/8") as error:
+            weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
+        assert dead in str(error.value) and "404" in str(error.value)
+        assert len(empty.requests) == 1  # a 404 is an answer: no retries
+    finally:
+        empty.close()
+
+
+def test_damaged_cached_file_is_downloaded_again(tiny_model, capsys):
+    server = tiny_model.serve()
+    tiny_model.root.mkdir()
+    tiny_model.file.write_bytes(tiny_model.data[:-10] + b"0123456789")
+    weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
+    assert len(server.requests) == 1 and tiny_model.file.read_bytes() == tiny_model.data
+    assert "downloading it again" in capsys.readouterr().err
+
+
+# --- 3. damaged files and other checkpoints ---------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["archive", "state_dict"])
+def test_truncated_file_is_a_clear_error(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    save_archive(tiny_clip(), path) if kind == "archive" else torch.save(tiny_clip().state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match=re.escape(str(path)) + ".*truncated or damaged.*Delete it"):
+        weights.load(str(path), device="cpu")
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"<html>not a checkpoint</html>" * 100)
+    with pytest.raises(RuntimeError, match=re.escape(str(path)) + ".*truncated or damaged"):
+        weights.load(str(path), device="cpu")
+
+
+@pytest.mark.parametrize("state_dict, reason", [
+    ({"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "visual.attnpool.c_proj.weight": torch.zeros(8, 8),
+      "token_embedding.weight": torch.zeros(10, 8)}, "ResNet CLIP"),
+    ({"encoder.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(3)}, "not an OpenAI-layout CLIP"),
+    ({k: v for k, v in tiny_clip().state_dict().items() if k != "ln_final.bias"}, "does not fit"),
+    ({"model": {"weight": torch.zeros(3)}, "epoch": 3}, "expected a state_dict"),
+    ([torch.zeros(3)], "expected a state_dict"),
+])
+def test_other_checkpoints_are_a_clear_error(tmp_path, state_dict, reason):
+    path = tmp_path / "other.pt"
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + reason):
+        weights.load(str(path), device="cpu")
+
+
+# --- 4. names --------------------------------------------------------------------------------------------
+
+def test_available_models_are_the_four_vits():
+    assert weights.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+    for entry in weights._MODELS.values():
+        sha, filename = entry.split("/")
+        assert re.fullmatch(r"[0-9a-f]{64}", sha) and filename.endswith(".pt")
+
+
+def test_unknown_name_lists_the_models(tmp_path):
+    with pytest.raises(ValueError) as error:
+        weights.load("ViT-H/14", device="cpu", download_root=str(tmp_path))
+    message = str(error.value)
+    assert "ViT-H/14" in message and "path" in message
+    assert all(name in message for name in weights.available_models())
+    assert list(tmp_path.iterdir()) == []  # nothing was downloaded

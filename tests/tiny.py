@@ -1,0 +1,35 @@
+"""A tiny random CLIP for fast CPU tests: same layout and names as OpenAI's, a few MB instead of 350."""
+import math
+
+import torch
+
+from clip.model import CLIP
+
+TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                   context_length=77, vocab_size=49408, transformer_width=64, transformer_layers=2)
+
+
+@torch.no_grad()
+def tiny_clip(seed=0, **overrides):
+    """A float32 CLIP in eval mode with every tensor drawn from `seed` (so LayerNorms and biases are not
+    the trivial 1/0 either, and a bug that ignores one of them shows up in the features).
+
+    overrides: any CLIP argument, e.g. vocab_size=512 for a smaller file. transformer_heads defaults
+    to transformer_width // 64, like the vision side. The caller's global RNG is left untouched.
+    """
+    config = {**TINY_CONFIG, **overrides}
+    config.setdefault("transformer_heads", config["transformer_width"] // 64)
+    with torch.random.fork_rng(devices=[]):  # CLIP.__init__ draws from the global RNG
+        model = CLIP(**config)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if name == "logit_scale":
+            p.copy_(math.log(1 / 0.07) + 0.1 * noise)
+        elif ".ln_" in name or name.startswith("ln_"):  # LayerNorm: weight near 1, bias near 0
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+        elif p.dim() >= 2:  # matrices: ~unit-variance outputs, so 2 layers stay well away from 0 or inf
+            p.copy_(noise * p[0].numel() ** -0.5)
+        else:  # biases, class embedding
+            p.copy_(0.02 * noise)
+    return model.eval()
