@@ -1,0 +1,171 @@
+"""Evaluate learned prompts, or zero-shot CLIP, on any data set and split; summarise runs as the papers' tables.
+
+    python eval.py --method zeroshot --dataset caltech101 --subsample new
+    python eval.py --ckpt runs/caltech101/pmpo/base2novel/shots16_seed1/prompt_learner.pt --dataset caltech101 --subsample new
+    python eval.py --ckpt runs/imagenet/pmpo/crossdataset/shots16_seed1/prompt_learner.pt --dataset imagenet_a
+    python eval.py --summary runs/
+
+Prompts are class-agnostic, so a checkpoint evaluates on any class list: the novel half of its data
+set, another data set (cross-dataset), an ImageNet shift (domain generalisation). Results are printed
+and saved as JSON (next to the checkpoint by default); an existing result is never overwritten.
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+import data
+import train
+from prompts import zeroshot
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", help="a prompt_learner.pt written by train.py")
+    p.add_argument("--method", help="'zeroshot' (no --ckpt), or the checkpoint's method as a check")
+    p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
+    p.add_argument("--subsample", default="all", choices=("all", "base", "new"), help="classes to test on")
+    p.add_argument("--root", default=os.environ.get("DATA", "data_root"), help="data sets folder ($DATA)")
+    p.add_argument("--model", help="CLIP name or path (default: the checkpoint's, else ViT-B/16)")
+    p.add_argument("--out", help="result JSON (default: next to the checkpoint, or runs/zeroshot/)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--workers", type=int, default=train.DEFAULTS["workers"])
+    p.add_argument("--summary", nargs="+", metavar="DIR", help="print the Markdown tables of the runs under DIR")
+    args = p.parse_args(argv)
+    if not args.summary:
+        if not args.dataset:
+            p.error("--dataset is required")
+        if not args.ckpt and args.method != "zeroshot":
+            p.error("give --ckpt PATH (prompts from train.py) or --method zeroshot")
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def load_checkpoint(path, method=None):
+    """Read a train.py checkpoint; refuse anything else with a message that says what it is."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path} (train.py writes <run folder>/prompt_learner.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} could not be read ({type(e).__name__}); is it damaged?") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or ckpt.get("method") not in train.METHODS:
+        raise SystemExit(f"error: {path} is not a prompt checkpoint written by train.py "
+                         f"(a CLIP checkpoint goes to --model instead)")
+    if method and method != ckpt["method"]:
+        raise SystemExit(f"error: {path} holds {ckpt['method']} prompts, not {method}")
+    return ckpt
+
+
+def build_from_checkpoint(ckpt, clip_model, dataset, subsample, classnames, template):
+    """The checkpoint's method on this class list, with its learned tensors loaded and checked."""
+    cfg = ckpt["config"]
+    if ckpt["clip_architecture"] != train.clip_architecture(clip_model):
+        raise SystemExit(f"error: these prompts were learned on another CLIP ({cfg['model']}: "
+                         f"{ckpt['clip_architecture']}); pass --model {cfg['model']}")
+    trained_on = "base" if cfg["protocol"] == "base2novel" else "all"
+    if dataset == cfg["dataset"] and subsample == trained_on and classnames != ckpt["classnames"]:
+        raise SystemExit(f"error: {dataset}'s {subsample} classes here differ from the {len(ckpt['classnames'])} "
+                         f"the prompts were trained on (another split file or data set version?)")
+    model = train.build_method(cfg["method"], clip_model, classnames, template, cfg)
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith("clip.")]
+    if missing or unexpected:
+        raise SystemExit(f"error: the checkpoint does not fit {cfg['method']} with its saved settings "
+                         f"(missing {missing}, unexpected {unexpected})")
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return None
+    ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
+    model_name = args.model or (ckpt["config"]["model"] if ckpt else train.DEFAULTS["model"])
+    out = args.out or (os.path.join(os.path.dirname(args.ckpt), f"eval_{safe(args.dataset)}_{args.subsample}.json")
+                       if ckpt else os.path.join("runs", "zeroshot", safe(model_name),
+                                                 f"{safe(args.dataset)}_{args.subsample}.json"))
+    if os.path.exists(out):
+        raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
+
+    ds = data.build_dataset(args.dataset, args.root)
+    (_, _, test), classnames = data.subsample_classes(args.subsample, ds.train, ds.val, ds.test)
+    clip_model = train.load_frozen_clip(model_name, args.device)
+    if ckpt:
+        model = build_from_checkpoint(ckpt, clip_model, args.dataset, args.subsample, classnames, ds.template)
+    else:
+        model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
+    cfg = dict(eval_batch_size=train.DEFAULTS["eval_batch_size"], workers=args.workers)
+    result = dict(method=ckpt["method"] if ckpt else "zeroshot", checkpoint=args.ckpt, model=model_name,
+                  dataset=args.dataset, subsample=args.subsample, classes=len(classnames), images=len(test),
+                  accuracy=train.evaluate(model, test, args, cfg))
+    print(json.dumps(result, indent=2))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def safe(name):
+    return name.replace(":", "_").replace("/", "_")
+
+
+# -- the papers' tables ------------------------------------------------------------------------------
+
+def summary(dirs):
+    """Markdown tables of every finished run under dirs: mean ± std over seeds, per method and protocol.
+
+    Base-to-novel: HM per data set from its seed-averaged base and novel; the "Average" row's HM from the
+    averaged base and novel, as in the CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run.
+    """
+    runs = {}  # (method, protocol, shots) -> dataset -> column -> [value per seed]
+    for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**", "metrics.json"), recursive=True)):
+        folder = os.path.dirname(metrics_path)
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        with open(metrics_path) as f:
+            values = json.load(f)
+        for path in glob.glob(os.path.join(folder, "eval_*.json")):
+            with open(path) as f:
+                e = json.load(f)
+            values[f"{e['dataset']} ({e['subsample']})"] = e["accuracy"]
+        table = runs.setdefault((cfg["method"], cfg["protocol"], cfg["shots"]), {}).setdefault(cfg["dataset"], {})
+        for column, value in values.items():
+            table.setdefault(column, []).append(value)
+    if not runs:
+        return f"no finished runs (metrics.json) under {', '.join(dirs)}"
+    return "\n\n".join(markdown_table(key, table) for key, table in runs.items())
+
+
+def markdown_table(key, table):
+    method, protocol, shots = key
+    columns = list(dict.fromkeys(c for row in table.values() for c in row if c != "hm"))
+    fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"  # noqa: E731
+    lines = [f"### {method}, {protocol}, {shots} shots", "",
+             "| data set | seeds | " + " | ".join(columns) + (" | HM |" if protocol == "base2novel" else " |"),
+             "|---" * (len(columns) + 2 + (protocol == "base2novel")) + "|"]
+    means = {c: [] for c in columns}
+    for dataset, row in table.items():
+        cells = [fmt(row[c]) if c in row else "" for c in columns]
+        for c in columns:
+            if c in row:
+                means[c].append(statistics.mean(row[c]))
+        if protocol == "base2novel":
+            cells.append(f"{train.harmonic_mean(statistics.mean(row['base_acc']), statistics.mean(row['novel_acc'])):.2f}")
+        lines.append(f"| {dataset} | {len(next(iter(row.values())))} | " + " | ".join(cells) + " |")
+    if len(table) > 1:
+        cells = [f"{statistics.mean(means[c]):.2f}" if means[c] else "" for c in columns]
+        if protocol == "base2novel":
+            cells.append(f"{train.harmonic_mean(statistics.mean(means['base_acc']), statistics.mean(means['novel_acc'])):.2f}")
+        lines.append("| **Average** | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,82 @@
+"""PMPO: multi-prompt with depth-partitioned cross-modal learning (Tian, Wang, Guo, Zhu, Chen. arXiv 2305.06221).
+
+The paper's code was never released and only its abstract could be read (../shared/docs/methods.md
+A2), so every choice is marked:
+  [paper]  stated by the paper's abstract or summaries quoted in methods.md A2.1
+  [ours]   our choice where the paper is silent, with the reason, each exposed as an option.
+
+1. Multi-prompt [paper]: N learnable text prompts instead of CoOp's one. N = 4 with 4 tokens each
+   [ours]; prompt 1 starts from "a photo of a", the others from N(0, 0.02) [ours, MaPLe style].
+   Each prompt goes through the frozen text encoder for every class: N class features t_c^(i).
+2. Depth partition [paper]: the vision encoder's layers are split into N contiguous partitions
+   and prompt i is mapped by its own linear projection W_i (512 -> 768) [paper: "via linear
+   projections"] into the vision tokens of partition i. Equal partitions, 12 layers / 4 =
+   {0-2}, {3-5}, {6-8}, {9-11} [ours]; the projected tokens replace the prompt slots at every
+   layer of the partition [ours, `inject`, MaPLe's per-layer replacement, PMPO's lineage] or only
+   at its first layer (`inject="first"`). One image forward carries all N partitions [ours].
+3. Prior from manual prompts [paper]: the hand-crafted template's class features t_c^hand
+   (frozen CLIP, the data set's template) are fused with the learned ones, at train and test time
+   [ours: so novel classes keep the anchor]:
+        t_hat_c = normalize( (sum_i t_c^(i) + t_c^hand) / (N + 1) )      (`fusion="feature"`)
+   or the N + 1 logit sets are averaged (`fusion="logit"`) [ours, both offered].
+Loss: cross-entropy [ours: no other term is mentioned]. Optimisation [ours, MaPLe's base-to-novel
+config]: SGD lr 0.0035, batch 4, 5 epochs.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prompts.common import PromptedCLIP, PromptLearner, cosine_logits, zeroshot_classifier
+
+DEFAULTS = dict(
+    n_prompts=4,               # N: learnable prompts = vision partitions
+    n_ctx=4,                   # tokens per prompt
+    ctx_init="a photo of a",   # init of prompt 1 ('' for random)
+    inject="every",            # "every" layer of a partition, or only its "first"
+    fusion="feature",          # "feature" average of class features, or "logit" average
+    prior=True,                # fuse the hand-crafted template's class features
+    lr=0.0035, batch_size=4, epochs=5,
+)
+
+
+def partitions(n_layers, n):
+    """Split layers 0..n_layers-1 into n contiguous, near-equal partitions: (12, 4) -> [[0,1,2], ..., [9,10,11]]."""
+    if not 1 <= n <= n_layers:
+        raise ValueError(f"n_prompts must be between 1 and the {n_layers} vision layers, got {n}")
+    return [chunk.tolist() for chunk in torch.arange(n_layers).tensor_split(n)]
+
+
+class CustomCLIP(PromptedCLIP):
+    def __init__(self, clip_model, classnames, template, cfg):
+        super().__init__()
+        self.clip, self.cfg = clip_model, cfg
+        n = cfg["n_prompts"]
+        self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"], n_prompts=n)
+        text_width, vision_width = clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.out_channels
+        self.proj = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(n)])  # W_i, one per partition
+        self.partitions = partitions(clip_model.visual.transformer.layers, n)
+        if cfg["prior"]:
+            self.register_buffer("prior_text_features", zeroshot_classifier(clip_model, classnames, template),
+                                 persistent=False)  # t^hand: [n_cls, D]
+
+    def vision_prompts(self):
+        """{layer: W_i P_i} for the layers of partition i (all of them, or the first only)."""
+        prompts = {}
+        for i, layers in enumerate(self.partitions):
+            tokens = self.proj[i](self.prompt_learner.ctx[i])  # [n_ctx, 512] -> [n_ctx, 768]
+            for layer in (layers if self.cfg["inject"] == "every" else layers[:1]):
+                prompts[layer] = tokens
+        return prompts
+
+    def text_features(self):
+        """The N learned class-feature sets plus the prior: [N (+1), n_cls, D]."""
+        features = self.prompt_learner.encode(self.clip)  # [N, n_cls, D]
+        if self.cfg["prior"]:
+            features = torch.cat([features, self.prior_text_features[None].to(features.dtype)])
+        return features
+
+    def logits(self, images, text_features):
+        image_features = F.normalize(self.clip.encode_image(images, deep_prompts=self.vision_prompts()), dim=-1)
+        if self.cfg["fusion"] == "feature":
+            return cosine_logits(self.clip, image_features, F.normalize(text_features.mean(0), dim=-1))
+        return torch.stack([cosine_logits(self.clip, image_features, f) for f in text_features]).mean(0)

@@ -1,0 +1,322 @@
+"""Prompt learning for CLIP: CoOp, APLe and PMPO, in one training script.
+
+    python train.py --method pmpo --dataset caltech101                      # base-to-novel, 16 shots, seed 1
+    python train.py --method coop --dataset oxford_pets --protocol fewshot --shots 4 --seed 2
+    python train.py --method aple --dataset imagenet --protocol crossdataset # then eval.py on the targets
+
+The protocol is the CoOp family's (CoOp, CoCoOp, MaPLe, PromptSRC), so numbers compare with the
+papers' tables: K shots per class drawn with the seed, SGD with one constant warm-up epoch and a
+cosine schedule, the last epoch's prompts evaluated. CLIP is frozen by construction: only what a
+method defines in prompts/<method>.py is learned, and only that is saved.
+
+Everything a run used goes into its folder: config.json, fewshot.json (the exact shots),
+log.txt, metrics.json and prompt_learner.pt (the learned tensors, config and class names).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import clip
+import data
+from prompts import aple, coop, pmpo
+from prompts.common import learned_state
+
+METHODS = {"coop": coop, "aple": aple, "pmpo": pmpo}
+PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
+
+# -----------------------------------------------------------------------------
+# Defaults shared by every method (the CoOp-family protocol). A method's own hyper-parameters
+# (lr, batch size, epochs, prompt sizes) are DEFAULTS in prompts/<method>.py; every key of either
+# can be set on the command line (--lr 0.001, --n_ctx 8, ...).
+DEFAULTS = dict(
+    model="ViT-B/16",        # an OpenAI name (downloaded once, sha256-checked) or a checkpoint path
+    protocol="base2novel",   # train on base classes, test on base and novel (CoCoOp Sec. 4.1)
+    shots=16,                # K training images per class (all protocols of the papers use 16)
+    seed=1,                  # the papers average seeds 1, 2, 3
+    momentum=0.9, weight_decay=5e-4,
+    warmup_epochs=1, warmup_lr=1e-5,  # constant lr for the first epoch, then cosine (Dassl's)
+    eval_batch_size=100, workers=min(8, os.cpu_count() or 1),
+)
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    """--method first decides which method's DEFAULTS become flags, then everything is parsed."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    known, _ = pre.parse_known_args(argv)
+    if known.method not in METHODS:
+        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)} (got {known.method!r})")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
+    p.add_argument("--root", default=os.environ.get("DATA", "data_root"), help="data sets folder ($DATA)")
+    p.add_argument("--out", help="run folder (default runs/<dataset>/<method>/<protocol>/shots<K>_seed<S>)")
+    p.add_argument("--fewshot-file", help="a fewshot.json to train on instead of sampling shots")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    for key, value in {**DEFAULTS, **METHODS[known.method].DEFAULTS}.items():
+        add_option(p, key, value)
+    args = p.parse_args(argv)
+    if args.protocol not in PROTOCOLS:
+        p.error(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {args.protocol!r})")
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def add_option(parser, key, default):
+    if isinstance(default, bool):
+        parser.add_argument(f"--{key}", default=default, type=lambda s: s.lower() in ("1", "true", "yes", "on"))
+    elif isinstance(default, tuple):
+        parser.add_argument(f"--{key}", default=default, type=type(default[0]), nargs=len(default))
+    else:
+        parser.add_argument(f"--{key}", default=default, type=type(default))
+
+
+# -- setup -------------------------------------------------------------------------------------------
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def clip_architecture(clip_model):
+    """What a checkpoint's prompts depend on; compared when one is loaded onto a CLIP."""
+    v = clip_model.visual
+    return dict(embed_dim=clip_model.text_projection.shape[1], image_resolution=v.input_resolution,
+                vision_width=v.conv1.out_channels, vision_layers=v.transformer.layers,
+                patch_size=v.conv1.kernel_size[0], text_width=clip_model.transformer.width,
+                text_layers=clip_model.transformer.layers)
+
+
+def load_frozen_clip(name, device):
+    model, _ = clip.load(name, device=device)
+    return model.requires_grad_(False).eval()  # frozen by construction: nothing of CLIP gets a gradient
+
+
+def build_method(method, clip_model, classnames, template, cfg):
+    model = METHODS[method].CustomCLIP(clip_model, classnames, template, cfg)
+    model.classnames = list(classnames)
+    return model.to(clip_model.token_embedding.weight.device)
+
+
+def autocast(args):
+    if args.precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=args.device.split(":")[0], dtype=dtype)
+
+
+def lr_at(epoch, epochs, cfg):
+    """Dassl's schedule: warmup_lr for the warm-up epochs, then lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    if epoch < cfg["warmup_epochs"]:
+        return cfg["warmup_lr"]
+    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+# -- the run folder: resume or refuse, never overwrite ----------------------------------------------
+
+def prepare_run_folder(out, cfg):
+    """Create `out`, or resume it if it holds an unfinished run with the same settings."""
+    if os.path.exists(os.path.join(out, "metrics.json")):
+        raise SystemExit(f"error: {out} already holds a finished run (metrics.json). "
+                         f"Pick another --out, or delete that folder to run again.")
+    config_path = os.path.join(out, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            old = json.load(f)
+        changed = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v and k not in ("device", "workers")}
+        if changed:
+            raise SystemExit(f"error: {out} holds an unfinished run with other settings "
+                             f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}). "
+                             f"Pick another --out, or delete that folder.")
+        return torch.load(os.path.join(out, "train_state.pt"), weights_only=False) \
+            if os.path.exists(os.path.join(out, "train_state.pt")) else None
+    if os.path.exists(out) and os.listdir(out):
+        raise SystemExit(f"error: {out} exists and is not a run folder of this script; pick another --out.")
+    os.makedirs(out, exist_ok=True)
+    with open(config_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return None
+
+
+class Log:
+    def __init__(self, path):
+        self.file = open(path, "a")
+
+    def __call__(self, msg):
+        print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+
+def save_checkpoint(path, model, cfg, classnames, clip_model, epoch):
+    """Only the learned tensors (KB to a few MB), never CLIP; plus what is needed to use them again."""
+    torch.save(dict(method=cfg["method"], config=cfg, classnames=classnames, epoch=epoch,
+                    clip_architecture=clip_architecture(clip_model), state_dict=learned_state(model)),
+               path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken checkpoint
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+def few_shot_data(args, cfg, out):
+    """The data set and its K-shot train and val lists over all classes, saved to fewshot.json."""
+    ds = data.build_dataset(args.dataset, args.root)
+    if not ds.train:
+        raise SystemExit(f"error: {args.dataset} is test-only; train on another data set and use eval.py on it.")
+    if args.fewshot_file:
+        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
+    else:
+        train, val = data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
+    fewshot_path = os.path.join(out, "fewshot.json")
+    if not os.path.exists(fewshot_path):
+        data.save_fewshot(fewshot_path, train, val, ds.image_dir)
+    return ds, train, val
+
+
+# -- train and evaluate ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, items, args, cfg):
+    """Top-1 accuracy (%) on items; the class features are computed once, then images stream by."""
+    model.eval()
+    device = args.device
+    correct = total = 0
+    with autocast(args):
+        text_features = model.text_features()
+        for images, labels in data.test_loader(items, model.clip.visual.input_resolution,
+                                               cfg["eval_batch_size"], cfg["workers"]):
+            logits = model.logits(images.to(device), text_features)
+            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+            total += len(labels)
+    return 100.0 * correct / total
+
+
+def train(model, train_items, args, cfg, out, log, state=None):
+    """SGD over the learned tensors, stage by stage; a checkpoint after every epoch."""
+    device = args.device
+    loader = torch.utils.data.DataLoader(
+        data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"]), batch_size=cfg["batch_size"],
+        shuffle=True, drop_last=len(train_items) >= cfg["batch_size"],
+        generator=torch.Generator().manual_seed(cfg["seed"]))
+    # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
+    # then stage II jointly. CoOp and PMPO have one stage.
+    stages = model.stages(cfg) if cfg["method"] == "aple" else [("all", cfg["epochs"])]
+    done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
+    for stage_index, (stage, epochs) in enumerate(stages):
+        if cfg["method"] == "aple":
+            model.set_stage(stage)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+        scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+        if state and state["stage"] == stage_index:
+            optimizer.load_state_dict(state["optimizer"])
+        log(f"stage {stage!r}: {epochs} epochs, learning {sum(p.numel() for p in params):,} values")
+        for epoch in range(epochs):
+            if [stage_index, epoch] in done:
+                continue
+            if state:  # first epoch of a resumed run: continue the random streams where they stopped
+                restore_rng(state, loader)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch, epochs, cfg)
+            model.train()
+            start, losses = time.time(), []
+            for step, (images, labels) in enumerate(loader):
+                with autocast(args):
+                    loss = model.loss(images.to(device), labels.to(device))
+                if not torch.isfinite(loss):
+                    raise SystemExit(f"error: the loss is {loss.item()} at stage {stage!r}, epoch {epoch + 1}, "
+                                     f"step {step + 1}. Training stopped; the last good checkpoint is in {out}. "
+                                     f"Try a lower --lr or --precision fp32.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(loss.item())
+            state = None  # a resumed run's optimizer and random state are used once
+            done.append([stage_index, epoch])
+            save_checkpoint(os.path.join(out, "prompt_learner.pt"), model, cfg, model.classnames, model.clip, len(done))
+            torch.save(dict(done=done, stage=stage_index, optimizer=optimizer.state_dict(), rng=rng_state(loader),
+                            learned=learned_state(model)), os.path.join(out, "train_state.pt"))
+            seconds = time.time() - start
+            left = sum(e for _, e in stages) - len(done)
+            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  ETA {left * seconds / 60:.1f} min")
+
+
+def harmonic_mean(base, novel):
+    """HM = 2BN / (B + N), the base-to-novel summary number (CoCoOp, Sec. 4.1)."""
+    return 2 * base * novel / (base + novel) if base + novel else 0.0
+
+
+def rng_state(loader):
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                loader=loader.generator.get_state(), crops=loader.dataset.generator.get_state())
+
+
+def restore_rng(state, loader):
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    loader.generator.set_state(rng["loader"])
+    loader.dataset.generator.set_state(rng["crops"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    method = args.method
+    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS}
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in cfg})
+    cfg.update(method=method, dataset=args.dataset, device=args.device, precision=args.precision)
+    out = args.out or os.path.join("runs", args.dataset.replace(":", "_").replace("/", "_"), method,
+                                   cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
+    state = prepare_run_folder(out, cfg)
+    log = Log(os.path.join(out, "log.txt"))
+    set_seed(cfg["seed"])  # before sampling the shots, as in CoOp's train.py
+
+    ds, fewshot_train, fewshot_val = few_shot_data(args, cfg, out)
+    subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet classes
+    (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
+    clip_model = load_frozen_clip(cfg["model"], args.device)
+    model = build_method(method, clip_model, classnames, ds.template, cfg)
+    if state:
+        model.load_state_dict(state["learned"], strict=False)
+        log(f"resuming {out} after {len(state['done'])} epochs")
+    learned = {k: p.numel() for k, p in model.named_parameters() if not k.startswith("clip.")}
+    log(f"{method} on {args.dataset} ({cfg['protocol']}, {cfg['shots']} shots, seed {cfg['seed']}): "
+        f"{len(train_items)} training images, {len(classnames)} classes")
+    log("learned tensors: " + ", ".join(f"{k} ({n:,})" for k, n in learned.items()))
+    log(f"trainable parameters: {sum(learned.values()):,} (CLIP: frozen)")
+
+    train(model, train_items, args, cfg, out, log, state)
+
+    metrics = {}
+    if cfg["protocol"] == "base2novel":
+        metrics["base_acc"] = evaluate(model, test_items, args, cfg)
+        (_, _, novel_test), novel_names = data.subsample_classes("new", fewshot_train, fewshot_val, ds.test)
+        novel = build_method(method, clip_model, novel_names, ds.template, cfg)
+        novel.load_state_dict(model.state_dict(), strict=False)  # same prompts, class buffers rebuilt
+        metrics["novel_acc"] = evaluate(novel, novel_test, args, cfg)
+        metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
+    else:
+        metrics["accuracy"] = evaluate(model, test_items, args, cfg)
+    log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.remove(os.path.join(out, "train_state.pt"))  # the run is complete; only the prompts are kept
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
