@@ -13,6 +13,7 @@ Everything a run used goes into its folder: config.json, fewshot.json (the exact
 log.txt, metrics.json and prompt_learner.pt (the learned tensors, config and class names).
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -169,7 +170,7 @@ def save_checkpoint(path, model, cfg, classnames, clip_model, epoch):
 
 # -- data --------------------------------------------------------------------------------------------
 
-def few_shot_data(args, cfg, out):
+def few_shot_data(args, cfg, out, log):
     """The data set and its K-shot train and val lists over all classes, saved to fewshot.json."""
     ds = data.build_dataset(args.dataset, args.root)
     if not ds.train:
@@ -178,6 +179,11 @@ def few_shot_data(args, cfg, out):
         train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
     else:
         train, val = data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
+    counts = collections.Counter(item.classname for item in train)
+    short = {name: n for name, n in counts.items() if n < cfg["shots"]}
+    if short and cfg["shots"] > 0:  # CoOp keeps every image of such a class; say so instead of hiding it
+        log(f"warning: {len(short)} classes have fewer than --shots {cfg['shots']} training images and use "
+            f"all they have: " + ", ".join(f"{name} ({n})" for name, n in list(short.items())[:10]))
     fewshot_path = os.path.join(out, "fewshot.json")
     if not os.path.exists(fewshot_path):
         data.save_fewshot(fewshot_path, train, val, ds.image_dir)
@@ -285,7 +291,7 @@ def main(argv=None):
     log = Log(os.path.join(out, "log.txt"))
     set_seed(cfg["seed"])  # before sampling the shots, as in CoOp's train.py
 
-    ds, fewshot_train, fewshot_val = few_shot_data(args, cfg, out)
+    ds, fewshot_train, fewshot_val = few_shot_data(args, cfg, out, log)
     subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet classes
     (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
     clip_model = load_frozen_clip(cfg["model"], args.device)
