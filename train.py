@@ -140,7 +140,7 @@ def prepare_run_folder(out, cfg):
             raise SystemExit(f"error: {out} holds an unfinished run with other settings "
                              f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}). "
                              f"Pick another --out, or delete that folder.")
-        return torch.load(os.path.join(out, "train_state.pt"), weights_only=False) \
+        return torch.load(os.path.join(out, "train_state.pt"), weights_only=True) \
             if os.path.exists(os.path.join(out, "train_state.pt")) else None
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"error: {out} exists and is not a run folder of this script; pick another --out.")
@@ -266,14 +266,14 @@ def harmonic_mean(base, novel):
 
 
 def rng_state(loader):
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    """The random streams training draws from (numpy draws nothing after the shots are sampled)."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
                 loader=loader.generator.get_state(), crops=loader.dataset.generator.get_state())
 
 
 def restore_rng(state, loader):
     rng = state["rng"]
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     loader.generator.set_state(rng["loader"])
     loader.dataset.generator.set_state(rng["crops"])
