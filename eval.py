@@ -94,7 +94,7 @@ def main(argv=None):
     if os.path.exists(out):
         raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
 
-    ds = data.build_dataset(args.dataset, args.root)
+    ds = train.read_dataset(args.dataset, args.root)
     (_, _, test), classnames = data.subsample_classes(args.subsample, ds.train, ds.val, ds.test)
     clip_model = train.load_frozen_clip(model_name, args.device)
     if ckpt:

@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -99,8 +99,19 @@ def clip_architecture(clip_model):
                 text_layers=clip_model.transformer.layers)
 
 
+@contextmanager
+def clear_errors():
+    """Bad input (no data set where it should be, a damaged checkpoint, an unreadable image) ends the
+    run with the message that says what to do, not with a traceback. Wraps only the calls that read input."""
+    try:
+        yield
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def load_frozen_clip(name, device):
-    model, _ = clip.load(name, device=device)
+    with clear_errors():
+        model, _ = clip.load(name, device=device)
     return model.requires_grad_(False).eval()  # frozen by construction: nothing of CLIP gets a gradient
 
 
@@ -170,13 +181,18 @@ def save_checkpoint(path, model, cfg, classnames, clip_model, epoch):
 
 # -- data --------------------------------------------------------------------------------------------
 
-def few_shot_data(args, cfg, out, log):
-    """The data set and its K-shot train and val lists over all classes, saved to fewshot.json."""
-    ds = data.build_dataset(args.dataset, args.root)
+def read_dataset(name, root):
+    with clear_errors():
+        return data.build_dataset(name, root)
+
+
+def few_shot_data(ds, args, cfg, out, log):
+    """K-shot train and val lists over all classes, saved to fewshot.json."""
     if not ds.train:
         raise SystemExit(f"error: {args.dataset} is test-only; train on another data set and use eval.py on it.")
     if args.fewshot_file:
-        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
+        with clear_errors():
+            train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
     else:
         train, val = data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
     counts = collections.Counter(item.classname for item in train)
@@ -187,7 +203,7 @@ def few_shot_data(args, cfg, out, log):
     fewshot_path = os.path.join(out, "fewshot.json")
     if not os.path.exists(fewshot_path):
         data.save_fewshot(fewshot_path, train, val, ds.image_dir)
-    return ds, train, val
+    return train, val
 
 
 # -- train and evaluate ------------------------------------------------------------------------------
@@ -211,8 +227,10 @@ def evaluate(model, items, args, cfg):
 def train(model, train_items, args, cfg, out, log, state=None):
     """SGD over the learned tensors, stage by stage; a checkpoint after every epoch."""
     device = args.device
+    with clear_errors():  # every training image is decoded here, once
+        trainset = data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"])
     loader = torch.utils.data.DataLoader(
-        data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"]), batch_size=cfg["batch_size"],
+        trainset, batch_size=cfg["batch_size"],
         shuffle=True, drop_last=len(train_items) >= cfg["batch_size"],
         generator=torch.Generator().manual_seed(cfg["seed"]))
     # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
@@ -287,14 +305,14 @@ def main(argv=None):
     cfg.update(method=method, dataset=args.dataset, device=args.device, precision=args.precision)
     out = args.out or os.path.join("runs", args.dataset.replace(":", "_").replace("/", "_"), method,
                                    cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
+    ds = read_dataset(args.dataset, args.root)  # data and weights first: a typo leaves no run folder behind
+    clip_model = load_frozen_clip(cfg["model"], args.device)
     state = prepare_run_folder(out, cfg)
     log = Log(os.path.join(out, "log.txt"))
     set_seed(cfg["seed"])  # before sampling the shots, as in CoOp's train.py
-
-    ds, fewshot_train, fewshot_val = few_shot_data(args, cfg, out, log)
+    fewshot_train, fewshot_val = few_shot_data(ds, args, cfg, out, log)
     subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet classes
     (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
-    clip_model = load_frozen_clip(cfg["model"], args.device)
     model = build_method(method, clip_model, classnames, ds.template, cfg)
     if state:
         model.load_state_dict(state["learned"], strict=False)
