@@ -1,0 +1,71 @@
+"""Image decoding, the in-memory few-shot train set, and the parallel test loader.
+
+A few-shot train set is small (16 shots x 100 classes = 1,600 images) and is read for many epochs, so
+TrainSet decodes each file once and keeps the RGB image in memory; only the random crop runs per step.
+A test set is large and read once, so test_loader decodes in DataLoader worker processes.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+
+from data.transforms import test_transform, train_transform
+
+
+def load_image(path):
+    """Decode an image to RGB (Dassl's read_image converts first, so resizing sees RGB pixels too)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports truncated/corrupt files as any of these
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def default_workers():
+    return min(8, os.cpu_count() or 1)  # Dassl's test loader uses 8 workers
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """items -> (train_transform(image) [3, n_px, n_px], label), every file decoded once in __init__.
+
+    Randomness: in the main process the crops come from torch.Generator().manual_seed(seed) (or torch's
+    global RNG when seed is None), so a seeded run is reproducible. Inside DataLoader workers the global RNG
+    is used, which the DataLoader seeds per worker from its own generator; seed that one for reproducibility.
+    Memory: decoded images stay in RAM (16-shot ImageNet is about 16k images, roughly 7 GB).
+    """
+
+    def __init__(self, items, n_px, seed=None, threads=None):
+        self.items, self.n_px = list(items), n_px
+        paths = sorted({item.impath for item in self.items})  # a repeated path is decoded once too
+        with ThreadPoolExecutor(threads or default_workers()) as pool:  # PIL decodes without the GIL
+            self.images = dict(zip(paths, pool.map(load_image, paths)))
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        generator = self.generator if torch.utils.data.get_worker_info() is None else None
+        return train_transform(self.images[item.impath], self.n_px, generator), item.label
+
+
+class TestSet(torch.utils.data.Dataset):
+    def __init__(self, items, n_px):
+        self.items, self.preprocess = list(items), test_transform(n_px)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        return self.preprocess(load_image(item.impath)), item.label
+
+
+def test_loader(items, n_px, batch_size=100, workers=None):
+    """Batches (images [B, 3, n_px, n_px], labels [B]) in the order of items; decoding runs in `workers` processes."""
+    workers = default_workers() if workers is None else workers
+    return torch.utils.data.DataLoader(
+        TestSet(items, n_px), batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
