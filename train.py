@@ -116,7 +116,8 @@ def load_frozen_clip(name, device):
 
 
 def build_method(method, clip_model, classnames, template, cfg):
-    model = METHODS[method].CustomCLIP(clip_model, classnames, template, cfg)
+    with clear_errors():  # settings that do not fit this CLIP (e.g. more PMPO prompts than vision layers)
+        model = METHODS[method].CustomCLIP(clip_model, classnames, template, cfg)
     model.classnames = list(classnames)
     return model.to(clip_model.token_embedding.weight.device)
 

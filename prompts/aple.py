@@ -62,6 +62,9 @@ class CustomCLIP(PromptedCLIP):
         self.clip, self.cfg = clip_model, cfg
         self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"])
         n_ctx, depth = self.prompt_learner.n_ctx, cfg["depth"]
+        for encoder, layers in (("text", clip_model.transformer.layers), ("vision", clip_model.visual.transformer.layers)):
+            if not 1 <= depth <= layers:
+                raise ValueError(f"depth must be between 1 and the {layers} layers of the {encoder} encoder, got {depth}")
         self.text_prompts = deep_prompts(depth - 1, n_ctx, clip_model.ln_final.weight.shape[0])  # layers 1..depth-1
         self.vision_prompts = deep_prompts(depth, cfg["n_ctx_vision"], clip_model.visual.conv1.out_channels)
         self.register_buffer("zs_text_features", zeroshot_classifier(clip_model, classnames, template),
