@@ -19,6 +19,9 @@ def sample_per_class(items, shots, rng):
 
     Classes are visited in order of first appearance in `items` (Dassl groups them in a defaultdict, whose
     order is insertion order); a class with fewer than `shots` items keeps all of them, in their order.
+    Older Dassl versions defaulted to repeat=True, which instead draws such a class with replacement
+    (random.choices) and so also shifts the draws of every later class; CoOp passes no `repeat`, so
+    shots cached by CoOp under an old Dassl can differ from these for data sets with small classes.
     """
     by_label = {}
     for item in items:
