@@ -110,16 +110,25 @@ def _download(name, root):
             return target
         print(f"{target} does not match its sha256 (damaged or replaced); downloading it again", file=sys.stderr)
         os.remove(target)
-    os.makedirs(root, exist_ok=True)
+    return download([mirror + filename for mirror in MIRRORS], target, expected, name)
+
+
+def download(urls, target, sha256=None, name=None):
+    """Fetch the first of `urls` that answers into target: resumable, with retries and a progress line.
+
+    Also used by data/prepare.py. With sha256 given, the file takes its final name only if it matches.
+    """
+    urls, name = [urls] if isinstance(urls, str) else urls, name or os.path.basename(target)
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     part, errors = target + ".part", []
-    for url in [mirror + filename for mirror in MIRRORS]:
+    for url in urls:
         if not _fetch_with_retries(url, part, errors):
             continue
         actual = _sha256(part)
-        if actual != expected:
+        if sha256 and actual != sha256:
             os.remove(part)
-            raise RuntimeError(f"the download of {name} from {url} is corrupt: sha256 {actual}, "
-                               f"expected {expected}; it was deleted, try again")
+            raise RuntimeError(f"sha256 mismatch: the download of {name} from {url} is corrupt: sha256 {actual}, "
+                               f"expected {sha256}; it was deleted, try again")
         os.replace(part, target)  # atomic: no reader ever sees a half-written target
         return target
     raise RuntimeError(f"could not download {name}:\n  " + "\n  ".join(errors))

@@ -8,15 +8,14 @@ Google Drive, ImageNet needs a login, and the Stanford Cars and SUN397 links are
 prints the path each file must end up at and the page to get it from. It ends by reading the data set.
 """
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 import tarfile
-import urllib.request
 import zipfile
 from collections import namedtuple
 
+from clip.clip import download  # the one downloader: resumable, retried, sha256-checked
 from data.datasets import DATASETS, DatasetNotFound, build_dataset
 
 # url, sha256 (None: not recorded), folder under root to unpack into, path under root that exists once done,
@@ -96,27 +95,7 @@ def source_of(name, root, path):
 
 
 # -----------------------------------------------------------------------------
-# download, verify, unpack
-
-
-def download(url, dst, sha256=None, chunk=1 << 20):
-    """Stream url to dst with a progress line; check sha256 (when given) before the file takes its name."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    part, digest, done = dst + ".part", hashlib.sha256(), 0
-    with urllib.request.urlopen(url) as response, open(part, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0)
-        while block := response.read(chunk):
-            f.write(block)
-            digest.update(block)
-            done += len(block)
-            of = f" of {total / 2**20:.1f} MiB ({100 * done // total}%)" if total else " MiB"
-            print(f"\r  {os.path.basename(dst)}: {done / 2**20:.1f}{of}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    if sha256 and digest.hexdigest() != sha256:
-        os.remove(part)
-        raise RuntimeError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; the file was removed")
-    os.replace(part, dst)
-    return dst
+# unpack what clip.clip.download fetched
 
 
 def unpack(archive, into):
