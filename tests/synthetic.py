@@ -1,0 +1,120 @@
+"""Small synthetic worlds for the end-to-end tests: a tiny CLIP checkpoint and image sets in the layouts
+data/datasets.py reads (CoOp's caltech-101 split file, ImageNet and its variants, a plain class folder).
+
+Images are 32 x 32 (the tiny CLIP's resolution), one base colour per class plus per-image noise, drawn
+from a seeded numpy generator, so every file is the same on every machine.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny import tiny_clip
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one CPU thread: the tiny models' ops are far too small for two threads to pay off,
+    and with another process busy on the machine, two threads wait on each other (5-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_clip(path, seed=0, **overrides):
+    """torch.save(tiny_clip(seed, **overrides).state_dict(), path); returns the path as a str."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(tiny_clip(seed, **overrides).state_dict(), str(path))
+    return str(path)
+
+
+def class_image(label, rng, size=32):
+    """A [size, size, 3] uint8 image: the class's colour (a hue per label) with Gaussian noise."""
+    hue = (label * 0.618034) % 1.0  # golden-ratio hues: neighbouring labels look different
+    colour = 255 * np.array([0.5 + 0.5 * np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)])
+    pixels = colour[None, None] + rng.normal(0, 25, (size, size, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_image(path, pixels):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=95)
+    return path
+
+
+def write_caltech101(root, classnames, train=4, val=2, test=3, seed=0, fewer=None):
+    """<root>/caltech-101/101_ObjectCategories/<class>/*.jpg and split_zhou_Caltech101.json.
+
+    Label i is classnames[i]; `fewer` = {classname: n} gives a class only n training images.
+    """
+    rng = np.random.default_rng(seed)
+    dataset_dir = os.path.join(root, "caltech-101")
+    image_dir = os.path.join(dataset_dir, "101_ObjectCategories")
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(classnames):
+        counts = {"train": (fewer or {}).get(name, train), "val": val, "test": test}
+        for key, n in counts.items():
+            for i in range(n):
+                rel = f"{name}/{key}_{i:03d}.jpg"
+                write_image(os.path.join(image_dir, rel), class_image(label, rng))
+                split[key].append([rel, label, name])
+    with open(os.path.join(dataset_dir, "split_zhou_Caltech101.json"), "w") as f:
+        json.dump(split, f)
+    return root
+
+
+def wnid(i):
+    return f"n{i + 1:08d}"
+
+
+def write_classnames(path, names):
+    """ImageNet's classnames.txt: 'nXXXXXXXX name' per line, wnid(i) for names[i]."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(f"{wnid(i)} {name}\n" for i, name in enumerate(names))
+
+
+def write_imagenet(root, names, train=4, val=3, seed=0):
+    """<root>/imagenet/classnames.txt and images/{train,val}/<wnid>/*.JPEG."""
+    rng = np.random.default_rng(seed)
+    write_classnames(os.path.join(root, "imagenet", "classnames.txt"), names)
+    for split, n in (("train", train), ("val", val)):
+        for label in range(len(names)):
+            for i in range(n):
+                path = os.path.join(root, "imagenet", "images", split, wnid(label), f"{split}_{i:03d}.JPEG")
+                write_image(path, class_image(label, rng))
+    return root
+
+
+def write_imagenet_a(root, labels, n=3, seed=1):
+    """ImageNet-A's layout with a subset of ImageNet's classes: <root>/imagenet-adversarial/imagenet-a/<wnid>/.
+    Its classnames.txt is ImageNet's (find_classnames falls back to <root>/imagenet/classnames.txt)."""
+    rng = np.random.default_rng(seed)
+    for label in labels:
+        for i in range(n):
+            path = os.path.join(root, "imagenet-adversarial", "imagenet-a", wnid(label), f"{i:03d}.jpg")
+            write_image(path, class_image(label, rng))
+    return root
+
+
+def write_imagenetv2(root, n_classes, n=2, seed=2):
+    """ImageNetV2's layout: <root>/imagenetv2/imagenetv2-matched-frequency-format-val/<label>/*.jpeg."""
+    rng = np.random.default_rng(seed)
+    for label in range(n_classes):
+        for i in range(n):
+            path = os.path.join(root, "imagenetv2", "imagenetv2-matched-frequency-format-val", str(label), f"{i}.jpeg")
+            write_image(path, class_image(label, rng))
+    return root
+
+
+def write_folder(path, classnames, per_class=4, seed=0):
+    """A `folder:` data set: <path>/<class>/*.jpg, split 50/20/30 by data/datasets.py (at least 4 per class)."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classnames):
+        for i in range(per_class):
+            write_image(os.path.join(path, name, f"{i:03d}.jpg"), class_image(label, rng))
+    return str(path)
