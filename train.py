@@ -130,10 +130,12 @@ def autocast(args):
 
 
 def lr_at(epoch, epochs, cfg):
-    """Dassl's schedule: warmup_lr for the warm-up epochs, then lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    """Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), WARMUP_RECOUNT=True:
+    warmup_lr for the warm-up epochs, then the cosine starts over, so the first epoch after warm-up
+    trains at the full lr. epoch counts from 0."""
     if epoch < cfg["warmup_epochs"]:
         return cfg["warmup_lr"]
-    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - cfg["warmup_epochs"]) / epochs))
 
 
 # -- the run folder: resume or refuse, never overwrite ----------------------------------------------
@@ -172,10 +174,11 @@ class Log:
         self.file.flush()
 
 
-def save_checkpoint(path, model, cfg, classnames, clip_model, epoch):
+def save_checkpoint(out, model, cfg, epochs_done):
     """Only the learned tensors (KB to a few MB), never CLIP; plus what is needed to use them again."""
-    torch.save(dict(method=cfg["method"], config=cfg, classnames=classnames, epoch=epoch,
-                    clip_architecture=clip_architecture(clip_model), state_dict=learned_state(model)),
+    path = os.path.join(out, "prompt_learner.pt")
+    torch.save(dict(method=cfg["method"], config=cfg, classnames=model.classnames, epoch=epochs_done,
+                    clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)),
                path + ".tmp")
     os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken checkpoint
 
@@ -187,24 +190,25 @@ def read_dataset(name, root):
         return data.build_dataset(name, root)
 
 
-def few_shot_data(ds, args, cfg, out, log):
-    """K-shot train and val lists over all classes, saved to fewshot.json."""
+def few_shot_data(ds, args, cfg):
+    """K-shot train and val lists over all classes: CoOp's draw for (split, K, seed), or --fewshot-file's."""
     if not ds.train:
         raise SystemExit(f"error: {args.dataset} is test-only; train on another data set and use eval.py on it.")
-    if args.fewshot_file:
-        with clear_errors():
-            train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
-    else:
-        train, val = data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
-    counts = collections.Counter(item.classname for item in train)
-    short = {name: n for name, n in counts.items() if n < cfg["shots"]}
-    if short and cfg["shots"] > 0:  # CoOp keeps every image of such a class; say so instead of hiding it
-        log(f"warning: {len(short)} classes have fewer than --shots {cfg['shots']} training images and use "
-            f"all they have: " + ", ".join(f"{name} ({n})" for name, n in list(short.items())[:10]))
-    fewshot_path = os.path.join(out, "fewshot.json")
-    if not os.path.exists(fewshot_path):
-        data.save_fewshot(fewshot_path, train, val, ds.image_dir)
+    if not args.fewshot_file:
+        return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
+    with clear_errors():
+        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
+    cfg.update(shots=max(collections.Counter(item.label for item in train).values()),  # the file decides K
+               fewshot_file=os.path.abspath(args.fewshot_file))
     return train, val
+
+
+def warn_short_classes(train_items, shots, log):
+    """CoOp keeps every image of a class smaller than K without a word; say so."""
+    short = {name: n for name, n in collections.Counter(item.classname for item in train_items).items() if n < shots}
+    if short:
+        log(f"warning: {len(short)} classes have fewer than --shots {shots} training images and use all they "
+            f"have: " + ", ".join(f"{name} ({n})" for name, n in list(short.items())[:10]))
 
 
 # -- train and evaluate ------------------------------------------------------------------------------
@@ -226,7 +230,7 @@ def evaluate(model, items, args, cfg):
 
 
 def train(model, train_items, args, cfg, out, log, state=None):
-    """SGD over the learned tensors, stage by stage; a checkpoint after every epoch."""
+    """SGD over the learned tensors, stage by stage; a checkpoint after every epoch. Returns the epochs done."""
     device = args.device
     with clear_errors():  # every training image is decoded here, once
         trainset = data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"])
@@ -270,13 +274,14 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 losses.append(loss.item())
             state = None  # a resumed run's optimizer and random state are used once
             done.append([stage_index, epoch])
-            save_checkpoint(os.path.join(out, "prompt_learner.pt"), model, cfg, model.classnames, model.clip, len(done))
+            save_checkpoint(out, model, cfg, len(done))
             torch.save(dict(done=done, stage=stage_index, optimizer=optimizer.state_dict(), rng=rng_state(loader),
                             learned=learned_state(model)), os.path.join(out, "train_state.pt"))
             seconds = time.time() - start
             left = sum(e for _, e in stages) - len(done)
             log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f}  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  ETA {left * seconds / 60:.1f} min")
+    return len(done)
 
 
 def harmonic_mean(base, novel):
@@ -304,27 +309,34 @@ def main(argv=None):
     cfg = {**DEFAULTS, **METHODS[method].DEFAULTS}
     cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in cfg})
     cfg.update(method=method, dataset=args.dataset, device=args.device, precision=args.precision)
-    out = args.out or os.path.join("runs", args.dataset.replace(":", "_").replace("/", "_"), method,
-                                   cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
-    ds = read_dataset(args.dataset, args.root)  # data and weights first: a typo leaves no run folder behind
+
+    # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
+    ds = read_dataset(args.dataset, args.root)
     clip_model = load_frozen_clip(cfg["model"], args.device)
-    state = prepare_run_folder(out, cfg)
-    log = Log(os.path.join(out, "log.txt"))
-    set_seed(cfg["seed"])  # before sampling the shots, as in CoOp's train.py
-    fewshot_train, fewshot_val = few_shot_data(ds, args, cfg, out, log)
+    set_seed(cfg["seed"])  # before sampling the shots and initialising the prompts, as in CoOp's train.py
+    fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
     subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet classes
     (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
     model = build_method(method, clip_model, classnames, ds.template, cfg)
+
+    out = args.out or os.path.join("runs", args.dataset.replace(":", "_").replace("/", "_"), method,
+                                   cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
+    state = prepare_run_folder(out, cfg)
+    log = Log(os.path.join(out, "log.txt"))
+    if not os.path.exists(os.path.join(out, "fewshot.json")):
+        data.save_fewshot(os.path.join(out, "fewshot.json"), fewshot_train, fewshot_val, ds.image_dir)
     if state:
         model.load_state_dict(state["learned"], strict=False)
         log(f"resuming {out} after {len(state['done'])} epochs")
     learned = {k: p.numel() for k, p in model.named_parameters() if not k.startswith("clip.")}
     log(f"{method} on {args.dataset} ({cfg['protocol']}, {cfg['shots']} shots, seed {cfg['seed']}): "
         f"{len(train_items)} training images, {len(classnames)} classes")
+    warn_short_classes(fewshot_train, cfg["shots"], log)
     log("learned tensors: " + ", ".join(f"{k} ({n:,})" for k, n in learned.items()))
     log(f"trainable parameters: {sum(learned.values()):,} (CLIP: frozen)")
 
-    train(model, train_items, args, cfg, out, log, state)
+    epochs_done = train(model, train_items, args, cfg, out, log, state)
+    save_checkpoint(out, model, cfg, epochs_done)  # also when there was nothing to train (--epochs 0)
 
     metrics = {}
     if cfg["protocol"] == "base2novel":
@@ -339,7 +351,8 @@ def main(argv=None):
     log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    os.remove(os.path.join(out, "train_state.pt"))  # the run is complete; only the prompts are kept
+    if os.path.exists(os.path.join(out, "train_state.pt")):
+        os.remove(os.path.join(out, "train_state.pt"))  # the run is complete; only the prompts are kept
     return metrics
 
 

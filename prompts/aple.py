@@ -38,7 +38,7 @@ DEFAULTS = dict(
     stage_epochs=(7, 7, 6),            # stage I-a, stage I-b, stage II
     kl_weight=1.0,                     # weight of KL(p_zs || p) in stage I
     adapter=True, adapter_at_test=True, sigma=0.05, alpha=0.9,
-    lr=0.0025, batch_size=4, epochs=20,
+    lr=0.0025, batch_size=4,           # 20 epochs in all: the sum of stage_epochs
 )
 
 

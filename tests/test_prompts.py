@@ -58,15 +58,15 @@ def test_trainable_parameters_vit_b16(vit_b16, method, expected, parts):
 
 
 @pytest.mark.parametrize("method, extra, expected", [
-    ("coop", [], 4 * 64),
+    ("coop", ["--epochs", "1"], 4 * 64),
     ("aple", ["--depth", "2", "--stage_epochs", "1", "1", "1"], 4 * 64 + 1 * 4 * 64 + 2 * 4 * 64),
-    ("pmpo", ["--n_prompts", "2"], 2 * 4 * 64 + 2 * (64 * 64 + 64)),
+    ("pmpo", ["--epochs", "1", "--n_prompts", "2"], 2 * 4 * 64 + 2 * (64 * 64 + 64)),
 ])
 def test_train_prints_trainable_parameters(tmp_path, capsys, method, extra, expected):
     model = save_tiny_clip(tmp_path / "tiny.pt")
     folder = write_folder(tmp_path / "images", ["cat", "dog"], per_class=4)
     train.main(["--method", method, "--dataset", f"folder:{folder}", "--model", model, "--out", str(tmp_path / "run"),
-                "--workers", "0", "--shots", "1", "--epochs", "1", "--batch_size", "2", *extra])
+                "--workers", "0", "--shots", "1", "--batch_size", "2", *extra])  # APLe: --stage_epochs
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(f"trainable parameters: {expected:,}") for line in lines), lines
     with open(tmp_path / "run" / "log.txt") as f:
