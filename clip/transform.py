@@ -37,8 +37,8 @@ def to_tensor(img):
 
 
 def normalize(x):
-    mean = torch.tensor(MEAN, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype).view(-1, 1, 1)
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - mean) / std
 
 

@@ -2,15 +2,17 @@
 
 A few-shot train set is small (16 shots x 100 classes = 1,600 images) and is read for many epochs, so
 TrainSet decodes each file once and keeps the RGB image in memory; only the random crop runs per step.
+On a GPU the crops are resized there (device=...), so the CPU only cuts them out of the decoded pixels.
 A test set is large and read once, so test_loader decodes in DataLoader worker processes.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image
 
-from data.transforms import test_transform, train_transform
+from data.transforms import test_transform, train_transform, train_transform_on_device
 
 
 def load_image(path):
@@ -33,13 +35,16 @@ class TrainSet(torch.utils.data.Dataset):
     global RNG when seed is None), so a seeded run is reproducible. Inside DataLoader workers the global RNG
     is used, which the DataLoader seeds per worker from its own generator; seed that one for reproducibility.
     Memory: decoded images stay in RAM (16-shot ImageNet is about 16k images, roughly 7 GB).
+    device: None resizes each crop with PIL (the reference); a device (e.g. "cuda") keeps the pixels
+    as uint8 tensors and resizes there (train_transform_on_device). Then use it with num_workers=0.
     """
 
-    def __init__(self, items, n_px, seed=None, threads=None):
-        self.items, self.n_px = list(items), n_px
+    def __init__(self, items, n_px, seed=None, threads=None, device=None):
+        self.items, self.n_px, self.device = list(items), n_px, device
         paths = sorted({item.impath for item in self.items})  # a repeated path is decoded once too
+        decode = load_image if device is None else (lambda path: uint8_tensor(load_image(path)))
         with ThreadPoolExecutor(threads or default_workers()) as pool:  # PIL decodes without the GIL
-            self.images = dict(zip(paths, pool.map(load_image, paths)))
+            self.images = dict(zip(paths, pool.map(decode, paths)))
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -48,7 +53,14 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         generator = self.generator if torch.utils.data.get_worker_info() is None else None
-        return train_transform(self.images[item.impath], self.n_px, generator), item.label
+        if self.device is None:
+            return train_transform(self.images[item.impath], self.n_px, generator), item.label
+        return train_transform_on_device(self.images[item.impath], self.n_px, self.device, generator), item.label
+
+
+def uint8_tensor(img):
+    """PIL RGB image -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
 class TestSet(torch.utils.data.Dataset):

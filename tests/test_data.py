@@ -14,7 +14,7 @@ import data
 from clip.transform import MEAN, STD, Preprocess
 from data import Datum, DatasetNotFound, build_dataset, fewshot_split, load_fewshot, save_fewshot, subsample_classes
 from data.datasets import read_split
-from data.transforms import random_resized_crop_box
+from data.transforms import random_resized_crop_box, train_transform_on_device
 
 
 def jpeg(path, size=(40, 30), color=(200, 30, 90), noise_seed=None):
@@ -193,6 +193,37 @@ def test_train_transform_steps(tmp_path):
         got = data.train_transform(img, 32, torch.Generator().manual_seed(seed))
         assert torch.equal(got, normalize(to_tensor(want)))
     assert flips == {True, False}
+
+
+def test_train_transform_on_device_is_the_same_transform(tmp_path):
+    """The GPU path (run here on the CPU): same boxes and flips for the same seed, PIL's pixels to rounding."""
+    img = Image.open(jpeg(str(tmp_path / "a.jpg"), size=(500, 375), noise_seed=4)).convert("RGB")
+    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # [3, 375, 500] uint8
+    to_unit = lambda x: x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # back to [0, 1]
+    diffs = []
+    for seed in range(20):
+        g_pil, g_dev = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        want = data.train_transform(img, 224, g_pil)
+        got = train_transform_on_device(pixels, 224, "cpu", g_dev)
+        assert torch.equal(g_pil.get_state(), g_dev.get_state())  # the same draws, in the same order
+        diffs.append((to_unit(got) - to_unit(want)).abs() * 255)  # in grey levels; a wrong box or flip: ~40
+    diffs = torch.stack(diffs)
+    assert diffs.mean() < 0.5  # measured 0.20 grey levels
+    assert (diffs > 1.5).float().mean() < 0.015  # measured 0.03% of the pixels
+    assert diffs.max() < 32  # measured 13: PIL clips to 0..255 between its two passes, torch does not
+    assert got.shape == (3, 224, 224) and got.dtype == torch.float32
+
+
+def test_trainset_on_device(tmp_path):
+    """TrainSet(device=...) keeps uint8 pixels and gives the same boxes as the PIL path, seed for seed."""
+    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(120, 90), noise_seed=i), i, "c") for i in range(3)]
+    pil, dev, again = (data.TrainSet(items, 32, seed=5, device=d) for d in (None, "cpu", "cpu"))
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 90, 120) for x in dev.images.values())
+    for i in range(3):
+        (a, label), (b, _), (c, _) = pil[i], dev[i], again[i]
+        assert label == i and b.shape == (3, 32, 32) and torch.equal(b, c)
+        assert (a - b).abs().mean() < 0.02  # normalised units; a wrong box or flip is ~0.5 here
+    assert torch.equal(pil.generator.get_state(), dev.generator.get_state())
 
 
 def test_random_resized_crop_box():
