@@ -28,7 +28,7 @@ import torch
 import clip
 import data
 from prompts import aple, coop, pmpo
-from prompts.common import learned_state
+from prompts.common import PromptLearner, learned_state
 
 METHODS = {"coop": coop, "aple": aple, "pmpo": pmpo}
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
@@ -45,7 +45,12 @@ DEFAULTS = dict(
     momentum=0.9, weight_decay=5e-4,
     warmup_epochs=1, warmup_lr=1e-5,  # constant lr for the first epoch, then cosine (Dassl's)
     eval_batch_size=100, workers=min(8, os.cpu_count() or 1),
+    # Speed and memory switches ("auto", "on" or "off"; bench.py measures them). Neither changes what
+    # is learned beyond float rounding; --precision (bf16 on a GPU) is the third.
+    augment_on_device="auto",   # resize the random crops on the GPU instead of with PIL (auto: on a GPU)
+    text_checkpointing="auto",  # recompute text-encoder activations in backward (auto: >= 4,000 prompts a step)
 )
+SWITCHES = ("augment_on_device", "text_checkpointing")
 # -----------------------------------------------------------------------------
 
 
@@ -69,6 +74,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.protocol not in PROTOCOLS:
         p.error(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {args.protocol!r})")
+    for key in SWITCHES:
+        if getattr(args, key) not in ("auto", "on", "off"):
+            p.error(f"--{key} must be auto, on or off (got {getattr(args, key)!r})")
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
@@ -127,6 +135,16 @@ def autocast(args):
         return nullcontext()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
     return torch.autocast(device_type=args.device.split(":")[0], dtype=dtype)
+
+
+def switch_on(cfg, key, auto):
+    """A switch's setting as a bool; `auto` is what "auto" means for this run."""
+    return auto if cfg[key] == "auto" else cfg[key] == "on"
+
+
+def text_prompts_per_step(model):
+    """How many prompts a training step sends through the text encoder (n_prompts x classes)."""
+    return sum(m.ctx.shape[0] * m.tokenized_prompts.shape[0] for m in model.modules() if isinstance(m, PromptLearner))
 
 
 def lr_at(epoch, epochs, cfg):
@@ -232,8 +250,17 @@ def evaluate(model, items, args, cfg):
 def train(model, train_items, args, cfg, out, log, state=None):
     """SGD over the learned tensors, stage by stage; a checkpoint after every epoch. Returns the epochs done."""
     device = args.device
+    on_device = switch_on(cfg, "augment_on_device", auto=device.startswith("cuda"))
+    n_text = text_prompts_per_step(model)
+    # Saved activations of a bf16 step, ~2.7 MB per prompt (PMPO, 500 classes x 4 prompts: 5.3 GiB, counted with
+    # saved-tensor hooks). From 4,000 prompts on (PMPO on all 1,000 ImageNet classes) that outgrows a 16 GB card.
+    model.clip.transformer.grad_checkpointing = switch_on(cfg, "text_checkpointing", auto=n_text >= 4000)
+    log(f"precision {args.precision}; crops resized {'on ' + device if on_device else 'by PIL'}; text encoder "
+        f"{'with' if model.clip.transformer.grad_checkpointing else 'without'} activation checkpointing "
+        f"({n_text:,} prompts a step)")
     with clear_errors():  # every training image is decoded here, once
-        trainset = data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"])
+        trainset = data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"],
+                                 device=device if on_device else None)
     loader = torch.utils.data.DataLoader(
         trainset, batch_size=cfg["batch_size"],
         shuffle=True, drop_last=len(train_items) >= cfg["batch_size"],

@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.LayerNorm):
@@ -74,6 +75,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.width, self.layers = width, layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        # Activation checkpointing (open_clip's name): keep only each block's input for the backward
+        # pass and recompute the rest there. Same gradients, about a third more compute, and a
+        # fraction of the memory: PMPO's 1,000 classes x 4 prompts keep ~10 GiB of activations without it.
+        self.grad_checkpointing = False
 
     def forward(self, x, causal=False, deep_prompts=None, prompt_start=0):
         """x: [B, L, width]. deep_prompts: {layer index: tokens [n, width] or [B, n, width]}.
@@ -86,7 +91,10 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.resblocks):
             if i in deep_prompts:
                 x = replace_tokens(x, deep_prompts[i], prompt_start)
-            x = block(x, causal=causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal=causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
         return x
 
 

@@ -118,6 +118,26 @@ def test_only_prompts_get_gradients(tiny, method):
         assert_nonzero_grad(name, p)
 
 
+@pytest.mark.parametrize("method", ["coop", "aple", "pmpo"])
+def test_text_checkpointing_gives_the_same_gradients(tiny, method):
+    """Activation checkpointing of the text encoder (train.py's --text_checkpointing) recomputes what it
+    did not keep: the loss and every gradient are bit-identical, deep text prompts (APLe) included."""
+    model = tiny_method(method, tiny)
+    if method == "aple":
+        model.set_stage("joint")
+    grads = []
+    for checkpointing in (False, True):
+        tiny.transformer.grad_checkpointing = checkpointing
+        try:
+            backward(model)
+        finally:
+            tiny.transformer.grad_checkpointing = False
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "prompt_learner.ctx" in grads[0]
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
 def test_aple_stages_train_their_branch_only(tiny):
     model = tiny_method("aple", tiny)
     everything = {"prompt_learner.ctx", "text_prompts", "vision_prompts"}

@@ -273,6 +273,25 @@ def test_same_seed_same_run(seeds):
     assert {k: v for k, v in a.items() if k != "state_dict"} == {k: v for k, v in b.items() if k != "state_dict"}
 
 
+def test_speed_switches(world, seeds, tmp_path):
+    """--text_checkpointing on changes nothing; --augment_on_device on (torch's resize, here on the CPU)
+    changes the pixels by rounding only, so the run learns nearly the same prompts."""
+    out = tmp_path / "ckpt"
+    train.main(argv(world, out, "coop", "--seed", "1", "--text_checkpointing", "on"))
+    assert "with activation checkpointing" in read(out / "log.txt").decode()
+    assert read(out / "metrics.json") == read(seeds.s1 / "metrics.json")
+    assert_same_tensors(load_ckpt(out)["state_dict"], load_ckpt(seeds.s1)["state_dict"])
+    out = tmp_path / "device"
+    train.main(argv(world, out, "coop", "--seed", "1", "--augment_on_device", "on"))
+    assert "crops resized on cpu" in read(out / "log.txt").decode()
+    train.main(argv(world, tmp_path / "init", "coop", "--seed", "1", "--epochs", "0"))
+    ctx, ref, init = (load_ckpt(folder)["state_dict"]["prompt_learner.ctx"].flatten()
+                      for folder in (out, seeds.s1, tmp_path / "init"))
+    assert not torch.equal(ctx, ref)
+    cos = torch.nn.functional.cosine_similarity(ctx - init, ref - init, dim=0)  # the two updates
+    assert cos > 0.999, cos  # measured 1.00000
+
+
 def test_other_seed_other_shots(seeds):
     assert read(seeds.s1 / "fewshot.json") != read(seeds.s2 / "fewshot.json")
     assert not torch.equal(load_ckpt(seeds.s1)["state_dict"]["prompt_learner.ctx"],
@@ -425,6 +444,13 @@ def test_unknown_protocol(world, tmp_path, capsys):
         train.main(argv(world, tmp_path / "run", "coop", "--protocol", "zeroshot"))
     err = capsys.readouterr().err
     assert "--protocol" in err and "base2novel" in err and "'zeroshot'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_switch(world, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(argv(world, tmp_path / "run", "coop", "--text_checkpointing", "yes"))
+    assert "--text_checkpointing must be auto, on or off" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
