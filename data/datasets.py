@@ -101,6 +101,11 @@ def files(path, exts=None):
     return sorted(n for n in names if exts is None or n.lower().endswith(exts))
 
 
+def datums(rows, image_dir):
+    """Rows [path relative to image_dir, label, classname] (split files, fewshot.json) -> list[Datum]."""
+    return [Datum(os.path.join(image_dir, rel), int(label), cname) for rel, label, cname in rows]
+
+
 def read_split(path, image_dir):
     """CoOp's split file: {"train"|"val"|"test": [[path relative to image_dir, label, classname], ...]}."""
     with open(path) as f:
@@ -110,11 +115,7 @@ def read_split(path, image_dir):
             raise ValueError(f"split file {path} is not valid JSON: {err}") from err
     if not all(k in split for k in ("train", "val", "test")):
         raise ValueError(f"split file {path} needs the keys train, val and test; it has {sorted(split)}")
-
-    def convert(rows):
-        return [Datum(os.path.join(image_dir, rel), int(label), cname) for rel, label, cname in rows]
-
-    return convert(split["train"]), convert(split["val"]), convert(split["test"])
+    return datums(split["train"], image_dir), datums(split["val"], image_dir), datums(split["test"], image_dir)
 
 
 def read_classnames(path):

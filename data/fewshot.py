@@ -11,7 +11,7 @@ import math
 import os
 import random
 
-from data.datasets import Datum, classnames_of
+from data.datasets import classnames_of, datums
 
 
 def sample_per_class(items, shots, rng):
@@ -88,8 +88,4 @@ def save_fewshot(path, train, val, image_dir):
 def load_fewshot(path, image_dir):
     with open(path) as f:
         data = json.load(f)
-
-    def items(rows):
-        return [Datum(os.path.join(image_dir, rel), int(label), cname) for rel, label, cname in rows]
-
-    return items(data["train"]), items(data["val"])
+    return datums(data["train"], image_dir), datums(data["val"], image_dir)
