@@ -42,7 +42,7 @@ def parse_args(argv=None):
             p.error("--dataset is required")
         if not args.ckpt and args.method != "zeroshot":
             p.error("give --ckpt PATH (prompts from train.py) or --method zeroshot")
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.precision = args.precision or train.default_precision(args.device)
     return args
 
 
@@ -88,9 +88,9 @@ def main(argv=None):
         return None
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
     model_name = args.model or (ckpt["config"]["model"] if ckpt else train.DEFAULTS["model"])
-    out = args.out or (os.path.join(os.path.dirname(args.ckpt), f"eval_{safe(args.dataset)}_{args.subsample}.json")
-                       if ckpt else os.path.join("runs", "zeroshot", safe(model_name),
-                                                 f"{safe(args.dataset)}_{args.subsample}.json"))
+    name = f"{train.safe_name(args.dataset)}_{args.subsample}.json"
+    out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_" + name) if ckpt
+                       else os.path.join("runs", "zeroshot", train.safe_name(model_name), name))
     if os.path.exists(out):
         raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
 
@@ -110,10 +110,6 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     return result
-
-
-def safe(name):
-    return name.replace(":", "_").replace("/", "_")
 
 
 # -- the papers' tables ------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def parse_args(argv=None):
     for key in SWITCHES:
         if getattr(args, key) not in ("auto", "on", "off"):
             p.error(f"--{key} must be auto, on or off (got {getattr(args, key)!r})")
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.precision = args.precision or default_precision(args.device)
     return args
 
 
@@ -91,6 +91,15 @@ def add_option(parser, key, default):
 
 
 # -- setup -------------------------------------------------------------------------------------------
+
+def safe_name(name):
+    """A data set or model name as one folder name: "folder:/data/x" -> "folder__data_x", "ViT-B/16" -> "ViT-B_16"."""
+    return name.replace(":", "_").replace("/", "_")
+
+
+def default_precision(device):
+    return "bf16" if device.startswith("cuda") else "fp32"
+
 
 def set_seed(seed):
     random.seed(seed)
@@ -267,11 +276,10 @@ def train(model, train_items, args, cfg, out, log, state=None):
         generator=torch.Generator().manual_seed(cfg["seed"]))
     # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
     # then stage II jointly. CoOp and PMPO have one stage.
-    stages = model.stages(cfg) if cfg["method"] == "aple" else [("all", cfg["epochs"])]
+    stages = model.stages(cfg)
     done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
     for stage_index, (stage, epochs) in enumerate(stages):
-        if cfg["method"] == "aple":
-            model.set_stage(stage)
+        model.set_stage(stage)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
         scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
@@ -346,7 +354,7 @@ def main(argv=None):
     (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
     model = build_method(method, clip_model, classnames, ds.template, cfg)
 
-    out = args.out or os.path.join("runs", args.dataset.replace(":", "_").replace("/", "_"), method,
+    out = args.out or os.path.join("runs", safe_name(args.dataset), method,
                                    cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
     state = prepare_run_folder(out, cfg)
     log = Log(os.path.join(out, "log.txt"))
@@ -355,7 +363,7 @@ def main(argv=None):
     if state:
         model.load_state_dict(state["learned"], strict=False)
         log(f"resuming {out} after {len(state['done'])} epochs")
-    learned = {k: p.numel() for k, p in model.named_parameters() if not k.startswith("clip.")}
+    learned = {k: v.numel() for k, v in learned_state(model).items()}
     log(f"{method} on {args.dataset} ({cfg['protocol']}, {cfg['shots']} shots, seed {cfg['seed']}): "
         f"{len(train_items)} training images, {len(classnames)} classes")
     warn_short_classes(fewshot_train, cfg["shots"], log)

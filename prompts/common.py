@@ -23,8 +23,15 @@ class PromptedCLIP(nn.Module):
 
     A method defines text_features() (class features, computed once per evaluation) and, if it
     prompts the image side, logits(images, text_features). Training minimises loss(): cross-entropy
-    unless a method adds terms.
+    unless a method adds terms, over stages() (one, unless a method tunes its parts in sequence).
     """
+
+    def stages(self, cfg):
+        """Training as [(stage, epochs), ...]: one stage here; APLe overrides it with its three."""
+        return [("all", cfg["epochs"])]
+
+    def set_stage(self, stage):
+        """Called as each stage starts; with one stage, everything the method defines stays trainable."""
 
     def logits(self, images, text_features):
         image_features = F.normalize(self.clip.encode_image(images), dim=-1)  # plain CLIP image side: [B, D]
