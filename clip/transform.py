@@ -30,16 +30,23 @@ def center_crop(img, n_px):
     return img.crop((left, top, left + n_px, top + n_px))
 
 
-def to_tensor(img):
-    """PIL RGB image -> float tensor [3, H, W] in [0, 1]."""
+def to_uint8(img):
+    """PIL RGB image -> uint8 tensor [3, H, W]."""
     x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # [H, W, 3]
-    return x.permute(2, 0, 1).contiguous().float().div(255)  # [3, H, W]
+    return x.permute(2, 0, 1).contiguous()  # [3, H, W]
+
+
+def to_tensor(img):
+    """PIL RGB image -> float tensor [3, H, W] in [0, 1] (torchvision's ToTensor)."""
+    return to_uint8(img).float().div(255)
+
+
+_MEAN, _STD = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)  # built once, not per image
 
 
 def normalize(x):
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return (x - mean) / std
+    """(x - mean) / std per channel, CLIP's statistics; x: [..., 3, H, W] in [0, 1] on any device."""
+    return (x - _MEAN.to(x)) / _STD.to(x)
 
 
 class Preprocess:

@@ -8,10 +8,10 @@ A test set is large and read once, so test_loader decodes in DataLoader worker p
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 from PIL import Image
 
+from clip.transform import to_uint8
 from data.transforms import test_transform, train_transform, train_transform_on_device
 
 
@@ -42,7 +42,7 @@ class TrainSet(torch.utils.data.Dataset):
     def __init__(self, items, n_px, seed=None, threads=None, device=None):
         self.items, self.n_px, self.device = list(items), n_px, device
         paths = sorted({item.impath for item in self.items})  # a repeated path is decoded once too
-        decode = load_image if device is None else (lambda path: uint8_tensor(load_image(path)))
+        decode = load_image if device is None else (lambda path: to_uint8(load_image(path)))
         with ThreadPoolExecutor(threads or default_workers()) as pool:  # PIL decodes without the GIL
             self.images = dict(zip(paths, pool.map(decode, paths)))
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -56,11 +56,6 @@ class TrainSet(torch.utils.data.Dataset):
         if self.device is None:
             return train_transform(self.images[item.impath], self.n_px, generator), item.label
         return train_transform_on_device(self.images[item.impath], self.n_px, self.device, generator), item.label
-
-
-def uint8_tensor(img):
-    """PIL RGB image -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
 class TestSet(torch.utils.data.Dataset):
