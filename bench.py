@@ -28,6 +28,7 @@ import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize
 from data import Datum, TrainSet, test_loader
+from prompts.common import zeroshot_classifier
 from data.bench_loader import make_jpegs
 
 B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
@@ -106,18 +107,18 @@ def full_length_text_features(model, text):
 def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250):
     """Fast vs plain on the same weights and images: min cosine of image and text features, top-1
     agreement of the logits; and the text cut vs full-length sequences in float32 (max relative difference)."""
-    g = torch.Generator().manual_seed(0)
-    text = tokenize([f"a photo of a {name}." for name in bench_classnames(n_classes)]).to(device)  # [n_cls, 77]
-    features = {}
+    names = bench_classnames(n_classes)
+    text_features = {}
     for fast in (False, True):
         with path_context(fast, device):
-            t = torch.cat([clip_model.encode_text(chunk).float() for chunk in text.split(batch)])
-        g.manual_seed(0)
-        images = [smooth_images(batch, clip_model.visual.input_resolution, g) for _ in range(n_images // batch)]
-        with path_context(fast, device):
-            i = torch.cat([clip_model.encode_image(x.to(device)).float() for x in images])
-        features[fast] = F.normalize(i, dim=-1), F.normalize(t, dim=-1)
-    (img_p, txt_p), (img_f, txt_f) = features[False], features[True]
+            text_features[fast] = zeroshot_classifier(clip_model, names, "a photo of a {}.")  # [n_cls, D], normalised
+    image_features = {False: [], True: []}
+    for k in range(n_images // batch):  # each batch of images made once, seen by both paths
+        images = smooth_images(batch, clip_model.visual.input_resolution, torch.Generator().manual_seed(k)).to(device)
+        for fast in (False, True):
+            with path_context(fast, device):
+                image_features[fast].append(F.normalize(clip_model.encode_image(images).float(), dim=-1))
+    (img_p, txt_p), (img_f, txt_f) = ((torch.cat(image_features[fast]), text_features[fast]) for fast in (False, True))
     cos_p, cos_f = img_p @ txt_p.t(), img_f @ txt_f.t()  # [n_images, n_cls]
     top1 = (cos_p.argmax(-1) == cos_f.argmax(-1)).float().mean().item()
     top2 = cos_p.topk(2, dim=-1).values  # random weights give near-ties; the gap says how near
@@ -126,6 +127,7 @@ def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250)
             ("fast vs plain: top-1 agreement of the logits", f"{100 * top1:.2f}%"),
             ("plain: median gap between top-1 and top-2 cosine (random weights: near-ties)",
              f"{(top2[:, 0] - top2[:, 1]).median():.1e}")]
+    text = tokenize([f"a photo of a {name}." for name in names]).to(device)  # [n_cls, 77]
     for kernel in (SDPBackend.MATH, None):  # the plain kernel, then whatever fused kernel float32 gets
         with sdpa_kernel(kernel) if kernel else contextlib.nullcontext():
             cut = torch.cat([clip_model.encode_text(chunk) for chunk in text.split(batch)])
