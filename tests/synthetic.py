@@ -40,6 +40,17 @@ def class_image(label, rng, size=32):
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
+def jpeg(path, size=(40, 30), color=(200, 30, 90), noise_seed=None):
+    """A JPEG at path, of one colour or (noise_seed) uniform noise; returns the path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if noise_seed is None:
+        img = Image.new("RGB", size, color)
+    else:
+        img = Image.fromarray(np.random.RandomState(noise_seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    img.save(path, quality=90)
+    return path
+
+
 def write_image(path, pixels):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(pixels).save(path, quality=95)

@@ -15,16 +15,7 @@ from clip.transform import MEAN, STD, Preprocess
 from data import Datum, DatasetNotFound, build_dataset, fewshot_split, load_fewshot, save_fewshot, subsample_classes
 from data.datasets import read_split
 from data.transforms import random_resized_crop_box, train_transform_on_device
-
-
-def jpeg(path, size=(40, 30), color=(200, 30, 90), noise_seed=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if noise_seed is None:
-        img = Image.new("RGB", size, color)
-    else:
-        img = Image.fromarray(np.random.RandomState(noise_seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    img.save(path, quality=90)
-    return path
+from tests.synthetic import jpeg
 
 
 # -----------------------------------------------------------------------------

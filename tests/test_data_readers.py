@@ -14,13 +14,9 @@ from PIL import Image
 
 import data
 from data import DatasetNotFound, build_dataset, prepare
+from tests.synthetic import jpeg
 
 IMAGENET_NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
-
-
-def jpeg(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (40, 30), (10, 120, 200)).save(path)
 
 
 def write(path, text):
