@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import prompts
 import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize
@@ -162,7 +163,7 @@ def train_step_rows(clip_model, methods, class_counts, device, rate):
     labels = torch.randint(0, 2, (4,), device=device)
     for method in methods:
         for n_cls in class_counts:
-            cfg = {**train.DEFAULTS, **train.METHODS[method].DEFAULTS}
+            cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS}
             model = train.build_method(method, clip_model, bench_classnames(n_cls), "a photo of a {}.", cfg)
             if method == "aple":
                 model.set_stage("joint")
@@ -187,7 +188,7 @@ def eval_rows(clip_model, device, rate, batch=256, jpegs=2000, workers=8):
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
     model = train.build_method("coop", clip_model, bench_classnames(50), "",
-                               {**train.DEFAULTS, **train.METHODS["coop"].DEFAULTS})
+                               {**train.DEFAULTS, **prompts.METHODS["coop"].DEFAULTS})
     model.eval()
     row = [f"eval from tensors, batch {batch}"]
     for fast in (False, True):
@@ -250,7 +251,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a tiny CLIP: checks that the script runs")
-    p.add_argument("--methods", nargs="+", default=list(train.METHODS))
+    p.add_argument("--methods", nargs="+", default=list(prompts.METHODS))
     p.add_argument("--classes", nargs="+", type=int, default=[50, 500], help="Caltech101 base, ImageNet base")
     p.add_argument("--jpegs", type=int, default=2000)
     p.add_argument("--images", type=int, default=5000, help="synthetic images of the fast-vs-plain check")

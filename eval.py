@@ -20,6 +20,7 @@ import torch
 
 import data
 import train
+import prompts
 from prompts import zeroshot
 
 
@@ -54,7 +55,7 @@ def load_checkpoint(path, method=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"error: {path} could not be read ({type(e).__name__}); is it damaged?") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or ckpt.get("method") not in train.METHODS:
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or ckpt.get("method") not in prompts.METHODS:
         raise SystemExit(f"error: {path} is not a prompt checkpoint written by train.py "
                          f"(a CLIP checkpoint goes to --model instead)")
     if method and method != ckpt["method"]:
@@ -65,7 +66,7 @@ def load_checkpoint(path, method=None):
 def build_from_checkpoint(ckpt, clip_model, dataset, subsample, classnames, template):
     """The checkpoint's method on this class list, with its learned tensors loaded and checked."""
     cfg = ckpt["config"]
-    if ckpt["clip_architecture"] != train.clip_architecture(clip_model):
+    if ckpt["clip_architecture"] != prompts.clip_architecture(clip_model):
         raise SystemExit(f"error: these prompts were learned on another CLIP ({cfg['model']}: "
                          f"{ckpt['clip_architecture']}); pass --model {cfg['model']}")
     trained_on = "base" if cfg["protocol"] == "base2novel" else "all"

@@ -27,10 +27,9 @@ import torch
 
 import clip
 import data
-from prompts import aple, coop, pmpo
-from prompts.common import PromptLearner, learned_state
-
-METHODS = {"coop": coop, "aple": aple, "pmpo": pmpo}
+import prompts
+from prompts import METHODS, clip_architecture
+from prompts.common import learned_state
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
 
 # -----------------------------------------------------------------------------
@@ -107,15 +106,6 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def clip_architecture(clip_model):
-    """What a checkpoint's prompts depend on; compared when one is loaded onto a CLIP."""
-    v = clip_model.visual
-    return dict(embed_dim=clip_model.text_projection.shape[1], image_resolution=v.input_resolution,
-                vision_width=v.conv1.out_channels, vision_layers=v.transformer.layers,
-                patch_size=v.conv1.kernel_size[0], text_width=clip_model.transformer.width,
-                text_layers=clip_model.transformer.layers)
-
-
 @contextmanager
 def clear_errors():
     """Bad input (no data set where it should be, a damaged checkpoint, an unreadable image) ends the
@@ -134,9 +124,7 @@ def load_frozen_clip(name, device):
 
 def build_method(method, clip_model, classnames, template, cfg):
     with clear_errors():  # settings that do not fit this CLIP (e.g. more PMPO prompts than vision layers)
-        model = METHODS[method].CustomCLIP(clip_model, classnames, template, cfg)
-    model.classnames = list(classnames)
-    return model.to(clip_model.token_embedding.weight.device)
+        return prompts.build(method, clip_model, classnames, template, cfg)
 
 
 def autocast(args):
@@ -149,11 +137,6 @@ def autocast(args):
 def switch_on(cfg, key, auto):
     """A switch's setting as a bool; `auto` is what "auto" means for this run."""
     return auto if cfg[key] == "auto" else cfg[key] == "on"
-
-
-def text_prompts_per_step(model):
-    """How many prompts a training step sends through the text encoder (n_prompts x classes)."""
-    return sum(m.ctx.shape[0] * m.tokenized_prompts.shape[0] for m in model.modules() if isinstance(m, PromptLearner))
 
 
 def lr_at(epoch, epochs, cfg):
@@ -260,7 +243,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
     """SGD over the learned tensors, stage by stage; a checkpoint after every epoch. Returns the epochs done."""
     device = args.device
     on_device = switch_on(cfg, "augment_on_device", auto=device.startswith("cuda"))
-    n_text = text_prompts_per_step(model)
+    n_text = model.text_prompts_per_step(cfg["batch_size"])
     # Saved activations of a bf16 step, ~2.7 MB per prompt (PMPO, 500 classes x 4 prompts: 5.3 GiB, counted with
     # saved-tensor hooks). From 4,000 prompts on (PMPO on all 1,000 ImageNet classes) that outgrows a 16 GB card.
     model.clip.transformer.grad_checkpointing = switch_on(cfg, "text_checkpointing", auto=n_text >= 4000)

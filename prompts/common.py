@@ -33,6 +33,12 @@ class PromptedCLIP(nn.Module):
     def set_stage(self, stage):
         """Called as each stage starts; with one stage, everything the method defines stays trainable."""
 
+    def text_prompts_per_step(self, batch_size):
+        """How many prompts one training step sends through the text encoder (sizes the memory switches):
+        n_prompts x classes for every PromptLearner. A method whose prompts depend on the image (CoCoOp)
+        sends batch_size times as many and overrides this."""
+        return sum(m.ctx.shape[0] * m.tokenized_prompts.shape[0] for m in self.modules() if isinstance(m, PromptLearner))
+
     def logits(self, images, text_features):
         image_features = F.normalize(self.clip.encode_image(images), dim=-1)  # plain CLIP image side: [B, D]
         return cosine_logits(self.clip, image_features, text_features)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import prompts
 import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize
@@ -49,8 +50,8 @@ def requires_grad_count(model):
                          **{f"proj.{i}.bias": 768 for i in range(4)}}),
 ])
 def test_trainable_parameters_vit_b16(vit_b16, method, expected, parts):
-    cfg = dict(train.METHODS[method].DEFAULTS)
-    model = train.METHODS[method].CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, cfg)
+    cfg = dict(prompts.METHODS[method].DEFAULTS)
+    model = prompts.METHODS[method].CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, cfg)
     assert requires_grad_count(model) == expected
     state = learned_state(model)  # what a checkpoint holds
     assert {k: v.numel() for k, v in state.items()} == parts
@@ -79,7 +80,7 @@ TINY_CFG = {"coop": {}, "aple": dict(depth=2), "pmpo": dict(n_prompts=2)}  # the
 
 
 def tiny_method(method, clip_model, **overrides):
-    cfg = {**train.DEFAULTS, **train.METHODS[method].DEFAULTS, **TINY_CFG[method], **overrides, "method": method}
+    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **TINY_CFG[method], **overrides, "method": method}
     return train.build_method(method, clip_model, CLASSNAMES, TEMPLATE, cfg)
 
 
