@@ -1,0 +1,32 @@
+"""Files that are either whole or absent: every file this project writes goes through atomic_write.
+
+A kill, a crash or a full disk in the middle of a write leaves the previous version (or nothing) under
+the final name, never a truncated file: the data goes to a temporary name in the same folder, is
+flushed and fsync'ed, and only then renamed over the target (rename is atomic within a filesystem).
+"""
+import contextlib
+import os
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """with atomic_write("metrics.json") as f: json.dump(m, f). mode "w" (text) or "wb" (bytes, e.g. torch.save)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every platform)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
