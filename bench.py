@@ -100,7 +100,7 @@ def smooth_images(n, n_px, generator):
 def full_length_text_features(model, text):
     """encode_text over all 77 positions (no cut after the last end-of-text token), for the exactness check."""
     x = model.token_embedding(text) + model.positional_embedding  # [B, 77, width]
-    x = model.ln_final(model.transformer(x, causal=True))
+    x = model.ln_final(model.transformer.forward_nld(x))  # causal: the text blocks carry the mask
     return x[torch.arange(len(text)), text.argmax(-1)] @ model.text_projection  # [B, embed_dim]
 
 

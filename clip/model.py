@@ -5,8 +5,16 @@ Parameter names are OpenAI's (`visual.conv1.weight`, `transformer.resblocks.0.at
 key names still apply. The numbers are OpenAI's to float32 rounding (tests/test_parity.py checks
 this against an independent implementation).
 
-Two things differ from openai/CLIP's model.py, neither changes a result:
-- attention is batch-first and runs through `F.scaled_dot_product_attention` (fused kernels on GPU);
+The modules behave as OpenAI's too, so code written against openai/CLIP's modules (CoOp's and
+MaPLe's TextEncoder: `x = clip_model.transformer(x.permute(1, 0, 2))`, loops over
+`transformer.resblocks`, `visual.conv1`/`ln_pre`/...) gets the numbers `encode_text` and
+`encode_image` give: `transformer(x)` and every block take OpenAI's [L, B, width] layout, and the
+text blocks carry OpenAI's causal `attn_mask` (built by `build_attention_mask`).
+
+Inside the encoders, three things differ from openai/CLIP's model.py, none changes a result:
+- the blocks run batch-first (`forward_nld`) and attention goes through
+  `F.scaled_dot_product_attention` (fused kernels on GPU; the causal mask as `is_causal`);
+- encode_text cuts the sequence after the batch's last end-of-text token (see encode_text);
 - both encoders take `deep_prompts`, the hook the prompt-learning methods use to put learnable
   tokens into chosen layers (VPT / MaPLe / IVLP style) without forking the transformer blocks.
 """
@@ -42,19 +50,31 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, mask=None):
+        """x: [B, L, D]. causal: each token sees itself and the tokens before it. mask: an additive
+        float mask [L, L] (0 = attend, -inf = not), for masks other than the causal one."""
         B, L, D = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x [B, L, D]
         q, k, v = (t.reshape(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D/H]
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, D/H]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [B, H, L, D/H]
         x = x.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
         return self.out_proj(x)
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+def causal_mask(n):
+    """OpenAI's text mask [n, n]: 0 on and below the diagonal, -inf above (token i sees tokens 0..i)."""
+    return torch.full((n, n), float("-inf")).triu_(1)
 
-    def __init__(self, width, heads):
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    attn_mask: OpenAI's argument and attribute: None (vision) or an additive [n, n] mask (a boolean
+    one as nn.MultiheadAttention reads it: True = masked); the text blocks get causal_mask(77). The causal mask runs as SDPA's is_causal (fused kernels, and a
+    shorter sequence needs no cropping); any other mask is used as given, cropped to the input length.
+    """
+
+    def __init__(self, width, heads, attn_mask=None):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
@@ -64,23 +84,48 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(width * 4, width)),
         ]))
         self.ln_2 = LayerNorm(width)
+        self.attn_mask = attn_mask
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    @property
+    def attn_mask(self):
+        return self._attn_mask
+
+    @attn_mask.setter
+    def attn_mask(self, mask):  # checked once here, not at every forward
+        if mask is not None and mask.dtype == torch.bool:  # nn.MultiheadAttention's meaning: True = masked
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, float("-inf"))
+        self._attn_mask = mask
+        self.causal = mask is not None and mask.dim() == 2 and torch.equal(mask.cpu().float(), causal_mask(len(mask)))
+
+    def forward(self, x):
+        """x: [L, B, width], OpenAI's layout (what `transformer.resblocks[i](x)` gets in ported code)."""
+        return self.forward_nld(x.transpose(0, 1)).transpose(0, 1)
+
+    def forward_nld(self, x):
+        """x: [B, L, width], batch-first: what encode_text and encode_image run."""
+        mask = None
+        if self.attn_mask is not None and not self.causal:
+            L = x.shape[1]
+            mask = self.attn_mask[:L, :L].to(x.device, x.dtype)
+        x = x + self.attn(self.ln_1(x), causal=self.causal, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, attn_mask=None):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
         # Activation checkpointing (open_clip's name): keep only each block's input for the backward
         # pass and recompute the rest there. Same gradients, about a third more compute, and a
         # fraction of the memory: PMPO's 1,000 classes x 4 prompts keep ~10 GiB of activations without it.
         self.grad_checkpointing = False
 
-    def forward(self, x, causal=False, deep_prompts=None, prompt_start=0):
+    def forward(self, x):
+        """x: [L, B, width], OpenAI's layout: `clip_model.transformer(x.permute(1, 0, 2))` as in CoOp."""
+        return self.forward_nld(x.transpose(0, 1)).transpose(0, 1)
+
+    def forward_nld(self, x, deep_prompts=None, prompt_start=0):
         """x: [B, L, width]. deep_prompts: {layer index: tokens [n, width] or [B, n, width]}.
 
         Before block i, the n tokens at x[:, prompt_start:prompt_start + n] are replaced by
@@ -92,9 +137,9 @@ class Transformer(nn.Module):
             if i in deep_prompts:
                 x = replace_tokens(x, deep_prompts[i], prompt_start)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal=causal, use_reentrant=False)
+                x = checkpoint(block.forward_nld, x, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block.forward_nld(x)
         return x
 
 
@@ -134,7 +179,7 @@ class VisionTransformer(nn.Module):
         if 0 in deep_prompts:
             x = replace_tokens(x, deep_prompts.pop(0), n_tokens)  # [B, grid ** 2 + 1 + n_ctx, width]
         x = self.ln_pre(x)
-        x = self.transformer(x, deep_prompts=deep_prompts, prompt_start=n_tokens)
+        x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=n_tokens)
         return self.ln_post(x[:, 0]) @ self.proj  # CLS token -> [B, output_dim]
 
 
@@ -145,10 +190,11 @@ class CLIP(nn.Module):
                  # text
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
         super().__init__()
-        self.context_length = context_length
+        self.context_length, self.vocab_size = context_length, vocab_size
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
                                         heads=vision_width // 64, output_dim=embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
+                                       attn_mask=self.build_attention_mask())
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -169,6 +215,10 @@ class CLIP(nn.Module):
                 nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
                 nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    def build_attention_mask(self):
+        """The text transformer's causal mask [context_length, context_length] (OpenAI's method)."""
+        return causal_mask(self.context_length)
 
     @property
     def dtype(self):
@@ -194,7 +244,7 @@ class CLIP(nn.Module):
         n = int(eot.max()) + 1
         x = self.token_embedding(text[:, :n]) if embeddings is None else embeddings[:, :n]  # [B, n, width]
         x = x + self.positional_embedding[:n].to(x.dtype)
-        x = self.transformer(x, causal=True, deep_prompts=deep_prompts, prompt_start=1)
+        x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=1)  # causal: see attn_mask
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0]), eot] @ self.text_projection  # [B, embed_dim]
 
