@@ -1,4 +1,8 @@
-"""OpenAI's weights: `available_models()` and `load(name_or_path) -> (model, preprocess)`, as in openai/CLIP.
+"""OpenAI's weights: `available_models()` and `load(name) -> (model, preprocess)`, as in openai/CLIP.
+
+The names code ported from openai/CLIP uses (CoOp's `load_clip_to_cpu`: `from clip import clip`,
+`clip._MODELS[name]`, `clip._download(url)`, `clip.build_model`, `clip.tokenize`, `clip._transform`)
+are here with OpenAI's meaning.
 
 What is safe to load: a plain state_dict is read with torch.load(weights_only=True), which only
 rebuilds tensors and containers. OpenAI ships TorchScript archives, read with torch.jit.load, which
@@ -18,15 +22,28 @@ import zipfile
 import torch
 
 from .model import build_model
+from .tokenizer import tokenize
 from .transform import Preprocess
 
-_MODELS = {  # name -> "sha256/filename"; the ResNet CLIPs are left out (model.py is ViT only)
-    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-}
-# Tried in order. OpenAI's CDN host has moved before, so the storage account behind it is the fallback.
+__all__ = ["available_models", "load", "tokenize"]
+
+
+class _ModelURLs(dict):
+    """A dict whose missing names say which ones exist (CoOp's default RN50 is a ResNet CLIP)."""
+
+    def __missing__(self, name):
+        raise KeyError(f"Model {name} not found; available models = {list(self)} (the ResNet CLIPs are not supported)")
+
+
+# name -> URL, as in openai/CLIP. The second-to-last part of each URL is the file's sha256.
+# The ResNet CLIPs are left out (model.py is ViT only).
+_MODELS = _ModelURLs({
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+})  # fmt: skip
+# OpenAI's CDN host has moved before: a URL on one of these hosts is tried on the others after it.
 MIRRORS = ["https://openaipublic.azureedge.net/clip/models/",
            "https://openaipublic.blob.core.windows.net/clip/models/"]
 RETRIES = 3  # attempts per mirror on connection errors; each one resumes where the last one stopped
@@ -38,23 +55,32 @@ def available_models():
     return list(_MODELS)
 
 
-def load(name_or_path, device="cuda" if torch.cuda.is_available() else "cpu", download_root=None, jit=False):
+def cache_root(download_root=None):
+    """Where named models are cached: download_root if given, else $CLIP_CACHE, else ~/.cache/clip."""
+    return os.path.expanduser(download_root or os.environ.get("CLIP_CACHE") or os.path.join("~", ".cache", "clip"))
+
+
+def _transform(n_px):
+    """openai/CLIP's name for the preprocessing load returns: PIL image -> normalised tensor [3, n_px, n_px]."""
+    return Preprocess(n_px)
+
+
+def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False, download_root=None):
     """Return (model, preprocess): a float32 CLIP in eval mode on `device`, and its PIL -> tensor transform.
 
-    name_or_path: one of available_models() (downloaded once into download_root, else $CLIP_CACHE,
-    else ~/.cache/clip) or the path of a checkpoint (OpenAI's TorchScript .pt or a plain state_dict).
+    openai/CLIP's signature. name: one of available_models() (downloaded once into cache_root(download_root))
+    or the path of a checkpoint (OpenAI's TorchScript .pt or a plain state_dict).
     jit: only for openai/CLIP's call signature; there is no TorchScript model here.
     """
     if jit:
         raise ValueError("jit=True is not supported: load returns a plain nn.Module (use torch.compile for speed)")
-    if name_or_path in _MODELS:
-        root = download_root or os.environ.get("CLIP_CACHE") or os.path.join("~", ".cache", "clip")
-        path = _download(name_or_path, os.path.expanduser(root))
-    elif os.path.isfile(name_or_path):
-        path = name_or_path
+    if name in _MODELS:
+        path = _download(_MODELS[name], cache_root(download_root))
+    elif os.path.isfile(name):
+        path = name
     else:
-        raise ValueError(f"model {name_or_path!r} not found; available models: {available_models()} "
-                         "(a path to a checkpoint file works too)")
+        raise RuntimeError(f"Model {name} not found; available models = {available_models()} "
+                           "(or pass the path of a checkpoint file)")
     state_dict = _read_state_dict(path)
     try:
         model = build_model(state_dict)
@@ -62,7 +88,7 @@ def load(name_or_path, device="cuda" if torch.cuda.is_available() else "cpu", do
         raise ValueError(f"{path}: {e}") from None
     # OpenAI's load casts the model to fp16 on CUDA. We keep float32 weights (so fine-tuning and
     # prompt learning get float32 gradients) and leave speed to torch.autocast at call time.
-    return model.to(device).eval(), Preprocess(model.visual.input_resolution)
+    return model.to(device).eval(), _transform(model.visual.input_resolution)
 
 
 def _read_state_dict(path):
@@ -93,30 +119,47 @@ def _is_torchscript(path):
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def _sha256(path):
-    h = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file's bytes ("sha256", "md5", any hashlib name), read 1 MB at a time."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _download(name, root):
-    """Download `name` into root unless a file with the right sha256 is already there; return its path."""
-    expected, filename = _MODELS[name].split("/")
+def _download(url, root=None):
+    """openai/CLIP's _download: the file at `url` in root (default cache_root()), fetched unless a file with
+    the sha256 the URL carries is already there; returns its path. Tried on every mirror of its host."""
+    root = root or cache_root()
+    expected, filename = url.split("/")[-2:]
     target = os.path.join(root, filename)
     if os.path.isfile(target):
-        if _sha256(target) == expected:
+        if file_digest(target) == expected:
             return target
         print(f"{target} does not match its sha256 (damaged or replaced); downloading it again", file=sys.stderr)
         os.remove(target)
-    return download([mirror + filename for mirror in MIRRORS], target, expected, name)
+    try:
+        return download(_mirrors(url), target, expected)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\nWithout a network: put {filename} (sha256 {expected}) into {root}, or pass the "
+                           "path of a local copy instead of the model name (clip.load(PATH); train.py and "
+                           "eval.py: --model PATH).") from None
 
 
-def download(urls, target, sha256=None, name=None):
+def _mirrors(url):
+    """url, then the same file on each other host in MIRRORS (if url is on one of them)."""
+    for host in MIRRORS:
+        if url.startswith(host):
+            return [url] + [other + url[len(host):] for other in MIRRORS if other != host]
+    return [url]
+
+
+def download(urls, target, sha256=None, name=None, md5=None):
     """Fetch the first of `urls` that answers into target: resumable, with retries and a progress line.
 
-    Also used by data/prepare.py. With sha256 given, the file takes its final name only if it matches.
+    Also used by data/prepare.py. With sha256 and/or md5 given, the file takes its final name only if
+    its digests match; without either, nothing about its content is checked.
     """
     urls, name = [urls] if isinstance(urls, str) else urls, name or os.path.basename(target)
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
@@ -124,11 +167,11 @@ def download(urls, target, sha256=None, name=None):
     for url in urls:
         if not _fetch_with_retries(url, part, errors):
             continue
-        actual = _sha256(part)
-        if sha256 and actual != sha256:
-            os.remove(part)
-            raise RuntimeError(f"sha256 mismatch: the download of {name} from {url} is corrupt: sha256 {actual}, "
-                               f"expected {sha256}; it was deleted, try again")
+        for algorithm, expected in (("sha256", sha256), ("md5", md5)):
+            if expected and (actual := file_digest(part, algorithm)) != expected:
+                os.remove(part)
+                raise RuntimeError(f"{algorithm} mismatch: the download of {name} from {url} is corrupt: "
+                                   f"{algorithm} {actual}, expected {expected}; it was deleted, try again")
         os.replace(part, target)  # atomic: no reader ever sees a half-written target
         return target
     raise RuntimeError(f"could not download {name}:\n  " + "\n  ".join(errors))

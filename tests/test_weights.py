@@ -166,17 +166,22 @@ def tiny_model(tmp_path, monkeypatch):
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     data = buffer.getvalue()
-    monkeypatch.setitem(weights._MODELS, "Tiny/8", hashlib.sha256(data).hexdigest() + "/tiny-8.pt")
+    sha = hashlib.sha256(data).hexdigest()
     monkeypatch.setattr(weights, "RETRY_DELAY", 0)
     servers = []
 
     def serve(**kwargs):
-        servers.append(Server({"tiny-8.pt": data}, **kwargs))
-        monkeypatch.setattr(weights, "MIRRORS", [servers[-1].url])
+        servers.append(Server({f"{sha}/tiny-8.pt": data}, **kwargs))
+        host(servers[-1].url)
         return servers[-1]
 
+    def host(*mirrors, sha=sha):
+        """Serve "Tiny/8" from the first of `mirrors`, as OpenAI's URLs do: HOST/SHA256/tiny-8.pt."""
+        monkeypatch.setattr(weights, "MIRRORS", list(mirrors))
+        monkeypatch.setitem(weights._MODELS, "Tiny/8", f"{mirrors[0]}{sha}/tiny-8.pt")
+
     root = tmp_path / "cache"
-    yield SimpleNamespace(model=model, data=data, serve=serve, root=root, file=root / "tiny-8.pt")
+    yield SimpleNamespace(model=model, data=data, serve=serve, host=host, root=root, file=root / "tiny-8.pt")
     for server in servers:
         server.close()
 
@@ -191,6 +196,13 @@ def test_download_is_verified_cached_and_loads(tiny_model, monkeypatch, capsys):
     assert "100.0%" in capsys.readouterr().err  # the progress bar
     weights.load("Tiny/8", device="cpu")
     assert len(server.requests) == 1  # the second load used the cached file
+
+
+def test_download_root_wins_over_the_environment(tiny_model, monkeypatch, tmp_path):
+    tiny_model.serve()
+    monkeypatch.setenv("CLIP_CACHE", str(tmp_path / "env"))
+    weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
+    assert tiny_model.file.read_bytes() == tiny_model.data and not (tmp_path / "env").exists()
 
 
 def test_cut_download_resumes_with_range(tiny_model):
@@ -211,18 +223,19 @@ def test_server_ignoring_range_restarts_the_download(tiny_model):
 
 def test_wrong_sha256_is_refused(tiny_model, monkeypatch):
     server = tiny_model.serve()
-    monkeypatch.setitem(weights._MODELS, "Tiny/8", "0" * 64 + "/tiny-8.pt")
+    server.files["0" * 64 + "/tiny-8.pt"] = tiny_model.data
+    tiny_model.host(server.url, sha="0" * 64)
     with pytest.raises(RuntimeError) as error:
         weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
     message = str(error.value)
     assert "0" * 64 in message and hashlib.sha256(tiny_model.data).hexdigest() in message
-    assert server.url + "tiny-8.pt" in message
+    assert server.url + "0" * 64 + "/tiny-8.pt" in message
     assert list(tiny_model.root.iterdir()) == []  # neither the final file nor the .part
 
 
 def test_dead_first_mirror_falls_back_to_the_second(tiny_model, monkeypatch):
     server = tiny_model.serve()
-    monkeypatch.setattr(weights, "MIRRORS", [refused_url(), server.url])
+    tiny_model.host(refused_url(), server.url)
     weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
     assert len(server.requests) == 1 and tiny_model.file.read_bytes() == tiny_model.data
 
@@ -230,11 +243,15 @@ def test_dead_first_mirror_falls_back_to_the_second(tiny_model, monkeypatch):
 def test_all_mirrors_failing_is_a_clear_error(tiny_model, monkeypatch):
     dead, empty = refused_url(), Server({})
     try:
-        monkeypatch.setattr(weights, "MIRRORS", [dead, empty.url])
-        with pytest.raises(RuntimeError, match="could not download Tiny/8") as error:
+        tiny_model.host(dead, empty.url)
+        with pytest.raises(RuntimeError, match="could not download tiny-8.pt") as error:
             weights.load("Tiny/8", device="cpu", download_root=str(tiny_model.root))
-        assert dead in str(error.value) and "404" in str(error.value)
+        message = str(error.value)
+        assert dead in message and "404" in message
         assert len(empty.requests) == 1  # a 404 is an answer: no retries
+        # and it says how to go on without a network: the file name, its sha256, the folder, --model PATH
+        sha = hashlib.sha256(tiny_model.data).hexdigest()
+        assert f"put tiny-8.pt (sha256 {sha}) into {tiny_model.root}" in message and "--model PATH" in message
     finally:
         empty.close()
 
@@ -285,15 +302,15 @@ def test_other_checkpoints_are_a_clear_error(tmp_path, state_dict, reason):
 
 def test_available_models_are_the_four_vits():
     assert weights.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
-    for entry in weights._MODELS.values():
-        sha, filename = entry.split("/")
-        assert re.fullmatch(r"[0-9a-f]{64}", sha) and filename.endswith(".pt")
+    for name, url in weights._MODELS.items():  # OpenAI's URLs: MIRRORS[0] + sha256 + "/" + file name
+        sha, filename = url.removeprefix(weights.MIRRORS[0]).split("/")
+        assert re.fullmatch(r"[0-9a-f]{64}", sha) and filename == name.replace("/", "-").replace("@", "-") + ".pt"
 
 
 def test_unknown_name_lists_the_models(tmp_path):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(RuntimeError) as error:  # OpenAI's error type and wording
         weights.load("ViT-H/14", device="cpu", download_root=str(tmp_path))
     message = str(error.value)
-    assert "ViT-H/14" in message and "path" in message
+    assert message.startswith("Model ViT-H/14 not found; available models = ") and "path" in message
     assert all(name in message for name in weights.available_models())
     assert list(tmp_path.iterdir()) == []  # nothing was downloaded
