@@ -70,8 +70,9 @@ class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
     attn_mask: OpenAI's argument and attribute: None (vision) or an additive [n, n] mask (a boolean
-    one as nn.MultiheadAttention reads it: True = masked); the text blocks get causal_mask(77). The causal mask runs as SDPA's is_causal (fused kernels, and a
-    shorter sequence needs no cropping); any other mask is used as given, cropped to the input length.
+    one as nn.MultiheadAttention reads it: True = masked); the text blocks get causal_mask(77).
+    The causal mask runs as SDPA's is_causal (fused kernels, and a shorter sequence needs no
+    cropping); any other mask is used as given, cropped to the input length.
     """
 
     def __init__(self, width, heads, attn_mask=None):

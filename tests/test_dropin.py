@@ -226,7 +226,8 @@ def test_download_checks_the_sha256_in_the_url(served, tmp_path):
 def test_transform_is_the_preprocess_load_returns(tmp_path):
     torch.save(tiny_clip().state_dict(), tmp_path / "tiny.pt")
     _, preprocess = clip.load(str(tmp_path / "tiny.pt"), "cpu")
-    image = Image.fromarray(torch.randint(0, 256, (45, 70, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy())
+    pixels = torch.randint(0, 256, (45, 70, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.numpy())
     x = openai_clip._transform(32)(image)
     assert x.shape == (3, 32, 32) and torch.equal(x, preprocess(image))
     assert abs(x.mean().item()) < 3  # normalised, not raw [0, 255] or [0, 1] pixels
