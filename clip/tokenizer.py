@@ -15,6 +15,7 @@ every single byte is a token too. The vocab file lists the merges in the order t
 """
 import functools
 import gzip
+import heapq
 import html
 import os
 
@@ -82,20 +83,6 @@ def load_merges(path: str = VOCAB_PATH) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines]
 
 
-def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
-    """Replace every adjacent (first, second) in `symbols` by first+second, scanning left to right."""
-    first, second = pair
-    merged, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-            merged.append(first + second)
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return merged
-
-
 class SimpleTokenizer:
     """Text <-> CLIP token ids. `encode`/`decode` handle bare ids; `tokenize` below adds SOT/EOT/padding."""
 
@@ -117,40 +104,81 @@ class SimpleTokenizer:
         self.cache: dict[str, tuple[int, ...]] = {}
 
     def bpe(self, chars: str) -> list[str]:
-        """Split one word (already in byte characters) into vocabulary tokens."""
-        # Start from single characters, marking the last one as the end of the word: "cat" -> c, a, t</w>.
-        symbols = list(chars[:-1]) + [chars[-1] + END_OF_WORD]
-        while len(symbols) > 1:
-            # Of all adjacent pairs, merge the one learned first (lowest rank): replaying the merges in the
-            # order training learned them. Stop when no adjacent pair is a known merge.
-            pairs = zip(symbols, symbols[1:])
-            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, float("inf")))
-            if best not in self.merge_rank:
-                break
-            symbols = merge_pair(symbols, best)
-        return symbols
+        """Split one word (already in byte characters) into vocabulary tokens.
 
-    def word_ids(self, word: str) -> list[int]:
-        """Ids of one word cut out by WORD_PATTERN."""
+        Start from single characters, the last one marked as the end of the word: "cat" -> c, a, t</w>.
+        Then replay the merges in the order training learned them: each round takes the adjacent pair
+        learned first (lowest rank) and merges all its occurrences, left to right (so "aaa" -> aa, a).
+        Stop when no adjacent pair is a known merge.
+
+        Rescanning every pair each round costs O(n^2) for a word of n characters (43 s for a
+        32,000-letter word). Here every adjacent pair waits in a heap keyed by (rank, position), so
+        each merge costs O(log n): popping in that order is the same rounds, in the same left-to-right
+        order, because a merge only creates pairs of higher rank (a pair with the new token was learned
+        after the token itself), and never a new occurrence of the pair being merged.
+        """
+        symbols = list(chars[:-1]) + [chars[-1] + END_OF_WORD]  # None once merged into its left neighbour
+        after = list(range(1, len(symbols))) + [None]  # index of the next live symbol
+        before = [None] + list(range(len(symbols) - 1))
+        heap = []
+
+        def push(i):  # the pair starting at symbol i, if it is a merge
+            rank = self.merge_rank.get((symbols[i], symbols[after[i]])) if after[i] is not None else None
+            if rank is not None:
+                heapq.heappush(heap, (rank, i))
+
+        for i in range(len(symbols)):
+            push(i)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = after[i]
+            if symbols[i] is None or j is None or self.merge_rank.get((symbols[i], symbols[j])) != rank:
+                continue  # stale: a neighbour merged first since this pair was pushed
+            symbols[i], symbols[j] = symbols[i] + symbols[j], None
+            after[i] = after[j]
+            if after[i] is not None:
+                before[after[i]] = i
+            push(i)
+            if before[i] is not None:
+                push(before[i])
+        return [s for s in symbols if s is not None]
+
+    def word_ids(self, word: str, limit: int | None = None) -> list[int]:
+        """Ids of one word cut out by WORD_PATTERN (with limit: its first `limit` ids)."""
         if word in (SOT, EOT):  # typed into the text: still the special token, as in OpenAI's code
             return [self.encoder[word]]
         # UTF-8 bytes -> their stand-in characters. Decoding as Latin-1 turns byte b into chr(b), and
         # translate() then maps each ordinal b to byte_to_char[b], all in C instead of a Python loop.
         chars = word.encode("utf-8").decode("latin-1").translate(self.byte_to_char)
-        return [self.encoder[token] for token in self.bpe(chars)]
+        return [self.encoder[token] for token in self.bpe(chars)][:limit]
 
-    def chunk_ids(self, chunk: str) -> tuple[int, ...]:
-        """Ids of one space-free chunk of cleaned text ("cat." -> words "cat", "." -> [2368, 269])."""
+    def chunk_ids(self, chunk: str, limit: int | None = None) -> tuple[int, ...]:
+        """Ids of one space-free chunk of cleaned text ("cat." -> words "cat", "." -> [2368, 269]).
+
+        With limit: its first `limit` ids, and words after those are not encoded (not cached either)."""
         ids = self.cache.get(chunk)
-        if ids is None:
+        if ids is None and (limit is None or len(chunk) <= limit):  # a short chunk: encode and cache it whole
             ids = self.cache[chunk] = tuple(i for word in WORD_PATTERN.findall(chunk) for i in self.word_ids(word))
-        return ids
+        if ids is not None:
+            return ids[:limit]
+        ids = []
+        for match in WORD_PATTERN.finditer(chunk):
+            ids += self.word_ids(match.group(), limit - len(ids))
+            if len(ids) >= limit:
+                break
+        return tuple(ids)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without SOT/EOT."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of `text`, without SOT/EOT. With limit: encode(text)[:limit], with only the work
+        those ids need (so a huge text costs about as much as a short one)."""
         # No word contains a space, so splitting at spaces first changes nothing, and lets the cache
         # skip the (slow) regex too: a prompt of known chunks costs a few dict look-ups.
-        return [i for chunk in clean_text(text).split(" ") for i in self.chunk_ids(chunk)]
+        ids = []
+        for chunk in clean_text(text).split(" "):
+            if limit is not None and len(ids) >= limit:
+                break
+            ids += self.chunk_ids(chunk, None if limit is None else limit - len(ids))
+        return ids
 
     def decode(self, ids) -> str:
         """Inverse of encode up to cleaning: each '</w>' becomes a space (so the text ends in one)."""
@@ -177,12 +205,14 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
         texts = [texts]
     result = np.zeros((len(texts), context_length), dtype=np.int32)  # filled row by row: far faster than torch
     for row, text in enumerate(texts):
-        ids = [tokenizer.sot_token, *tokenizer.encode(text), tokenizer.eot_token]
+        # One id more than fits is enough to know the text is too long: the rest is never encoded.
+        ids = [tokenizer.sot_token, *tokenizer.encode(text, limit=context_length - 1), tokenizer.eot_token]
         if len(ids) > context_length:
             if not truncate:
+                shown = repr(text) if len(text) <= 1000 else f"{text[:1000]!r}... ({len(text)} characters)"
                 raise RuntimeError(
-                    f"Input {text!r} is too long for context length {context_length} ({len(ids)} tokens "
-                    f"with SOT/EOT); shorten it or pass truncate=True to cut it and end it with EOT"
+                    f"Input {shown} is too long for context length {context_length} (more than "
+                    f"{context_length} tokens with SOT/EOT); shorten it or pass truncate=True to cut it and end it with EOT"
                 )
             ids = ids[:context_length]
             ids[-1] = tokenizer.eot_token

@@ -256,3 +256,41 @@ def test_separate_instances_agree():
     texts = ["a photo of a cat.", "Ã©tÃ© cafÃ©", "👨‍👩‍👧‍👦"]
     fresh = SimpleTokenizer()
     assert [fresh.encode(t) for t in texts] == [default_tokenizer().encode(t) for t in texts]
+
+
+def long_words(seed=0):
+    """Single words of 1,000 to 2,000 characters: repeated letters, random letters (the slow case of a
+    rescanning BPE), glued common words, CJK, accented letters and emoji (multi-byte characters)."""
+    rng = random.Random(seed)
+    pieces = ["photo", "cat", "dog", "the", "ing", "tion", "kaiyang", "zhou"]
+    return ["a" * 2000, "ab" * 1000, "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1500)),
+            "".join(rng.choice(pieces) for _ in range(300)), "".join(rng.choice("日本語中文漢字測試") for _ in range(1000)),
+            "é" * 1500, "😂" * 400, "".join(rng.choice("aeiouxyz") for _ in range(1500))]
+
+
+def test_long_words_same_ids_as_reference(reference):
+    tokenizer = SimpleTokenizer()
+    for word in long_words():
+        assert tokenizer.encode(word) == reference.encode(word), word[:20]
+
+
+def test_a_32000_letter_word_is_tokenized(reference):
+    """BPE runs in O(n log n) on a word, and only the words needed for the first 77 tokens are encoded.
+    The reference rescans all pairs every round, so here it only sees the repeated letter (few rounds)."""
+    word = "a" * 32000
+    assert torch.equal(tokenize([word, "a dog " + word], truncate=True).long(), reference([word, "a dog " + word]))
+    rng = random.Random(1)
+    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(32000))
+    tokens = tokenize(letters, truncate=True)
+    assert tokens[0, -1] == 49407 and tokens[0, :76].tolist() == [49406] + default_tokenizer().encode(letters)[:75]
+    with pytest.raises(RuntimeError, match=r"\.\.\. \(32000 characters\) is too long for context length 77"):
+        tokenize(letters)
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 5, 75, 76])
+def test_encode_with_limit_is_the_head_of_encode(limit, corpus):
+    tokenizer = SimpleTokenizer()  # an empty cache: the limit must not store partial chunks
+    texts = corpus["over-long"] + corpus["edge cases"] + long_words(seed=2)[:3] + ["word " * 80 + "end"]
+    for text in texts:
+        assert tokenizer.encode(text, limit=limit) == default_tokenizer().encode(text)[:limit], text[:20]
+    assert [tokenizer.encode(t) for t in texts] == [default_tokenizer().encode(t) for t in texts]
