@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 import zipfile
@@ -12,9 +13,11 @@ import zipfile
 import pytest
 from PIL import Image
 
+import clip.clip
 import data
 from data import DatasetNotFound, build_dataset, prepare
 from tests.synthetic import jpeg
+from tests.test_weights import refused_url
 
 IMAGENET_NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
 
@@ -286,36 +289,182 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class FakeDrive:
+    """Google Drive's two answers to uc?export=download&id=ID: the file itself (small files), or for
+    files in `large` an HTML page whose "download anyway" form (hidden id, export, confirm, uuid)
+    leads to the file; `legacy` pages carry a confirm-token link instead, `quota` ones neither."""
+
+    def __init__(self):
+        self.files, self.large, self.legacy, self.quota, self.requests = {}, set(), set(), set(), []
+        drive = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                drive.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, h):
+        path, _, query = h.path.partition("?")
+        q = dict(p.split("=", 1) for p in query.split("&") if p)
+        self.requests.append(h.path)
+        file_id = q.get("id")
+        if file_id not in self.files:
+            return h.send_error(404)
+        confirmed = path == "/download" and q.get("confirm") == "t" and q.get("uuid") == "u-1" or q.get("confirm") == "TOKEN"
+        if path == "/uc" and file_id in self.quota:
+            return self.send(h, b"<html><title>Google Drive - Quota exceeded</title>too many users</html>", "text/html")
+        if path == "/uc" and file_id in self.legacy and not confirmed:
+            link = f'<a id="uc-download-link" href="/uc?export=download&amp;confirm=TOKEN&amp;id={file_id}">Download anyway</a>'
+            return self.send(h, f"<html><title>Google Drive</title>{link}</html>".encode(), "text/html")
+        if path == "/uc" and file_id in self.large:
+            form = (f'<form id="download-form" action="{self.url}/download" method="get">'
+                    '<input type="submit" id="uc-download-link" value="Download anyway"/>'
+                    f'<input type="hidden" name="id" value="{file_id}"><input type="hidden" name="export" value="download">'
+                    '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-1"></form>')
+            return self.send(h, f"<html><title>Google Drive - Virus scan warning</title>{form}</html>".encode(), "text/html")
+        if path == "/uc" or confirmed:
+            return self.send(h, self.files[file_id], "application/octet-stream")
+        h.send_error(403)
+
+    @staticmethod
+    def send(h, body, content_type):
+        h.send_response(200)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def drive(monkeypatch):
+    """A FakeDrive in place of Google Drive (no test reaches the real one), and no waits between retries."""
+    fake = FakeDrive()
+    monkeypatch.setattr(prepare, "DRIVE_DOWNLOAD", fake.url + "/uc?export=download&id={}")
+    monkeypatch.setattr(clip.clip, "RETRY_DELAY", 0)  # refused connections fail at once
+    yield fake
+    fake.close()
+
+
 def jpeg_bytes():
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (1, 2, 3)).save(buf, "JPEG")
     return buf.getvalue()
 
 
-def sha256(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+def md5(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
 
 
-def test_prepare_zip_then_split_file(server, tmp_path, monkeypatch, capsys):
-    served, url = server
-    with zipfile.ZipFile(served / "EuroSAT.zip", "w") as z:
-        for rel in ("2750/Forest/Forest_1.jpg", "2750/River/River_1.jpg"):
+def eurosat_zip(path):
+    """Zenodo's EuroSAT_RGB.zip layout (EuroSAT_RGB/<class>/...), with the __MACOSX/ folder some zips carry."""
+    with zipfile.ZipFile(path, "w") as z:
+        for rel in ("EuroSAT_RGB/Forest/Forest_1.jpg", "EuroSAT_RGB/River/River_1.jpg"):
             z.writestr(rel, jpeg_bytes())
-    entry = prepare.Download(f"{url}/EuroSAT.zip", sha256(served / "EuroSAT.zip"), "eurosat", "eurosat/2750")
-    monkeypatch.setitem(prepare.DOWNLOADS, "eurosat", [entry])
+        z.writestr("__MACOSX/EuroSAT_RGB/._Forest", b"resource fork")
+
+
+EUROSAT_SPLIT = {"train": [["Forest/Forest_1.jpg", 0, "Forest"]], "val": [], "test": [["River/River_1.jpg", 1, "River"]]}
+
+
+def test_prepare_zip_then_split_file_from_drive(server, drive, tmp_path, monkeypatch, capsys):
+    served, url = server
+    eurosat_zip(served / "EuroSAT_RGB.zip")
+    entries = [prepare.Download(f"{url}/EuroSAT_RGB.zip?download=1", md5(served / "EuroSAT_RGB.zip"), "eurosat", "eurosat/2750",
+                                ("eurosat/EuroSAT_RGB", "eurosat/2750")),
+               prepare.drive_file("split-id", "eurosat", "split_zhou_EuroSAT.json")]
+    monkeypatch.setitem(prepare.DOWNLOADS, "eurosat", entries)
     root = tmp_path / "root"
 
-    assert prepare.main(["eurosat", "--root", str(root)]) == 1  # images there, the split file is not
+    assert prepare.main(["eurosat", "--root", str(root)]) == 1  # Drive does not have the split file (404)
     out = capsys.readouterr().out
-    assert (root / "eurosat" / "2750" / "River" / "River_1.jpg").is_file()
-    assert not (root / "downloads" / "EuroSAT.zip").exists()  # removed after unpacking
-    assert f"put {root / 'eurosat' / 'split_zhou_EuroSAT.json'}" in out and "1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o" in out
+    assert (root / "eurosat" / "2750" / "River" / "River_1.jpg").is_file() and not (root / "__MACOSX").exists()
+    assert not (root / "eurosat" / "__MACOSX").exists()
+    assert not (root / "downloads" / "EuroSAT_RGB.zip").exists()  # removed after unpacking
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "eurosat/split_zhou_EuroSAT.json" in failed[0] and "404" in failed[0]
+    by_hand = out[out.index("To do by hand:"):]
+    assert f"put {root / 'eurosat' / 'split_zhou_EuroSAT.json'}" in by_hand and "drive.google.com/file/d/split-id/view" in by_hand
 
-    split = {"train": [["Forest/Forest_1.jpg", 0, "Forest"]], "val": [], "test": [["River/River_1.jpg", 1, "River"]]}
-    write(str(root / "eurosat" / "split_zhou_EuroSAT.json"), json.dumps(split))
+    drive.files["split-id"] = json.dumps(EUROSAT_SPLIT).encode()
     assert prepare.main(["eurosat", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "eurosat/2750: already there" in out and "ok: 2 classes, 1 train, 0 val, 1 test" in out
+    assert "Nothing to do by hand." in out
+    assert json.loads((root / "eurosat" / "split_zhou_EuroSAT.json").read_text()) == EUROSAT_SPLIT
+
+
+@pytest.mark.parametrize("page", ["form", "legacy"])
+def test_large_drive_file_goes_through_the_confirm_page(drive, tmp_path, monkeypatch, page):
+    """UCF101's frames are too large for Drive's virus scan: the first answer is a page, not the zip."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("UCF-101-midframes/Biking/v_Biking_g01_c01.jpg", jpeg_bytes())
+    drive.files["frames-id"] = buf.getvalue()
+    (drive.large if page == "form" else drive.legacy).add("frames-id")
+    entry = prepare.Download("drive:frames-id/UCF-101-midframes.zip", None, "ucf101", "ucf101/UCF-101-midframes")
+    prepare.fetch(entry, str(tmp_path))
+    assert (tmp_path / "ucf101" / "UCF-101-midframes" / "Biking" / "v_Biking_g01_c01.jpg").read_bytes() == jpeg_bytes()
+    assert not (tmp_path / "downloads" / "UCF-101-midframes.zip").exists()
+    assert any("confirm=" in r for r in drive.requests)
+
+
+def test_drive_quota_page_is_one_clear_line(drive, tmp_path, monkeypatch, capsys):
+    drive.files["split-id"] = b"{}"
+    drive.quota.add("split-id")
+    monkeypatch.setitem(prepare.DOWNLOADS, "dtd", [prepare.drive_file("split-id", "dtd", "split_zhou_DescribableTextures.json")])
+    assert prepare.main(["dtd", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert ("FAILED dtd/split_zhou_DescribableTextures.json: RuntimeError: Google Drive did not serve the file "
+            "(Google Drive - Quota exceeded;") in out
+    assert not (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").exists()
+
+
+def test_prepare_never_tracebacks(server, drive, tmp_path, monkeypatch, capsys):
+    """A refused host, a checksum mismatch and a damaged archive: one line each, every data set still tried,
+    and the list of what is left by hand at the end."""
+    served, url = server
+    (served / "dtd-r1.0.1.tar.gz").write_bytes(b"not a tar file")
+    eurosat_zip(served / "EuroSAT_RGB.zip")
+    dead = refused_url() + "caltech-101.zip"
+    monkeypatch.setitem(prepare.DOWNLOADS, "caltech101", [prepare.Download(dead, None, ".", "caltech-101/101_ObjectCategories")])
+    monkeypatch.setitem(prepare.DOWNLOADS, "dtd", [prepare.Download(f"{url}/dtd-r1.0.1.tar.gz", None, ".", "dtd/images")])
+    wrong_md5 = prepare.Download(f"{url}/EuroSAT_RGB.zip", "0" * 32, "eurosat", "eurosat/2750")
+    monkeypatch.setitem(prepare.DOWNLOADS, "eurosat", [wrong_md5])
+    assert prepare.main(["caltech101", "dtd", "eurosat", "sun397", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    failed = [line.strip() for line in out.splitlines() if "FAILED" in line]
+    assert len(failed) == 4, out  # caltech101, dtd, eurosat and sun397's split file (not on the fake Drive)
+    assert failed[0].startswith("FAILED caltech-101/101_ObjectCategories: RuntimeError: could not download caltech-101.zip")
+    assert failed[1].startswith("FAILED dtd/images: ReadError")
+    assert failed[2].startswith("FAILED eurosat/2750: RuntimeError: md5 mismatch")
+    by_hand = out[out.index("To do by hand:"):]
+    for rel in ("caltech-101/101_ObjectCategories", "dtd/images", "eurosat/2750", "sun397/SUN397",
+                "sun397/split_zhou_SUN397.json"):
+        assert f"put {tmp_path / rel}" in by_hand
+    assert dead in by_hand and "8ca2778205c41d23104230ba66911c7a" in by_hand
+    assert not list((tmp_path / "downloads").glob("*.part"))  # the mismatching download was deleted
+
+
+def test_published_checksums_are_recorded():
+    """Every archive whose publisher lists an md5 (torchvision's dataset classes, the Caltech and Zenodo
+    records) carries it; only the ones nobody publishes a checksum for go unchecked."""
+    entries = [e for entries in prepare.DOWNLOADS.values() for e in entries]
+    unchecked = sorted(e.creates for e in entries if e.md5 is None and not str(e.url).startswith("drive:"))
+    assert unchecked == ["fgvc_aircraft/images", "imagenet-adversarial/imagenet-a", "imagenet-rendition/imagenet-r",
+                         "imagenetv2/imagenetv2-matched-frequency-format-val"]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", e.md5) for e in entries if e.md5)
+    assert prepare.DOWNLOADS["caltech101"][0].url.startswith("https://data.caltech.edu/records/")
+    assert prepare.DOWNLOADS["eurosat"][0].url.startswith("https://zenodo.org/records/7711810/")
 
 
 def test_prepare_tar_with_rename(server, tmp_path, monkeypatch):
@@ -341,14 +490,34 @@ def test_prepare_tar_with_rename(server, tmp_path, monkeypatch):
     assert build_dataset("fgvc_aircraft", str(root)).classnames == ["707-320"]
 
 
+def test_prepare_archive_inside_archive(server, tmp_path, monkeypatch):
+    """Caltech's caltech-101.zip holds caltech-101/101_ObjectCategories.tar.gz, unpacked where it lies."""
+    served, url = server
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as t:
+        info = tarfile.TarInfo("101_ObjectCategories/ant/image_0001.jpg")
+        info.size = len(jpeg_bytes())
+        t.addfile(info, io.BytesIO(jpeg_bytes()))
+    with zipfile.ZipFile(served / "caltech-101.zip", "w") as z:
+        z.writestr("caltech-101/101_ObjectCategories.tar.gz", inner.getvalue())
+        z.writestr("caltech-101/Annotations.tar", b"")
+    entry = prepare.Download(f"{url}/caltech-101.zip?download=1", md5(served / "caltech-101.zip"), ".",
+                             "caltech-101/101_ObjectCategories", inner="caltech-101/101_ObjectCategories.tar.gz")
+    prepare.fetch(entry, str(tmp_path))
+    assert (tmp_path / "caltech-101" / "101_ObjectCategories" / "ant" / "image_0001.jpg").is_file()
+    assert not (tmp_path / "caltech-101" / "101_ObjectCategories.tar.gz").exists()
+
+
 def test_download_checksum_mismatch(server, tmp_path):
     served, url = server
     (served / "x.zip").write_bytes(b"not what you expected")
     dst = tmp_path / "dl" / "x.zip"
-    with pytest.raises(RuntimeError, match="sha256 mismatch"):
-        prepare.download(f"{url}/x.zip", str(dst), sha256="0" * 64)
-    assert not dst.exists() and not (tmp_path / "dl" / "x.zip.part").exists()
-    assert prepare.download(f"{url}/x.zip", str(dst), sha256(served / "x.zip")) == str(dst) and dst.is_file()
+    for kind, wrong in (("sha256", "0" * 64), ("md5", "0" * 32)):
+        with pytest.raises(RuntimeError, match=f"{kind} mismatch"):
+            prepare.download(f"{url}/x.zip", str(dst), **{kind: wrong})
+        assert not dst.exists() and not (tmp_path / "dl" / "x.zip.part").exists()
+    sha = hashlib.sha256(b"not what you expected").hexdigest()
+    assert prepare.download(f"{url}/x.zip", str(dst), sha256=sha, md5=md5(served / "x.zip")) == str(dst) and dst.is_file()
 
 
 def test_unpack_refuses_escaping_members(tmp_path):
@@ -366,12 +535,15 @@ def test_unpack_refuses_escaping_members(tmp_path):
         prepare.unpack(str(tmp_path / "evil.zip"), str(tmp_path / "into"))
 
 
-def test_prepare_manual_instructions(tmp_path, capsys):
+def test_prepare_manual_instructions(drive, tmp_path, capsys):
+    drive.files["1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF"] = b"n01440764 tench\n"
     assert prepare.main(["imagenet", "stanford_cars", "sun397", "--root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    for rel in ("imagenet/images/train", "imagenet/images/val", "imagenet/classnames.txt", "stanford_cars/cars_train",
+    by_hand = out[out.index("To do by hand:"):]
+    for rel in ("imagenet/images/train", "imagenet/images/val", "stanford_cars/cars_train",
                 "stanford_cars/split_zhou_StanfordCars.json", "sun397/SUN397", "sun397/split_zhou_SUN397.json"):  # fmt: skip
-        assert f"put {tmp_path / rel}" in out
-    assert "image-net.org" in out and "valprep" in out and "1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF" in out
+        assert f"put {tmp_path / rel}" in by_hand
+    assert (tmp_path / "imagenet" / "classnames.txt").read_bytes() == b"n01440764 tench\n"  # fetched from (fake) Drive
+    assert "image-net.org" in by_hand and "valprep" in by_hand and "1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT" in by_hand
     with pytest.raises(SystemExit):
         prepare.main(["imagenett", "--root", str(tmp_path)])
