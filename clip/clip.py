@@ -80,7 +80,7 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
         path = name
     else:
         raise RuntimeError(f"Model {name} not found; available models = {available_models()} "
-                           "(or pass the path of a checkpoint file)")
+                           "(the ResNet CLIPs are not supported; the path of a checkpoint file works too)")
     state_dict = _read_state_dict(path)
     try:
         model = build_model(state_dict)
