@@ -294,3 +294,12 @@ def test_encode_with_limit_is_the_head_of_encode(limit, corpus):
     for text in texts:
         assert tokenizer.encode(text, limit=limit) == default_tokenizer().encode(text)[:limit], text[:20]
     assert [tokenizer.encode(t) for t in texts] == [default_tokenizer().encode(t) for t in texts]
+
+
+def test_every_merge_uses_tokens_learned_before_it():
+    """What makes the heap BPE replay the reference's rounds: a merge creates only pairs of higher rank."""
+    tokenizer = default_tokenizer()
+    learned_at = {first + second: rank for (first, second), rank in tokenizer.merge_rank.items()}
+    late = [(pair, rank) for pair, rank in tokenizer.merge_rank.items()
+            if any(learned_at.get(part, -1) >= rank for part in pair)]
+    assert not late, late[:3]
