@@ -299,7 +299,9 @@ def test_encode_with_limit_is_the_head_of_encode(limit, corpus):
 def test_every_merge_uses_tokens_learned_before_it():
     """What makes the heap BPE replay the reference's rounds: a merge creates only pairs of higher rank."""
     tokenizer = default_tokenizer()
-    learned_at = {first + second: rank for (first, second), rank in tokenizer.merge_rank.items()}
+    learned_at = {}  # token -> the first merge that makes it
+    for (first, second), rank in sorted(tokenizer.merge_rank.items(), key=lambda item: -item[1]):
+        learned_at[first + second] = rank
     late = [(pair, rank) for pair, rank in tokenizer.merge_rank.items()
             if any(learned_at.get(part, -1) >= rank for part in pair)]
     assert not late, late[:3]
