@@ -148,6 +148,25 @@ def lr_at(epoch, epochs, cfg):
     return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - cfg["warmup_epochs"]) / epochs))
 
 
+def schedule_position(stages, stage_index, epoch, cfg):
+    """(epoch, epochs) of lr_at for `epoch` of stage `stage_index`. With several stages (APLe), either one
+    warm-up and one cosine run over all of them ("one"), or each stage restarts its own ("restart");
+    `stage_schedule` decides. With one stage the two are the same."""
+    if cfg.get("stage_schedule", "one") == "restart":
+        return epoch, stages[stage_index][1]
+    return sum(e for _, e in stages[:stage_index]) + epoch, sum(e for _, e in stages)
+
+
+def warn_warmup_only_stages(stages, cfg, log):
+    """A stage whose every epoch runs at warmup_lr learns next to nothing: say so (never silently)."""
+    fix = "--stage_schedule one" if cfg.get("stage_schedule") == "restart" else "fewer --warmup_epochs"
+    for i, (stage, epochs) in enumerate(stages):
+        last = schedule_position(stages, i, epochs - 1, cfg)[0]  # the stage's last epoch in its schedule
+        if epochs and last < cfg["warmup_epochs"]:
+            log(f"warning: stage {stage!r} has no epoch after the warm-up: all its {epochs} epoch(s) run at "
+                f"--warmup_lr {cfg['warmup_lr']:g} and learn next to nothing. Give it more epochs, or {fix}.")
+
+
 # -- the run folder: resume or refuse, never overwrite ----------------------------------------------
 
 def prepare_run_folder(out, cfg):
@@ -260,6 +279,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
     # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
     # then stage II jointly. CoOp and PMPO have one stage.
     stages = model.stages(cfg)
+    warn_warmup_only_stages(stages, cfg, log)
     done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
     for stage_index, (stage, epochs) in enumerate(stages):
         model.set_stage(stage)
@@ -275,9 +295,9 @@ def train(model, train_items, args, cfg, out, log, state=None):
             if state:  # first epoch of a resumed run: continue the random streams where they stopped
                 restore_rng(state, loader)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch, epochs, cfg)
+                group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, cfg), cfg)
             model.train()
-            start, losses = time.time(), []
+            start, losses, terms = time.time(), [], {}  # terms: each loss term's sum over the epoch
             for step, (images, labels) in enumerate(loader):
                 with autocast(args):
                     loss = model.loss(images.to(device), labels.to(device))
@@ -290,6 +310,8 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 scaler.step(optimizer)
                 scaler.update()
                 losses.append(loss.item())
+                for k, v in model.loss_terms.items():
+                    terms[k] = terms.get(k, 0.0) + v
             state = None  # a resumed run's optimizer and random state are used once
             done.append([stage_index, epoch])
             save_checkpoint(out, model, cfg, len(done))
@@ -297,7 +319,8 @@ def train(model, train_items, args, cfg, out, log, state=None):
                             learned=learned_state(model)), os.path.join(out, "train_state.pt"))
             seconds = time.time() - start
             left = sum(e for _, e in stages) - len(done)
-            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f}  "
+            means = ", ".join(f"{k} {float(v) / len(losses):.4f}" for k, v in terms.items())  # "ce 0.9, kl 0.1"
+            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f} ({means})  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  ETA {left * seconds / 60:.1f} min")
     return len(done)
 
