@@ -71,6 +71,9 @@ def parse_args(argv=None):
     for key, value in {**DEFAULTS, **METHODS[known.method].DEFAULTS}.items():
         add_option(p, key, value)
     args = p.parse_args(argv)
+    keys = {**DEFAULTS, **METHODS[args.method].DEFAULTS}
+    given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
+    vars(args).update(settings(args.method, args.dataset, given))
     if args.protocol not in PROTOCOLS:
         p.error(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {args.protocol!r})")
     for key in SWITCHES:
@@ -81,12 +84,23 @@ def parse_args(argv=None):
 
 
 def add_option(parser, key, default):
+    """--key, typed after its default. Parsed as None when not given, so a flag given can win over the
+    protocol's settings (settings() fills in the rest)."""
+    kwargs = dict(default=None, help=f"default {default!r}" if default != "" else "default ''")
     if isinstance(default, bool):
-        parser.add_argument(f"--{key}", default=default, type=lambda s: s.lower() in ("1", "true", "yes", "on"))
+        parser.add_argument(f"--{key}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), **kwargs)
     elif isinstance(default, tuple):
-        parser.add_argument(f"--{key}", default=default, type=type(default[0]), nargs=len(default))
+        parser.add_argument(f"--{key}", type=type(default[0]), nargs=len(default), **kwargs)
     else:
-        parser.add_argument(f"--{key}", default=default, type=type(default))
+        parser.add_argument(f"--{key}", type=type(default), **kwargs)
+
+
+def settings(method, dataset, given):
+    """A run's settings, each from the first of: the flags given; what the method's family uses for this
+    protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); the
+    method's DEFAULTS; the DEFAULTS above."""
+    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS, **given}
+    return {**cfg, **prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"]), **given}
 
 
 # -- setup -------------------------------------------------------------------------------------------
