@@ -86,7 +86,7 @@ def parse_args(argv=None):
 def add_option(parser, key, default):
     """--key, typed after its default. Parsed as None when not given, so a flag given can win over the
     protocol's settings (settings() fills in the rest)."""
-    kwargs = dict(default=None, help=f"default {default!r}" if default != "" else "default ''")
+    kwargs = dict(default=None, help=f"default {default!r}")
     if isinstance(default, bool):
         parser.add_argument(f"--{key}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), **kwargs)
     elif isinstance(default, tuple):
