@@ -64,7 +64,8 @@ class CustomCLIP(PromptedCLIP):
         self.proj = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(n)])  # W_i, one per partition
         layers = clip_model.visual.transformer.layers
         if not 1 <= cfg["depth"] <= layers:
-            raise ValueError(f"depth must be between 1 and the {layers} vision layers, got {cfg['depth']}")
+            raise ValueError(f"depth must be between 1 and the {layers} vision layers, got {cfg['depth']} "
+                             f"(pass --depth {layers} or less)")
         self.partitions = partitions(cfg["depth"], n)  # layers from depth on carry the last partition's tokens
         if cfg["prior"]:
             self.register_buffer("prior_text_features", zeroshot_classifier(clip_model, classnames, template),
