@@ -73,7 +73,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     keys = {**DEFAULTS, **METHODS[args.method].DEFAULTS}
     given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
-    vars(args).update(settings(args.method, args.dataset, given))
+    vars(args).update(settings(args.method, args.dataset, given), given=set(given))
     if args.protocol not in PROTOCOLS:
         p.error(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {args.protocol!r})")
     for key in SWITCHES:
@@ -241,8 +241,10 @@ def few_shot_data(ds, args, cfg):
         return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
     with clear_errors():
         train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
-    cfg.update(shots=max(collections.Counter(item.label for item in train).values()),  # the file decides K
-               fewshot_file=os.path.abspath(args.fewshot_file))
+    shots = max(collections.Counter(item.label for item in train).values())  # the file decides K
+    follow = prompts.protocol_defaults(cfg["method"], cfg["protocol"], args.dataset, shots)  # e.g. CoOp's epochs
+    cfg.update({k: v for k, v in follow.items() if k not in args.given},
+               shots=shots, fewshot_file=os.path.abspath(args.fewshot_file))
     return train, val
 
 

@@ -1,6 +1,7 @@
 """The choices that move a user's numbers on real data: float32 logits, --n_ctx with ctx_init, APLe's KL
 and schedule, each protocol's settings, PMPO's depth, the deep-prompt hook, and where each choice is
 documented. Tiny CLIPs and tiny data sets; every test here runs in well under a few seconds."""
+import json
 import math
 import os
 import re
@@ -239,6 +240,18 @@ def parsed(*argv):
 def test_protocol_settings(argv, expected):
     args = parsed(*argv)
     assert {k: args[k] for k in expected} == expected
+
+
+def test_a_fewshot_file_sets_the_epochs_that_follow_from_its_shots(folder, monkeypatch):
+    """CoOp's few-shot epochs follow K, and a --fewshot-file decides K: 1 shot trains 50 epochs, not 16 shots' 200."""
+    run(folder, "one_shot", "coop", "--protocol", "fewshot", "--shots", "1", "--epochs", "0")
+    shots = str(folder.tmp / "one_shot" / "fewshot.json")
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: 0)  # the settings are what is tested
+    for name, extra, epochs in (("file", [], 50), ("file_epochs", ["--epochs", "3"], 3)):
+        run(folder, name, "coop", "--protocol", "fewshot", "--fewshot-file", shots, *extra)
+        with open(folder.tmp / name / "config.json") as f:
+            cfg = json.load(f)
+        assert (cfg["shots"], cfg["epochs"], cfg["n_ctx"]) == (1, epochs, 16)
 
 
 # -- 6. PMPO's depth -------------------------------------------------------------------------------------
