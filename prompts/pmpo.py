@@ -81,10 +81,10 @@ class CustomCLIP(PromptedCLIP):
         return prompts
 
     def text_features(self):
-        """The N learned class-feature sets plus the prior: [N (+1), n_cls, D]."""
-        features = self.prompt_learner.encode(self.clip)  # [N, n_cls, D]
+        """The N learned class-feature sets plus the prior: [N (+1), n_cls, D], in float32 (so are the fusions)."""
+        features = self.prompt_learner.encode(self.clip).float()  # [N, n_cls, D]
         if self.cfg["prior"]:
-            features = torch.cat([features, self.prior_text_features[None].to(features.dtype)])
+            features = torch.cat([features, self.prior_text_features[None]])  # float32 already
         return features
 
     def logits(self, images, text_features):
