@@ -71,6 +71,9 @@ def parse_args(argv=None):
     for key, value in {**DEFAULTS, **METHODS[known.method].DEFAULTS}.items():
         add_option(p, key, value)
     args = p.parse_args(argv)
+    keys = {**DEFAULTS, **METHODS[args.method].DEFAULTS}
+    given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
+    vars(args).update(settings(args.method, args.dataset, given), given=set(given))
     if args.protocol not in PROTOCOLS:
         p.error(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {args.protocol!r})")
     for key in SWITCHES:
@@ -81,12 +84,23 @@ def parse_args(argv=None):
 
 
 def add_option(parser, key, default):
+    """--key, typed after its default. Parsed as None when not given, so a flag given can win over the
+    protocol's settings (settings() fills in the rest)."""
+    kwargs = dict(default=None, help=f"default {default!r}")
     if isinstance(default, bool):
-        parser.add_argument(f"--{key}", default=default, type=lambda s: s.lower() in ("1", "true", "yes", "on"))
+        parser.add_argument(f"--{key}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), **kwargs)
     elif isinstance(default, tuple):
-        parser.add_argument(f"--{key}", default=default, type=type(default[0]), nargs=len(default))
+        parser.add_argument(f"--{key}", type=type(default[0]), nargs=len(default), **kwargs)
     else:
-        parser.add_argument(f"--{key}", default=default, type=type(default))
+        parser.add_argument(f"--{key}", type=type(default), **kwargs)
+
+
+def settings(method, dataset, given):
+    """A run's settings, each from the first of: the flags given; what the method's family uses for this
+    protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); the
+    method's DEFAULTS; the DEFAULTS above."""
+    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS, **given}
+    return {**cfg, **prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"]), **given}
 
 
 # -- setup -------------------------------------------------------------------------------------------
@@ -146,6 +160,25 @@ def lr_at(epoch, epochs, cfg):
     if epoch < cfg["warmup_epochs"]:
         return cfg["warmup_lr"]
     return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - cfg["warmup_epochs"]) / epochs))
+
+
+def schedule_position(stages, stage_index, epoch, cfg):
+    """(epoch, epochs) of lr_at for `epoch` of stage `stage_index`. With several stages (APLe), either one
+    warm-up and one cosine run over all of them ("one"), or each stage restarts its own ("restart");
+    `stage_schedule` decides. With one stage the two are the same."""
+    if cfg.get("stage_schedule", "one") == "restart":
+        return epoch, stages[stage_index][1]
+    return sum(e for _, e in stages[:stage_index]) + epoch, sum(e for _, e in stages)
+
+
+def warn_warmup_only_stages(stages, cfg, log):
+    """A stage whose every epoch runs at warmup_lr learns next to nothing: say so (never silently)."""
+    fix = "--stage_schedule one" if cfg.get("stage_schedule") == "restart" else "fewer --warmup_epochs"
+    for i, (stage, epochs) in enumerate(stages):
+        last = schedule_position(stages, i, epochs - 1, cfg)[0]  # the stage's last epoch in its schedule
+        if epochs and last < cfg["warmup_epochs"]:
+            log(f"warning: stage {stage!r} has no epoch after the warm-up: all its {epochs} epoch(s) run at "
+                f"--warmup_lr {cfg['warmup_lr']:g} and learn next to nothing. Give it more epochs, or {fix}.")
 
 
 # -- the run folder: resume or refuse, never overwrite ----------------------------------------------
@@ -208,8 +241,10 @@ def few_shot_data(ds, args, cfg):
         return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
     with clear_errors():
         train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
-    cfg.update(shots=max(collections.Counter(item.label for item in train).values()),  # the file decides K
-               fewshot_file=os.path.abspath(args.fewshot_file))
+    shots = max(collections.Counter(item.label for item in train).values())  # the file decides K
+    follow = prompts.protocol_defaults(cfg["method"], cfg["protocol"], args.dataset, shots)  # e.g. CoOp's epochs
+    cfg.update({k: v for k, v in follow.items() if k not in args.given},
+               shots=shots, fewshot_file=os.path.abspath(args.fewshot_file))
     return train, val
 
 
@@ -260,6 +295,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
     # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
     # then stage II jointly. CoOp and PMPO have one stage.
     stages = model.stages(cfg)
+    warn_warmup_only_stages(stages, cfg, log)
     done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
     for stage_index, (stage, epochs) in enumerate(stages):
         model.set_stage(stage)
@@ -275,9 +311,9 @@ def train(model, train_items, args, cfg, out, log, state=None):
             if state:  # first epoch of a resumed run: continue the random streams where they stopped
                 restore_rng(state, loader)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch, epochs, cfg)
+                group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, cfg), cfg)
             model.train()
-            start, losses = time.time(), []
+            start, losses, terms = time.time(), [], {}  # terms: each loss term's sum over the epoch
             for step, (images, labels) in enumerate(loader):
                 with autocast(args):
                     loss = model.loss(images.to(device), labels.to(device))
@@ -290,6 +326,8 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 scaler.step(optimizer)
                 scaler.update()
                 losses.append(loss.item())
+                for k, v in model.loss_terms.items():
+                    terms[k] = terms.get(k, 0.0) + v
             state = None  # a resumed run's optimizer and random state are used once
             done.append([stage_index, epoch])
             save_checkpoint(out, model, cfg, len(done))
@@ -297,7 +335,8 @@ def train(model, train_items, args, cfg, out, log, state=None):
                             learned=learned_state(model)), os.path.join(out, "train_state.pt"))
             seconds = time.time() - start
             left = sum(e for _, e in stages) - len(done)
-            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f}  "
+            means = ", ".join(f"{k} {float(v) / len(losses):.4f}" for k, v in terms.items())  # "ce 0.9, kl 0.1"
+            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f} ({means})  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  ETA {left * seconds / 60:.1f} min")
     return len(done)
 

@@ -131,7 +131,8 @@ class Transformer(nn.Module):
 
         Before block i, the n tokens at x[:, prompt_start:prompt_start + n] are replaced by
         deep_prompts[i] ("deep" prompting as in VPT-deep, MaPLe and IVLP: every prompted layer
-        gets fresh learnable tokens, and what the previous layer wrote there is discarded).
+        gets fresh learnable tokens, and what the previous layer wrote there is discarded). Where
+        the sequence ends at prompt_start (no prompt slots yet), they are appended there.
         """
         deep_prompts = deep_prompts or {}
         for i, block in enumerate(self.resblocks):
@@ -167,15 +168,19 @@ class VisionTransformer(nn.Module):
     def forward(self, x, deep_prompts=None):
         """x: images [B, 3, H, W]. deep_prompts: {layer: tokens [n, width] or [B, n, width]}.
 
-        Prompt tokens go after the patch tokens (MaPLe's layout, so CLS stays at index 0). Those
-        of layer 0 are appended to the input before ln_pre; those of a later layer i replace the
-        prompt slots before block i. The slots carry no positional embedding, as in VPT.
+        Prompt tokens go after the patch tokens (MaPLe's layout, so CLS stays at index 0). The first
+        prompted layer appends its tokens: layer 0 to the input before ln_pre, a later layer i before
+        block i (layers before it see no prompt). Every later prompted layer replaces them, so all
+        layers must give the same number of tokens. The slots carry no positional embedding, as in VPT.
         """
         x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # [B, grid ** 2, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, width]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, grid ** 2 + 1, width]
         deep_prompts = dict(deep_prompts or {})
+        if len({t.shape[-2] for t in deep_prompts.values()}) > 1:
+            raise ValueError("every layer's vision prompt must have the same number of tokens (each replaces the "
+                             f"last one's), got {({i: t.shape[-2] for i, t in sorted(deep_prompts.items())})}")
         n_tokens = x.shape[1]
         if 0 in deep_prompts:
             x = replace_tokens(x, deep_prompts.pop(0), n_tokens)  # [B, grid ** 2 + 1 + n_ctx, width]
@@ -234,7 +239,8 @@ class CLIP(nn.Module):
         embeddings: optional [B, 77, width] input embeddings to use instead of token_embedding(text);
         prompt learners pass their learnable context here (CoOp), and `text` still tells where the
         end-of-text token is. deep_prompts: {layer: tokens [n, width]} replacing positions 1..n
-        (right after start-of-text) before that layer.
+        (right after start-of-text) before that layer; they must end before every end-of-text token
+        (a caller with a learnable context also keeps them off the class name: PromptLearner.encode).
 
         The sequence is cut after the batch's last end-of-text token. Under the causal mask no
         token before it can see the padding behind it, so the features are the same (to float32
@@ -243,6 +249,10 @@ class CLIP(nn.Module):
         """
         eot = text.argmax(dim=-1)  # end-of-text has the highest id (49407) in every sequence
         n = int(eot.max()) + 1
+        longest = max((t.shape[-2] for t in (deep_prompts or {}).values()), default=0)
+        if longest and longest >= int(eot.min()):
+            raise ValueError(f"a deep text prompt of {longest} tokens would overwrite the end-of-text token "
+                             f"(position {int(eot.min())} of the shortest text)")
         x = self.token_embedding(text[:, :n]) if embeddings is None else embeddings[:, :n]  # [B, n, width]
         x = x + self.positional_embedding[:n].to(x.dtype)
         x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=1)  # causal: see attn_mask

@@ -14,6 +14,22 @@ METHODS = {  # name -> module; the order is the order of tables and --help
 }
 
 
+def protocol_defaults(method, protocol, dataset, shots):
+    """What a method's own scripts, or its family's configs, change for this protocol, data set and K: on top of
+    its DEFAULTS (base-to-novel) and under any flag given (train.settings). Sources: docs/methods/<method>.md."""
+    imagenet = dataset == "imagenet"
+    if method == "coop":  # [paper] CoOp's configs vit_b16 (200 epochs), vit_b16_ep100, vit_b16_ep50
+        if protocol == "fewshot":  # [paper] COOP.md: "CLIP + CoOp (M=16, end)", ImageNet *_ep50 "for all settings"
+            return dict(n_ctx=16, ctx_init="", epochs=50 if imagenet or shots <= 1 else 100 if shots <= 4 else 200)
+        return dict(epochs=50) if imagenet else {}  # [paper] base-to-novel on ImageNet: vit_b16_ep50_ctxv1
+    if protocol == "crossdataset":  # and domain generalisation: the same ImageNet-trained prompts
+        if method == "aple":  # [ours] PromptSRC's cross-dataset config: depth 3/3 (20 epochs, lr 0.0025: as here)
+            return dict(depth=3)
+        if method == "pmpo":  # [ours] MaPLe's cross-dataset config: depth 3, lr 0.0026, 2 epochs; 3 prompts, 3 layers
+            return dict(depth=3, n_prompts=3, lr=0.0026, epochs=2)
+    return {}
+
+
 def build(method, clip_model, classnames, template, cfg):
     """The method's CustomCLIP on these classes, on the CLIP's device. Raises ValueError for settings that
     do not fit this CLIP (e.g. more PMPO prompts than vision layers)."""

@@ -1,8 +1,8 @@
 """APLe: token-wise adaptive multi-modal prompt learning (Cao, Shi, Fu, Zhang, Xu. arXiv 2401.06827).
 
-No code of the paper is public and its method section could not be read (see
-../shared/docs/methods.md A1), so every line below is marked:
-  [paper]  stated by the paper (abstract or the method summaries quoted in methods.md A1.1)
+No code of the paper is public and its method section could not be read (docs/methods/aple.md says
+what was, and quotes it), so every line below is marked:
+  [paper]  stated by the paper: its abstract, or the third-party summaries quoted in docs/methods/aple.md
   [ours]   our choice where the paper is silent, with the reason, each exposed as an option.
 
 The three parts, as the paper names them:
@@ -14,16 +14,34 @@ The three parts, as the paper names them:
 2. Sequential token-wise knowledge training (stage I) [paper]: the language prompts and the vision
    prompts are learned one after the other, each with cross-entropy plus KL to zero-shot CLIP's
    class probabilities p_zs [paper]. Language first [ours; `first`], epochs split 7 / 7 / 6 of 20
-   [ours; `stage_epochs`]; KL as in PromptSRC, weight 1 [ours; `kl_weight`]; p_zs from the data
-   set's hand-crafted template [ours].
+   [ours; `stage_epochs`]; p_zs from the data set's hand-crafted template, zero-shot CLIP seeing the
+   image as it is, without the adapter [ours; `teacher_input`: p_zs is zero-shot CLIP's prediction, and
+   zero-shot CLIP has no adapter; "filtered" gives the teacher the student's input, as PromptSRC does].
+   The KL [ours; `kl_form`, `kl_temperature`, `kl_weight`]:
+        KL = T^2 * sum_c p_zs,c^T (log p_zs,c^T - log p_c^T) / norm,   p^T = softmax(logits / T)
+   with norm = batch size ("distill", the form of knowledge distillation, Hinton et al. 2015: a sum
+   over classes, a mean over the batch) or batch x classes ("promptsrc", PromptSRC's L_SCL_logits).
+   Default "distill", T = 1, weight 1: in APLe the KL is the only regulariser of stage I, and
+   PromptSRC's division by the classes makes it C times weaker (500 ImageNet base classes: stage I is
+   cross-entropy alone), where PromptSRC has two L1 terms (weights 25 and 10) to do the regularising.
 3. Multi-modal token adaptation (stage II) [paper]: both prompt sets trained jointly with
    cross-entropy only, "without zero-shot guidance" [paper].
 
 Prompts [ours, after IVLP/PromptSRC, which the paper's description matches]: independent deep prompts
 in both encoders, 4 tokens each, in the first 9 layers; text tokens start from "a photo of a".
+Another --n_ctx is never ignored (PromptLearner): 1 to 3 tokens learn the first words of the init
+and keep the rest as text, exactly as PromptSRC's prompt learner; more than 4 keep the init words in
+the last 4 slots and start the others at random [ours: PromptSRC drops the init there, which would
+silently drop a flag; --ctx_init '' gives its behaviour]. The deep text prompts have n_ctx tokens.
 A branch's prompts join the forward pass from its first stage on, so while the language prompts
 learn, the image side is plain CLIP. Optimisation [ours, PromptSRC's base-to-novel config]:
-SGD lr 0.0025, batch 4, 20 epochs.
+SGD lr 0.0025, batch 4, 20 epochs, under ONE warm-up epoch and ONE cosine over all 20 epochs
+[ours; `stage_schedule="one"`]: the lr curve is then PromptSRC's run exactly, only the trained branch
+changes at each stage. "restart" gives each stage its own warm-up and cosine instead; it spends 3 of
+20 epochs at the warm-up lr and trains the epoch that makes the evaluated model at a quarter of the lr
+(train.py warns when a stage has no epoch after its warm-up).
+Cross-dataset / domain generalisation: depth 3 in both encoders [ours, PromptSRC's cross-dataset
+config; prompts.protocol_defaults].
 """
 import torch
 import torch.nn.functional as F
@@ -31,15 +49,23 @@ import torch.nn.functional as F
 from prompts.common import PromptedCLIP, PromptLearner, cosine_logits, deep_prompts, layer_dict, zeroshot_classifier
 
 DEFAULTS = dict(
-    n_ctx=4, ctx_init="a photo of a",  # text prompt (layer 0); ctx_init fixes n_ctx to its 4 tokens
+    n_ctx=4, ctx_init="a photo of a",  # text prompt (layer 0): n_ctx tokens from ctx_init (see PromptLearner)
     n_ctx_vision=4,                    # vision prompt tokens per layer
     depth=9,                           # layers 0..depth-1 of each encoder carry prompts
     first="language",                  # stage I order: "language" then "vision", or the reverse
     stage_epochs=(7, 7, 6),            # stage I-a, stage I-b, stage II
     kl_weight=1.0,                     # weight of KL(p_zs || p) in stage I
+    kl_form="distill",                 # KL / batch ("distill"), or / (batch x classes) ("promptsrc")
+    kl_temperature=1.0,                # T of the KL (T^2 keeps its gradient scale)
+    teacher_input="raw",               # p_zs from the "raw" image or the adapter's "filtered" one
+    stage_schedule="one",              # "one" warm-up + cosine over all stages, or "restart" at each stage
     adapter=True, adapter_at_test=True, sigma=0.05, alpha=0.9,
     lr=0.0025, batch_size=4,           # 20 epochs in all: the sum of stage_epochs
 )
+
+
+CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),
+               teacher_input=("raw", "filtered"), stage_schedule=("one", "restart"))
 
 
 def gaussian_adapter(images, sigma=0.05, alpha=0.9):
@@ -60,6 +86,11 @@ class CustomCLIP(PromptedCLIP):
     def __init__(self, clip_model, classnames, template, cfg):
         super().__init__()
         self.clip, self.cfg = clip_model, cfg
+        for key, allowed in CHOICES.items():
+            if cfg[key] not in allowed:
+                raise ValueError(f"--{key} must be one of {', '.join(allowed)} (got {cfg[key]!r})")
+        if not cfg["kl_temperature"] > 0:
+            raise ValueError(f"--kl_temperature must be positive (got {cfg['kl_temperature']})")
         self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"])
         n_ctx, depth = self.prompt_learner.n_ctx, cfg["depth"]
         for encoder, layers in (("text", clip_model.transformer.layers), ("vision", clip_model.visual.transformer.layers)):
@@ -97,23 +128,39 @@ class CustomCLIP(PromptedCLIP):
             return self.zs_text_features
         return self.prompt_learner.encode(self.clip, layer_dict(self.text_prompts, 1))[0]  # [n_cls, D]
 
-    def image_features(self, images):
+    def adapt(self, images):
+        """The image adapter, where it applies (training; test too with adapter_at_test)."""
         if self.cfg["adapter"] and (self.training or self.cfg["adapter_at_test"]):
-            images = gaussian_adapter(images, self.cfg["sigma"], self.cfg["alpha"])
+            return gaussian_adapter(images, self.cfg["sigma"], self.cfg["alpha"])
+        return images
+
+    def image_features(self, images):
         prompts = layer_dict(self.vision_prompts, 0) if "vision" in self.active else None
-        return F.normalize(self.clip.encode_image(images, deep_prompts=prompts), dim=-1)  # [B, D]
+        return F.normalize(self.clip.encode_image(self.adapt(images), deep_prompts=prompts), dim=-1)  # [B, D]
 
     def logits(self, images, text_features):
         return cosine_logits(self.clip, self.image_features(images), text_features)
 
     def loss(self, images, labels):
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        if self.use_kl:  # stage I: stay close to zero-shot CLIP's class probabilities p_zs
-            with torch.no_grad():
-                zs_image = F.normalize(self.clip.encode_image(images), dim=-1)
-                zs_logits = cosine_logits(self.clip, zs_image, self.zs_text_features)
-            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(zs_logits, -1), reduction="sum",
-                          log_target=True) / logits.numel()  # PromptSRC's normalisation
-            loss = loss + self.cfg["kl_weight"] * kl
-        return loss
+        ce = F.cross_entropy(logits, labels)
+        self.loss_terms = {"ce": ce.detach()}
+        if not self.use_kl:
+            return ce
+        with torch.no_grad():  # stage I: stay close to zero-shot CLIP's class probabilities p_zs
+            teacher_images = self.adapt(images) if self.cfg["teacher_input"] == "filtered" else images
+            zs_image = F.normalize(self.clip.encode_image(teacher_images), dim=-1)  # [B, D]
+            zs_logits = cosine_logits(self.clip, zs_image, self.zs_text_features)  # [B, n_cls]
+        kl = kl_to_teacher(logits, zs_logits, self.cfg["kl_temperature"], self.cfg["kl_form"])
+        self.loss_terms["kl"] = kl.detach()
+        return ce + self.cfg["kl_weight"] * kl
+
+
+def kl_to_teacher(logits, teacher_logits, temperature=1.0, form="distill"):
+    """T^2 KL(softmax(teacher / T) || softmax(logits / T)) summed over the batch and classes, divided by the
+    batch size ("distill", Hinton et al. 2015; PyTorch's reduction="batchmean") or by batch x classes
+    ("promptsrc": PromptSRC's L_SCL_logits, F.kl_div(..., reduction="sum") / logits.numel(), T = 1)."""
+    T = temperature
+    kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher_logits / T, -1), reduction="sum",
+                  log_target=True) * T ** 2
+    return kl / (logits.shape[0] if form == "distill" else logits.numel())

@@ -26,6 +26,10 @@ class PromptedCLIP(nn.Module):
     unless a method adds terms, over stages() (one, unless a method tunes its parts in sequence).
     """
 
+    def __init__(self):
+        super().__init__()
+        self.loss_terms = {}  # loss() records its terms here, detached ({"ce": ..., "kl": ...}) for the log
+
     def stages(self, cfg):
         """Training as [(stage, epochs), ...]: one stage here; APLe overrides it with its three."""
         return [("all", cfg["epochs"])]
@@ -47,7 +51,9 @@ class PromptedCLIP(nn.Module):
         return self.logits(images, self.text_features())
 
     def loss(self, images, labels):
-        return F.cross_entropy(self(images), labels)
+        ce = F.cross_entropy(self(images), labels)
+        self.loss_terms = {"ce": ce.detach()}
+        return ce
 
 
 class PromptLearner(nn.Module):
@@ -56,22 +62,35 @@ class PromptLearner(nn.Module):
     The prompts are tokenised once with M placeholder words ("X X X X cat."); their embeddings give
     `token_prefix` (SOS) and `token_suffix` (class name, full stop, EOS, padding), kept as buffers,
     and the learnable `ctx` [n_prompts, M, width] is spliced in between at every forward.
-    ctx_init ("a photo of a") sets M to its number of tokens and starts ctx[0] from their
-    embeddings, so at step 0 the prompt *is* the hand-crafted one; otherwise ctx ~ N(0, 0.02).
+    Without ctx_init, ctx ~ N(0, 0.02). With ctx_init of T tokens ("a photo of a": T = 4), M = n_ctx
+    always (a flag is never dropped), and ctx[0] starts from the init text:
+    - M <= T: the first M tokens of ctx_init are learned and the other T - M stay in the prompt as
+      fixed words: M = 2 gives "[SOS] v1 v2 of a {classname}." (MaPLe's and PromptSRC's prompt learners
+      do exactly this, for M <= 4). With M = T the prompt at step 0 *is* the hand-crafted one.
+    - M > T: the last T slots start from ctx_init and the M - T before them at random, so the init text
+      still sits next to the class name [ours: MaPLe and PromptSRC start all M at random there, which
+      drops ctx_init; pass ctx_init='' for that].
     """
 
     def __init__(self, clip_model, classnames, n_ctx=4, ctx_init="", n_prompts=1):
         super().__init__()
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
         embedding = clip_model.token_embedding
-        if ctx_init:
-            n_ctx = int(tokenize(ctx_init).argmax(-1)) - 1  # tokens between SOS and EOS
-        ctx = torch.empty(n_prompts, n_ctx, embedding.embedding_dim).normal_(std=0.02)
         device = embedding.weight.device
+        ctx = torch.empty(n_prompts, n_ctx, embedding.embedding_dim).normal_(std=0.02)
+        text_before_name = " ".join(["X"] * n_ctx)  # placeholders, replaced by ctx
         with torch.no_grad():
             if ctx_init:
-                ctx[0] = embedding(tokenize(ctx_init).to(device))[0, 1:1 + n_ctx].cpu()
-            placeholder = " ".join(["X"] * n_ctx)
-            tokenized = tokenize([f"{placeholder} {name}." for name in classnames]).to(device)  # [n_cls, 77]
+                init_ids = tokenize(ctx_init)  # [1, 77]
+                T = int(init_ids.argmax(-1)) - 1  # tokens between SOS and EOS
+                init = embedding(init_ids.to(device))[0, 1:1 + T].cpu()  # [T, width]
+                if n_ctx <= T:
+                    ctx[0] = init[:n_ctx]
+                    text_before_name = ctx_init  # its first n_ctx tokens are replaced by ctx, the rest stay
+                else:
+                    ctx[0, n_ctx - T:] = init
+            tokenized = tokenize([f"{text_before_name} {name}." for name in classnames]).to(device)  # [n_cls,77]
             tokenized = tokenized[:, :int(tokenized.argmax(-1).max()) + 1]  # drop the padding after the last EOT
             embedded = embedding(tokenized)  # [n_cls, L, width]
         self.n_ctx, self.ctx_init = n_ctx, ctx_init
@@ -90,7 +109,15 @@ class PromptLearner(nn.Module):
         return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=2)
 
     def encode(self, clip_model, deep_prompts=None):
-        """Normalised text features [n_prompts, n_cls, embed_dim] of every prompt for every class."""
+        """Normalised text features [n_prompts, n_cls, embed_dim] of every prompt for every class.
+
+        deep_prompts {layer: [n, width]} replace positions 1..n before that layer: n may not exceed n_ctx,
+        or the tokens after the context (the class name) would be overwritten.
+        """
+        for layer, tokens in (deep_prompts or {}).items():
+            if tokens.shape[-2] > self.n_ctx:
+                raise ValueError(f"a deep text prompt of {tokens.shape[-2]} tokens at layer {layer} would "
+                                 f"overwrite the class name: the prompt has {self.n_ctx} context slots (n_ctx)")
         emb = self()  # [N, n_cls, L, width]
         N, C = emb.shape[:2]
         text = self.tokenized_prompts.repeat(N, 1)  # [N * n_cls, L]
@@ -121,8 +148,17 @@ def zeroshot_classifier(clip_model, classnames, template, chunk=256):
 
 
 def cosine_logits(clip_model, image_features, text_features):
-    """CLIP's logits: exp(logit_scale) * cos(image, class). Both feature sets already L2-normalised."""
-    return clip_model.logit_scale.exp() * image_features @ text_features.t()
+    """CLIP's logits exp(logit_scale) * cos(image, class) [B, n_cls], in float32 even under autocast.
+
+    Every method's logits come from here, in training and evaluation. Under bf16 autocast a logit at
+    CLIP's scale (100 x cos, e.g. 30) is rounded to steps of 0.125 to 0.25, so close classes tie and
+    argmax gives the tie to the lower class index; the CoOp family evaluates in fp16, 8x finer.
+    Here the features are normalised (again, if the caller did it under autocast) and multiplied in float32.
+    """
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features = F.normalize(image_features.float(), dim=-1)  # [B, D]
+        text_features = F.normalize(text_features.float(), dim=-1)  # [n_cls, D]
+        return clip_model.logit_scale.exp().float() * image_features @ text_features.t()
 
 
 def learned_state(model):

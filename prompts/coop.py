@@ -7,14 +7,20 @@ logits through the frozen text encoder (Sec. 3.2, Eq. 2). The image side is CLIP
 
 Trainable: ctx, M x 512 for ViT-B/16 (2,048 with M = 4).
 
-Defaults are the base-to-novel setting of the CoCoOp paper's CoOp runs (config `vit_b16_ctxv1` in
-the CoOp repo): 4 tokens from "a photo of a", SGD lr 0.002, batch 32, 200 epochs [stated by the
-CoOp/CoCoOp code]. The CoOp paper's few-shot table used 16 random tokens; pass --n_ctx 16 --ctx_init ''.
+Settings follow CoOp's own configs and scripts [paper; docs/methods/coop.md lists each source]:
+- base-to-novel (the CoCoOp paper's CoOp runs, config `vit_b16_ctxv1`): 4 tokens from "a photo of
+  a", SGD lr 0.002, batch 32, 200 epochs; ImageNet 50 (`vit_b16_ep50_ctxv1`);
+- few-shot (COOP.md, "CLIP + CoOp (M=16, end)"): 16 random tokens; 50 epochs for 1 shot, 100 for 2
+  to 4 shots, 200 for 8 to 16; ImageNet 50 in every setting;
+- cross-dataset / domain generalisation: trained on ImageNet, so 50 epochs.
+The protocol- and data-set-dependent values live in prompts.protocol_defaults; a flag given wins.
+--n_ctx with ctx_init: see PromptLearner (M <= 4 learns the first M words of "a photo of a", as MaPLe
+and PromptSRC; M > 4 starts the last 4 slots from them and the rest at random).
 """
 from prompts.common import PromptedCLIP, PromptLearner
 
 DEFAULTS = dict(
-    n_ctx=4,                 # context tokens M (ignored when ctx_init is set: M = its token count)
+    n_ctx=4,                 # context tokens M
     ctx_init="a photo of a", # '' for random N(0, 0.02) init
     lr=0.002, batch_size=32, epochs=200,
 )

@@ -1,19 +1,26 @@
 """PMPO: multi-prompt with depth-partitioned cross-modal learning (Tian, Wang, Guo, Zhu, Chen. arXiv 2305.06221).
 
-The paper's code was never released and only its abstract could be read (../shared/docs/methods.md
-A2), so every choice is marked:
-  [paper]  stated by the paper's abstract or summaries quoted in methods.md A2.1
+The paper's code was never released and only its abstract could be read (docs/methods/pmpo.md says
+what was, and quotes it), so every choice is marked:
+  [paper]  stated by the paper's abstract or the summaries quoted in docs/methods/pmpo.md
   [ours]   our choice where the paper is silent, with the reason, each exposed as an option.
 
 1. Multi-prompt [paper]: N learnable text prompts instead of CoOp's one. N = 4 with 4 tokens each
-   [ours]; prompt 1 starts from "a photo of a", the others from N(0, 0.02) [ours, MaPLe style].
+   [ours]; prompt 1 starts from "a photo of a", the others from N(0, 0.02) [ours, MaPLe style];
+   another --n_ctx as in PromptLearner (1-3: the first words of the init, as MaPLe; more than 4: the
+   init in the last 4 slots, the others random [ours]).
    Each prompt goes through the frozen text encoder for every class: N class features t_c^(i).
 2. Depth partition [paper]: the vision encoder's layers are split into N contiguous partitions
    and prompt i is mapped by its own linear projection W_i (512 -> 768) [paper: "via linear
-   projections"] into the vision tokens of partition i. Equal partitions, 12 layers / 4 =
-   {0-2}, {3-5}, {6-8}, {9-11} [ours]; the projected tokens replace the prompt slots at every
-   layer of the partition [ours, `inject`, MaPLe's per-layer replacement, PMPO's lineage] or only
-   at its first layer (`inject="first"`). One image forward carries all N partitions [ours].
+   projections"] into the vision tokens of partition i. The partitions cover layers 0..depth-1,
+   depth 9 [ours, `depth`: MaPLe, the closest published relative and very likely PMPO's code base,
+   prompts layers 0-8 of ViT-B/16 and lets 9-11 carry the prompt tokens forward unreplaced], split
+   as equally as they go: 9 layers / 4 = {0-2}, {3-4}, {5-6}, {7-8} [ours]. The projected tokens
+   replace the prompt slots at every layer of the partition [ours, `inject`, MaPLe's per-layer
+   replacement] or only at its first layer (`inject="first"`). One image forward carries all N
+   partitions [ours]. Cross-dataset / domain generalisation: depth 3 with 3 prompts (one layer each),
+   lr 0.0026, 2 epochs [ours, MaPLe's cross-dataset config; 4 prompts cannot split 3 layers;
+   prompts.protocol_defaults].
 3. Prior from manual prompts [paper]: the hand-crafted template's class features t_c^hand
    (frozen CLIP, the data set's template) are fused with the learned ones, at train and test time
    [ours: so novel classes keep the anchor]:
@@ -32,6 +39,7 @@ DEFAULTS = dict(
     n_prompts=4,               # N: learnable prompts = vision partitions
     n_ctx=4,                   # tokens per prompt
     ctx_init="a photo of a",   # init of prompt 1 ('' for random)
+    depth=9,                   # the partitions cover vision layers 0..depth-1 (MaPLe's prompt depth)
     inject="every",            # "every" layer of a partition, or only its "first"
     fusion="feature",          # "feature" average of class features, or "logit" average
     prior=True,                # fuse the hand-crafted template's class features
@@ -42,7 +50,7 @@ DEFAULTS = dict(
 def partitions(n_layers, n):
     """Split layers 0..n_layers-1 into n contiguous, near-equal partitions: (12, 4) -> [[0,1,2], ..., [9,10,11]]."""
     if not 1 <= n <= n_layers:
-        raise ValueError(f"n_prompts must be between 1 and the {n_layers} vision layers, got {n}")
+        raise ValueError(f"n_prompts must be between 1 and the {n_layers} prompted layers (--depth), got {n}")
     return [chunk.tolist() for chunk in torch.arange(n_layers).tensor_split(n)]
 
 
@@ -54,7 +62,11 @@ class CustomCLIP(PromptedCLIP):
         self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"], n_prompts=n)
         text_width, vision_width = clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.out_channels
         self.proj = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(n)])  # W_i, one per partition
-        self.partitions = partitions(clip_model.visual.transformer.layers, n)
+        layers = clip_model.visual.transformer.layers
+        if not 1 <= cfg["depth"] <= layers:
+            raise ValueError(f"depth must be between 1 and the {layers} vision layers, got {cfg['depth']} "
+                             f"(pass --depth {layers} or less)")
+        self.partitions = partitions(cfg["depth"], n)  # layers from depth on carry the last partition's tokens
         if cfg["prior"]:
             self.register_buffer("prior_text_features", zeroshot_classifier(clip_model, classnames, template),
                                  persistent=False)  # t^hand: [n_cls, D]
@@ -69,10 +81,10 @@ class CustomCLIP(PromptedCLIP):
         return prompts
 
     def text_features(self):
-        """The N learned class-feature sets plus the prior: [N (+1), n_cls, D]."""
-        features = self.prompt_learner.encode(self.clip)  # [N, n_cls, D]
+        """The N learned class-feature sets plus the prior: [N (+1), n_cls, D], in float32 (so are the fusions)."""
+        features = self.prompt_learner.encode(self.clip).float()  # [N, n_cls, D]
         if self.cfg["prior"]:
-            features = torch.cat([features, self.prior_text_features[None].to(features.dtype)])
+            features = torch.cat([features, self.prior_text_features[None]])  # float32 already
         return features
 
     def logits(self, images, text_features):

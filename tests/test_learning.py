@@ -179,7 +179,7 @@ def test_zeroshot_above_chance_but_not_perfect(world):
 @pytest.mark.parametrize("method, settings", [
     ("coop", ["--epochs", "10"]),  # the tiny CLIP's sizes; every method's own learning rate
     ("aple", ["--stage_epochs", "3", "3", "4", "--depth", "2"]),
-    ("pmpo", ["--epochs", "10", "--n_prompts", "2"]),
+    ("pmpo", ["--epochs", "10", "--n_prompts", "2", "--depth", "2"]),
 ])
 def test_prompt_learning_beats_zeroshot(world, method, settings):
     base_zeroshot = zeroshot(world, world.dark, "base")

@@ -61,7 +61,7 @@ def test_trainable_parameters_vit_b16(vit_b16, method, expected, parts):
 @pytest.mark.parametrize("method, extra, expected", [
     ("coop", ["--epochs", "1"], 4 * 64),
     ("aple", ["--depth", "2", "--stage_epochs", "1", "1", "1"], 4 * 64 + 1 * 4 * 64 + 2 * 4 * 64),
-    ("pmpo", ["--epochs", "1", "--n_prompts", "2"], 2 * 4 * 64 + 2 * (64 * 64 + 64)),
+    ("pmpo", ["--epochs", "1", "--n_prompts", "2", "--depth", "2"], 2 * 4 * 64 + 2 * (64 * 64 + 64)),
 ])
 def test_train_prints_trainable_parameters(tmp_path, capsys, method, extra, expected):
     model = save_tiny_clip(tmp_path / "tiny.pt")
@@ -76,7 +76,7 @@ def test_train_prints_trainable_parameters(tmp_path, capsys, method, extra, expe
 
 # -- only the prompts learn -----------------------------------------------------------------------------
 
-TINY_CFG = {"coop": {}, "aple": dict(depth=2), "pmpo": dict(n_prompts=2)}  # the tiny CLIP has 2 + 2 layers
+TINY_CFG = {"coop": {}, "aple": dict(depth=2), "pmpo": dict(n_prompts=2, depth=2)}  # the tiny CLIP has 2 + 2 layers
 
 
 def tiny_method(method, clip_model, **overrides):
@@ -167,8 +167,8 @@ def test_aple_depth_beyond_the_encoders_is_refused(tiny):
 # -- CoOp's prompt ------------------------------------------------------------------------------------
 
 def test_prompt_learner_init_is_the_hand_written_prompt(tiny):
-    learner = PromptLearner(tiny, CLASSNAMES, n_ctx=16, ctx_init="a photo of a")
-    assert learner.n_ctx == 4  # ctx_init decides M
+    learner = PromptLearner(tiny, CLASSNAMES, n_ctx=4, ctx_init="a photo of a")
+    assert learner.n_ctx == 4
     embeddings = learner().detach()  # [1, n_cls, L, width]
     tokens = tokenize([TEMPLATE.format(name) for name in CLASSNAMES])
     length = int(tokens.argmax(-1).max()) + 1  # up to the last end-of-text token
@@ -224,7 +224,7 @@ def test_pmpo_partitions():
 
 @pytest.mark.parametrize("inject, layers", [("every", list(range(12))), ("first", [0, 3, 6, 9])])
 def test_pmpo_vision_prompts(vit_b16, inject, layers):
-    cfg = {**pmpo.DEFAULTS, "inject": inject}
+    cfg = {**pmpo.DEFAULTS, "inject": inject, "depth": 12}
     model = pmpo.CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, cfg)
     with torch.no_grad():
         prompts = model.vision_prompts()

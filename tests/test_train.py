@@ -32,7 +32,7 @@ METHODS = ("coop", "aple", "pmpo")
 FAST = {  # settings that fit the tiny CLIP (2 + 2 layers) and keep a run short
     "coop": ["--epochs", "2"],
     "aple": ["--stage_epochs", "1", "1", "1", "--depth", "2"],
-    "pmpo": ["--epochs", "2", "--n_prompts", "2"],
+    "pmpo": ["--epochs", "2", "--n_prompts", "2", "--depth", "2"],
 }
 LEARNED = {"coop": {"prompt_learner.ctx"}, "aple": {"prompt_learner.ctx", "text_prompts", "vision_prompts"},
            "pmpo": {"prompt_learner.ctx", "proj.0.weight", "proj.0.bias", "proj.1.weight", "proj.1.bias"}}
