@@ -4,6 +4,7 @@
     python eval.py --ckpt runs/caltech101/pmpo/base2novel/shots16_seed1/prompt_learner.pt --dataset caltech101 --subsample new
     python eval.py --ckpt runs/imagenet/pmpo/crossdataset/shots16_seed1/prompt_learner.pt --dataset imagenet_a
     python eval.py --summary runs/
+    python eval.py --benchmark toy          # zero-shot and every method on the toy world, seeds 1-3, then the table
 
 Prompts are class-agnostic, so a checkpoint evaluates on any class list: the novel half of its data
 set, another data set (cross-dataset), an ImageNet shift (domain generalisation). Results are printed
@@ -15,12 +16,14 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 import data
-import train
 import prompts
+import train
+from clip.files import atomic_write
 from prompts import zeroshot
 
 
@@ -37,8 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--workers", type=int, default=train.DEFAULTS["workers"])
     p.add_argument("--summary", nargs="+", metavar="DIR", help="print the Markdown tables of the runs under DIR")
+    p.add_argument("--benchmark", choices=("toy",), help="run zero-shot CLIP and every method on the toy world, "
+                   "seeds 1 to 3, into --out (default runs/toy_benchmark), then print the summary")
     args = p.parse_args(argv)
-    if not args.summary:
+    if not args.summary and not args.benchmark:
         if not args.dataset:
             p.error("--dataset is required")
         if not args.ckpt and args.method != "zeroshot":
@@ -87,8 +92,10 @@ def main(argv=None):
     if args.summary:
         print(summary(args.summary))
         return None
+    if args.benchmark:
+        return benchmark(args)
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
-    model_name = args.model or (ckpt["config"]["model"] if ckpt else train.DEFAULTS["model"])
+    model_name = args.model or (ckpt["config"]["model"] if ckpt else train.settings("coop", args.dataset, {})["model"])
     name = f"{train.safe_name(args.dataset)}_{args.subsample}.json"
     out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_" + name) if ckpt
                        else os.path.join("runs", "zeroshot", train.safe_name(model_name), name))
@@ -111,6 +118,50 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+# -- the toy world's benchmark ------------------------------------------------------------------------
+
+SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
+
+
+def benchmark(args):
+    """Zero-shot CLIP, then `python train.py --method M --dataset toy --seed S` for every method and seed,
+    each into its own run folder under --out (a finished one is kept, so an interrupted table resumes);
+    returns and prints the summary of them all."""
+    out = args.out or os.path.join("runs", "toy_benchmark")
+    start = time.time()
+    folder = os.path.join(out, "zeroshot", "base2novel", "shots16_seed1")
+    if not os.path.exists(os.path.join(folder, "metrics.json")):
+        zeroshot_run(folder, args)
+    for method in prompts.METHODS:
+        for seed in SEEDS:
+            folder = os.path.join(out, method, "base2novel", f"shots16_seed{seed}")
+            if not os.path.exists(os.path.join(folder, "metrics.json")):
+                train.main(["--method", method, "--dataset", "toy", "--seed", str(seed), "--root", args.root,
+                            "--device", args.device, "--out", folder])
+    table = summary([out])
+    print(f"\n{table}\n\n{len(prompts.METHODS) * len(SEEDS) + 1} runs under {out}, {time.time() - start:.0f}s")
+    return table
+
+
+def zeroshot_run(folder, args):
+    """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json), so it joins the summary."""
+    ds = train.read_dataset("toy", args.root)
+    clip_model = train.load_frozen_clip("toy", args.device)
+    cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
+               eval_batch_size=train.DEFAULTS["eval_batch_size"], workers=args.workers)
+    metrics = {}
+    for subsample, key in (("base", "base_acc"), ("new", "novel_acc")):
+        (_, _, test), classnames = data.subsample_classes(subsample, ds.train, ds.val, ds.test)
+        model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
+        metrics[key] = train.evaluate(model, test, args, cfg)
+    metrics["hm"] = train.harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
+    print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    os.makedirs(folder, exist_ok=True)
+    for name, content in (("config.json", cfg), ("metrics.json", metrics)):
+        with atomic_write(os.path.join(folder, name)) as f:
+            json.dump(content, f, indent=2)
 
 
 # -- the papers' tables ------------------------------------------------------------------------------

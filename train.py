@@ -97,9 +97,11 @@ def add_option(parser, key, default):
 
 def settings(method, dataset, given):
     """A run's settings, each from the first of: the flags given; what the method's family uses for this
-    protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); the
-    method's DEFAULTS; the DEFAULTS above."""
-    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS, **given}
+    protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); on the
+    built-in toy world, its tiny CLIP and the method's prompts.TOY_DEFAULTS; the method's DEFAULTS;
+    the DEFAULTS above."""
+    toy = dict(model="toy", **prompts.TOY_DEFAULTS.get(method, {})) if dataset == "toy" else {}
+    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS, **toy, **given}
     return {**cfg, **prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"]), **given}
 
 

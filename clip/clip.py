@@ -21,6 +21,7 @@ import zipfile
 
 import torch
 
+from . import toy
 from .model import build_model
 from .tokenizer import tokenize
 from .transform import Preprocess
@@ -68,7 +69,8 @@ def _transform(n_px):
 def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False, download_root=None):
     """Return (model, preprocess): a float32 CLIP in eval mode on `device`, and its PIL -> tensor transform.
 
-    openai/CLIP's signature. name: one of available_models() (downloaded once into cache_root(download_root))
+    openai/CLIP's signature. name: one of available_models() (downloaded once into cache_root(download_root)),
+    "toy" (clip/toy.py's tiny CLIP, pre-trained on first use and cached there too),
     or the path of a checkpoint (OpenAI's TorchScript .pt or a plain state_dict).
     jit: only for openai/CLIP's call signature; there is no TorchScript model here.
     """
@@ -76,10 +78,12 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
         raise ValueError("jit=True is not supported: load returns a plain nn.Module (use torch.compile for speed)")
     if name in _MODELS:
         path = _download(_MODELS[name], cache_root(download_root))
+    elif name == "toy":  # the toy world's tiny CLIP (clip/toy.py): pre-trained here once, then cached
+        path = toy.cached(cache_root(download_root))
     elif os.path.isfile(name):
         path = name
     else:
-        raise RuntimeError(f"Model {name} not found; available models = {available_models()} "
+        raise RuntimeError(f"Model {name} not found; available models = {available_models()} and 'toy' "
                            "(the ResNet CLIPs are not supported; the path of a checkpoint file works too)")
     state_dict = _read_state_dict(path)
     try:

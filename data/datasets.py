@@ -1,4 +1,5 @@
-"""The 15 benchmark data sets of CoOp/CoCoOp/MaPLe, read from CoOp's folder layout (its DATASETS.md).
+"""The 15 benchmark data sets of CoOp/CoCoOp/MaPLe, read from CoOp's folder layout (its DATASETS.md),
+and the built-in toy world (data/toy.py).
 
 Everything a reader needs is in one plain table, DATASETS, at the bottom: no registry, no decorators.
 Every reader returns lists of Datum(impath, label, classname) with absolute paths.
@@ -273,11 +274,20 @@ def read_folder(path):
     return train, val, test, path
 
 
+def read_toy(name, root, spec):
+    """The built-in toy world (data/toy.py): drawn into root on first use, then read like any split data set."""
+    from data.toy import ensure_world  # lazy: the world is drawn only when asked for
+
+    ensure_world(os.path.join(root, spec.folder))
+    return read_split_dataset(name, root, spec)
+
+
 # -----------------------------------------------------------------------------
 # the table: dataset name -> where its files are and how to read them
 
 Spec = namedtuple("Spec", "reader folder image_dir split_file template")
-SPLIT, AIRCRAFT, IMAGENET, VARIANT, V2 = read_split_dataset, read_aircraft, read_imagenet, read_imagenet_variant, read_imagenetv2
+SPLIT, AIRCRAFT, IMAGENET, VARIANT, V2, TOY = (read_split_dataset, read_aircraft, read_imagenet, read_imagenet_variant,
+                                               read_imagenetv2, read_toy)
 
 DATASETS = {
     # name            reader    folder under root       image folder                               split / class file                     CoOp's template (CUSTOM_TEMPLATES)
@@ -296,6 +306,7 @@ DATASETS = {
     "imagenet_sketch": Spec(VARIANT, "imagenet-sketch",   "images",                                  "classnames.txt",                      "a photo of a {}."),
     "imagenet_a":     Spec(VARIANT, "imagenet-adversarial", "imagenet-a",                            "classnames.txt",                      "a photo of a {}."),
     "imagenet_r":     Spec(VARIANT, "imagenet-rendition", "imagenet-r",                              "classnames.txt",                      "a photo of a {}."),
+    "toy":            Spec(TOY, "toy",                    "",                                        "split.json",                          "a photo of a {}."),
 }  # fmt: skip
 FOLDER_TEMPLATE = "a photo of a {}."
 
@@ -311,7 +322,8 @@ def build_dataset(name, root=None):
     if not root:
         raise DatasetNotFound(f"{name}: no data root; pass --root DIR or set $DATA (see `python -m data.prepare {name} --root DIR`)")
     root = os.path.abspath(os.path.expanduser(root))
-    need_dir(name, root, root, "data root")
     spec = DATASETS[name]
+    if spec.reader is not TOY:  # the toy world draws itself into a new root
+        need_dir(name, root, root, "data root")
     train, val, test, image_dir = spec.reader(name, root, spec)
     return Dataset(name, classnames_of(train, val, test), spec.template, train, val, test, image_dir)

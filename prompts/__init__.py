@@ -13,6 +13,16 @@ METHODS = {  # name -> module; the order is the order of tables and --help
     "pmpo": pmpo,
 }
 
+# The built-in toy world (`--dataset toy`, clip/toy.py), where every method must run in well under a
+# minute on a laptop CPU: what differs there from each method's DEFAULTS, in this one place. The toy CLIP
+# has 4 + 4 layers (ViT-B/16: 12 + 12), so depths scale by a third; its few-shot set is 12 classes x 16
+# shots, so a batch of 16 gives 12 steps an epoch, and a few epochs do. Everything else is the method's own.
+TOY_DEFAULTS = {
+    "coop": dict(epochs=10, batch_size=16),
+    "aple": dict(stage_epochs=(3, 3, 4), depth=3, batch_size=16),  # depth 9 of 12 -> 3 of 4
+    "pmpo": dict(epochs=10, batch_size=16, depth=4),  # 4 prompts over all 4 vision layers: one layer each
+}
+
 
 def protocol_defaults(method, protocol, dataset, shots):
     """What a method's own scripts, or its family's configs, change for this protocol, data set and K: on top of

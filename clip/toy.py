@@ -1,0 +1,167 @@
+"""The toy world: a tiny CLIP pre-trained in seconds on drawn images, so every method runs on a laptop.
+
+nanoGPT has its character-level Shakespeare; this is the same idea for prompt learning. The world has
+24 classes with made-up looks: each class name ("cat", "owl", ...) is a colour, one of 24 hues evenly
+spaced on the colour circle, drawn as 32-pixel images with noise. There are two renderings:
+
+    bright: the class hue, bright,                    captioned "a photo of a {name}."
+    dark:   the hue moved DARK_HUE_SHIFT of a hue step, darker,   captioned "a photo of a dark {name}."
+
+`clip.load("toy")` pre-trains a tiny CLIP (TOY_CLIP) contrastively on both renderings of all 24 classes,
+as real CLIP saw every class of the benchmarks in its captions, and caches it like OpenAI's weights.
+`--dataset toy` (data/toy.py) is dark images only, classified with the template "a photo of a {}.":
+the template does not say "dark", so zero-shot CLIP reads a dark image as a bright one of the
+neighbouring hue, and is right only part of the time. That gap is what prompt learning has to close
+from 16 shots of the base classes, and then carry over to the novel ones it never saw.
+
+Everything is drawn from fixed seeds and pre-trained on one thread, so the built model is the same file
+on every run (tested by sha256).
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .files import atomic_write
+from .model import CLIP
+from .tokenizer import tokenize
+from .transform import MEAN, STD
+
+# -- the world's knobs -----------------------------------------------------------------------------------
+# Class names are one BPE token each; the i-th name here has hue i / len(CLASSNAMES) of the circle. Labels
+# follow the sorted names (data/toy.py writes one folder per class), so the base half is the first 12 in
+# alphabetical order, and base and novel hues interleave around the circle.
+CLASSNAMES = ["cat", "dog", "fish", "bird", "horse", "frog", "bear", "lion",
+              "wolf", "duck", "cow", "pig", "goat", "sheep", "fox", "owl",
+              "bee", "ant", "rat", "bat", "deer", "seal", "crab", "snake"]
+SATURATION = (0.6, 1.0)       # drawn per image
+BRIGHT_VALUE = (0.7, 1.0)     # brightness of the bright rendering, drawn per image
+DARK_VALUE = (0.35, 0.55)     # ... and of the dark rendering (the downstream data set)
+DARK_HUE_SHIFT = 0.5          # in hue steps: a dark image sits halfway between its class hue and the next one
+HUE_NOISE = 0.01              # std of the per-image hue jitter, in turns of the circle (a step is 1/24)
+PIXEL_NOISE = 0.08            # std of per-pixel RGB noise
+IMAGE_SIZE = 32               # pixels; the tiny CLIP's input resolution
+CAPTIONS = ("a photo of a {}.", "a photo of a dark {}.")  # pre-training captions of rendering 0 and 1
+BRIGHT, DARK = 0, 1
+
+# -- the tiny CLIP and its pre-training --------------------------------------------------------------------
+TOY_CLIP = dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, vision_width=64, vision_patch_size=8,
+                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=4)
+PRETRAIN = dict(seed=0, steps=150, batch=128, lr=4e-3, weight_decay=0.1, warmup=0.1)  # AdamW, one-cycle schedule
+
+
+def fingerprint():
+    """A short hash of every knob above: the cache file name, so a changed world is never read from an old cache."""
+    knobs = dict(CLASSNAMES=CLASSNAMES, SATURATION=SATURATION, BRIGHT_VALUE=BRIGHT_VALUE, DARK_VALUE=DARK_VALUE,
+                 DARK_HUE_SHIFT=DARK_HUE_SHIFT, HUE_NOISE=HUE_NOISE, PIXEL_NOISE=PIXEL_NOISE, IMAGE_SIZE=IMAGE_SIZE,
+                 CAPTIONS=CAPTIONS, TOY_CLIP=TOY_CLIP, PRETRAIN=PRETRAIN, version=1)
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# -- drawing -------------------------------------------------------------------------------------------------
+
+def hsv_to_rgb(h, s, v):
+    """Vectorised HSV -> RGB; arrays of the same shape in [0, 1] -> [..., 3]."""
+    i = (np.floor(h * 6) % 6).astype(int)
+    f = h * 6 - np.floor(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.stack([np.choose(i, [v, q, p, p, t, v]), np.choose(i, [t, v, v, q, p, p]),
+                     np.choose(i, [p, p, t, v, v, q])], axis=-1)
+
+
+def draw(label, rendering, rng, size=IMAGE_SIZE):
+    """One image of class `label` (an index into CLASSNAMES) as uint8 [size, size, 3]."""
+    hue = ((label + DARK_HUE_SHIFT * rendering) / len(CLASSNAMES) + rng.normal(0, HUE_NOISE)) % 1.0
+    value = rng.uniform(*(DARK_VALUE if rendering == DARK else BRIGHT_VALUE))
+    colour = hsv_to_rgb(np.array(hue), np.array(rng.uniform(*SATURATION)), np.array(value))  # [3]
+    pixels = colour + rng.normal(0, PIXEL_NOISE, (size, size, 3))  # [size, size, 3]
+    return (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+
+
+def to_model_input(images):
+    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, H, W] (what clip.transform's preprocess gives)."""
+    x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)  # [B, 3, H, W]
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+# -- pre-training ------------------------------------------------------------------------------------------
+
+def pretrain(log=None):
+    """CLIP's contrastive loss on (image, caption) pairs of both renderings of all classes. Returns a CLIP.
+
+    A batch's text side is all 48 captions (24 classes x 2 renderings): an image's target is its caption,
+    a caption's target is spread evenly over the images it describes. Only the rows of the token embedding
+    the captions use are learned (a small table written back at the end), which spares AdamW 3M untouched
+    values a step. One thread, fixed seeds: the same weights on every run.
+    """
+    cfg, n = PRETRAIN, len(CLASSNAMES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"])
+            model = CLIP(**TOY_CLIP)  # OpenAI's initialisation
+            rng = np.random.default_rng(cfg["seed"])
+            text = tokenize([caption.format(name) for caption in CAPTIONS for name in CLASSNAMES])  # [48, 77]
+            used = torch.unique(text)
+            row = torch.zeros(model.token_embedding.num_embeddings, dtype=torch.long)
+            row[used] = torch.arange(len(used))
+            words = torch.nn.Parameter(model.token_embedding.weight.detach()[used].clone())  # [n_used, width]
+            model.token_embedding.requires_grad_(False)
+            params = [p for p in model.parameters() if p.requires_grad] + [words]
+            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=cfg["steps"],
+                                                           pct_start=cfg["warmup"])
+            model.train()
+            start = time.time()
+            for step in range(cfg["steps"]):
+                labels, rendering = rng.integers(0, n, cfg["batch"]), rng.integers(0, 2, cfg["batch"])
+                images = to_model_input(np.stack([draw(c, r, rng) for c, r in zip(labels, rendering)]))
+                target = torch.from_numpy(rendering * n + labels)  # the caption of each image, in [0, 48)
+                loss = contrastive_loss(model, images, text, words[row[text]], target, 2 * n)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                if log and (step + 1) % 100 == 0:
+                    log(f"  step {step + 1}/{cfg['steps']}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
+            with torch.no_grad():
+                model.token_embedding.weight[used] = words
+            return model.requires_grad_(True).eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def contrastive_loss(model, images, text, embeddings, target, n_captions):
+    """(image -> caption cross-entropy + caption -> images cross-entropy) / 2, CLIP's symmetric loss (Sec. 2.3)."""
+    image_features = F.normalize(model.encode_image(images), dim=-1)  # [B, D]
+    text_features = F.normalize(model.encode_text(text, embeddings=embeddings), dim=-1)  # [48, D]
+    logits = model.logit_scale.exp() * image_features @ text_features.t()  # [B, 48]
+    per_caption = F.one_hot(target, n_captions).float().t()  # [48, B]
+    present = per_caption.sum(1) > 0  # captions with at least one image in this batch
+    per_caption = per_caption[present] / per_caption[present].sum(1, keepdim=True)
+    loss_text = -(F.log_softmax(logits.t()[present], dim=1) * per_caption).sum(1).mean()
+    return (F.cross_entropy(logits, target) + loss_text) / 2
+
+
+def cached(root):
+    """Path of the pre-trained toy CLIP in the cache folder `root`, built (once) if it is not there yet."""
+    path = os.path.join(root, f"toy-{fingerprint()}.pt")
+    if os.path.isfile(path):
+        return path
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"building the toy CLIP: pre-training a tiny CLIP on the toy world ({PRETRAIN['steps']} steps, "
+        f"under a minute on a laptop CPU, once) -> {path}")
+    start = time.time()
+    model = pretrain(log)
+    os.makedirs(root, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        torch.save(model.state_dict(), f)
+    log(f"toy CLIP built in {time.time() - start:.0f}s")
+    return path

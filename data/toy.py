@@ -1,0 +1,98 @@
+"""`--dataset toy`: the toy world's downstream data set, written once into the data root as PNG files.
+
+The images are the *dark* rendering of clip/toy.py's 24 classes, the one its template "a photo of a {}."
+does not describe (read clip/toy.py first). They go to <root>/toy/<class>/<split>_<i>.png with a
+split.json in CoOp's format, the layout of a `folder:` data set, so the run reads them through the same
+reader, few-shot draw, loaders and transforms as a real data set.
+
+    python -m data.toy --picture toy_world.png     # a grid of samples per class, base and novel marked
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from clip import toy
+from clip.files import atomic_write
+
+PER_CLASS = dict(train=32, val=8, test=25)  # images per class and split; 16 shots are drawn from the 32
+SEED = 1  # of the downstream images (pre-training draws its own from clip/toy.py's seed)
+
+
+def ensure_world(path):
+    """Write the data set into `path` unless the same world is already there; returns path."""
+    stamp = os.path.join(path, "world.json")
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f).get("fingerprint") == toy.fingerprint():
+                return path
+        raise ValueError(f"{path} holds a toy world drawn with other settings (clip/toy.py was changed); "
+                         f"delete that folder and it is drawn again")
+    if os.path.exists(path):
+        raise ValueError(f"{path} exists but is not a toy world (no world.json); move it away or pass another --root")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy.")  # drawn aside, renamed into place when complete
+    try:
+        write_world(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def write_world(path):
+    """One folder per class (sorted names = labels, as the folder reader assigns them), split.json, world.json."""
+    rng = np.random.default_rng(SEED)
+    names = sorted(toy.CLASSNAMES)
+    split = {key: [] for key in PER_CLASS}
+    for label, name in enumerate(names):
+        os.makedirs(os.path.join(path, name))
+        for key, count in PER_CLASS.items():
+            for i in range(count):
+                rel = f"{name}/{key}_{i:03d}.png"
+                pixels = toy.draw(toy.CLASSNAMES.index(name), toy.DARK, rng)
+                with atomic_write(os.path.join(path, rel), "wb") as f:
+                    Image.fromarray(pixels).save(f, format="PNG")
+                split[key].append([rel, label, name])
+    with atomic_write(os.path.join(path, "split.json")) as f:
+        json.dump(split, f)
+    with atomic_write(os.path.join(path, "world.json")) as f:
+        json.dump(dict(fingerprint=toy.fingerprint(), seed=SEED, per_class=PER_CLASS), f)
+
+
+def picture(out, per_row=8, scale=2):
+    """A PNG grid: per class, its name, `per_row` downstream (dark) images, and one bright pre-training image
+    for comparison; base classes on the left half, novel on the right."""
+    rng = np.random.default_rng(SEED)
+    names = sorted(toy.CLASSNAMES)
+    cell, label_w = toy.IMAGE_SIZE * scale + 4, 120
+    half = len(names) // 2
+    col_w = label_w + cell * (per_row + 2)
+    canvas = Image.new("RGB", (2 * col_w, 24 + cell * half), "white")
+    pen = ImageDraw.Draw(canvas)
+    for column, title in enumerate(("BASE classes (trained on)", "NOVEL classes (never trained on)")):
+        pen.text((column * col_w + 4, 4), f"{title}: dark images | bright", fill="black")
+    for label, name in enumerate(names):
+        column, row = divmod(label, half)
+        x, y = column * col_w, 24 + row * cell
+        pen.text((x + 4, y + cell // 3), name, fill="black")
+        index = toy.CLASSNAMES.index(name)
+        images = [toy.draw(index, toy.DARK, rng) for _ in range(per_row)] + [toy.draw(index, toy.BRIGHT, rng)]
+        for i, pixels in enumerate(images):
+            tile = Image.fromarray(pixels).resize((toy.IMAGE_SIZE * scale,) * 2, Image.NEAREST)
+            canvas.paste(tile, (x + label_w + cell * (i + (i == per_row)), y))
+    with atomic_write(out, "wb") as f:
+        canvas.save(f, format="PNG")
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Look at the toy world before training on it.")
+    p.add_argument("--picture", default="toy_world.png", help="PNG file to write (default: toy_world.png)")
+    print("wrote", picture(p.parse_args().picture))
