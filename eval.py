@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or runs/zeroshot/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--workers", type=int, default=train.DEFAULTS["workers"])
+    p.add_argument("--workers", type=int, help="test-image decoding processes (default: as train.py)")
     p.add_argument("--summary", nargs="+", metavar="DIR", help="print the Markdown tables of the runs under DIR")
     p.add_argument("--benchmark", choices=("toy",), help="run zero-shot CLIP and every method on the toy world, "
                    "seeds 1 to 3, into --out (default runs/toy_benchmark), then print the summary")
@@ -49,6 +49,8 @@ def parse_args(argv=None):
         if not args.ckpt and args.method != "zeroshot":
             p.error("give --ckpt PATH (prompts from train.py) or --method zeroshot")
     args.precision = args.precision or train.default_precision(args.device)
+    if args.workers is None:
+        args.workers = train.shared_defaults(args.dataset or args.benchmark)["workers"]
     return args
 
 
@@ -95,7 +97,7 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args)
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
-    model_name = args.model or (ckpt["config"]["model"] if ckpt else train.settings("coop", args.dataset, {})["model"])
+    model_name = args.model or (ckpt["config"]["model"] if ckpt else train.shared_defaults(args.dataset)["model"])
     name = f"{train.safe_name(args.dataset)}_{args.subsample}.json"
     out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_" + name) if ckpt
                        else os.path.join("runs", "zeroshot", train.safe_name(model_name), name))

@@ -44,12 +44,17 @@ DEFAULTS = dict(
     momentum=0.9, weight_decay=5e-4,
     warmup_epochs=1, warmup_lr=1e-5,  # constant lr for the first epoch, then cosine (Dassl's)
     eval_batch_size=100, workers=min(8, os.cpu_count() or 1),
+    threads=0,               # CPU threads of torch's kernels; 0: torch's default (one per core)
     # Speed and memory switches ("auto", "on" or "off"; bench.py measures them). Neither changes what
     # is learned beyond float rounding; --precision (bf16 on a GPU) is the third.
     augment_on_device="auto",   # resize the random crops on the GPU instead of with PIL (auto: on a GPU)
     text_checkpointing="auto",  # recompute text-encoder activations in backward (auto: >= 4,000 prompts a step)
 )
 SWITCHES = ("augment_on_device", "text_checkpointing")
+# On the built-in toy world (--dataset toy) these replace the DEFAULTS above, and prompts.TOY_DEFAULTS the
+# method's own. Its CLIP is tiny: its matrices are too small to share out between cores, and a 600-image
+# test set is read faster in this process than by worker processes that have to start first.
+TOY = dict(model="toy", threads=1, workers=0)
 # -----------------------------------------------------------------------------
 
 
@@ -95,13 +100,18 @@ def add_option(parser, key, default):
         parser.add_argument(f"--{key}", type=type(default), **kwargs)
 
 
+def shared_defaults(dataset):
+    """The DEFAULTS above, with TOY's on the toy world (eval.py's defaults too)."""
+    return {**DEFAULTS, **(TOY if dataset == "toy" else {})}
+
+
 def settings(method, dataset, given):
     """A run's settings, each from the first of: the flags given; what the method's family uses for this
     protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); on the
     built-in toy world, its tiny CLIP and the method's prompts.TOY_DEFAULTS; the method's DEFAULTS;
     the DEFAULTS above."""
-    toy = dict(model="toy", **prompts.TOY_DEFAULTS.get(method, {})) if dataset == "toy" else {}
-    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS, **toy, **given}
+    toy = prompts.TOY_DEFAULTS.get(method, {}) if dataset == "toy" else {}
+    cfg = {**shared_defaults(dataset), **METHODS[method].DEFAULTS, **toy, **given}
     return {**cfg, **prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"]), **given}
 
 
@@ -194,7 +204,7 @@ def prepare_run_folder(out, cfg):
     if os.path.exists(config_path):
         with open(config_path) as f:
             old = json.load(f)
-        changed = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v and k not in ("device", "workers")}
+        changed = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v and k not in ("device", "workers", "threads")}
         if changed:
             raise SystemExit(f"error: {out} holds an unfinished run with other settings "
                              f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}). "
@@ -368,6 +378,17 @@ def main(argv=None):
     cfg = {**DEFAULTS, **METHODS[method].DEFAULTS}
     cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in cfg})
     cfg.update(method=method, dataset=args.dataset, device=args.device, precision=args.precision)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"] or threads)
+    try:
+        return run(args, cfg)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called from eval.py and the tests
+
+
+def run(args, cfg):
+    """Train and evaluate one run with settings cfg; returns its metrics."""
+    method = args.method
 
     # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
     ds = read_dataset(args.dataset, args.root)
