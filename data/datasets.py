@@ -44,6 +44,19 @@ def prompt_name(classname):
     return classname.replace("_", " ")
 
 
+def duplicate_classnames(*lists):
+    """Groups of the lists' class names whose prompts CLIP reads the same ("Cat"/"cat", "a_b"/"a b"):
+    the tokenizer lowercases and collapses whitespace. Such classes get identical features, so one
+    of them is never predicted."""
+    names, groups = {}, {}
+    for items in lists:
+        for item in items:
+            names.setdefault(item.label, item.classname)
+    for label in sorted(names):
+        groups.setdefault(" ".join(prompt_name(names[label]).lower().split()), []).append(names[label])
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def classnames_of(*lists):
     """Prompt-ready class names in label order, from the (label, classname) pairs of the given lists."""
     names = {}

@@ -11,6 +11,7 @@ import math
 import os
 import random
 
+from clip.files import atomic_write
 from data.datasets import classnames_of, datums
 
 
@@ -81,7 +82,7 @@ def save_fewshot(path, train, val, image_dir):
         return "[\n" + ",\n".join(out) + "\n]"
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:  # one item per line, in sampling order: readable and diffable
+    with atomic_write(path) as f:  # one item per line, in sampling order: readable and diffable
         f.write('{"train": ' + rows(train) + ',\n"val": ' + rows(val) + "}\n")
 
 

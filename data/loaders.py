@@ -8,6 +8,7 @@ A test set is large and read once, so test_loader decodes in DataLoader worker p
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -19,8 +20,11 @@ def load_image(path):
     """Decode an image to RGB (Dassl's read_image converts first, so resizing sees RGB pixels too)."""
     try:
         with Image.open(path) as img:
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: PIL's convert clips at 255
+                grey = (np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255)  # 0..65535 -> 0..255
+                img = Image.fromarray(grey.astype(np.uint8))
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:  # PIL reports truncated/corrupt files as any of these
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # e.g. truncated
         raise OSError(f"cannot read image {path}: {err}") from err
 
 
