@@ -23,12 +23,13 @@ import torch
 import data
 import prompts
 import train
-from clip.files import atomic_write
 from prompts import zeroshot
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = [train.flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                epilog="Flags take - or _ alike (--eval-batch-size = --eval_batch_size).")
     p.add_argument("--ckpt", help="a prompt_learner.pt written by train.py")
     p.add_argument("--method", help="'zeroshot' (no --ckpt), or the checkpoint's method as a check")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
@@ -36,21 +37,23 @@ def parse_args(argv=None):
     p.add_argument("--root", default=os.environ.get("DATA", "data_root"), help="data sets folder ($DATA)")
     p.add_argument("--model", help="CLIP name or path (default: the checkpoint's, else ViT-B/16)")
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or runs/zeroshot/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--workers", type=int, help="test-image decoding processes (default: as train.py)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, mps")
+    options = {k: train.DEFAULTS[k] for k in ("precision", "eval_batch_size", "workers")}
+    train.add_options(p, options, train.HELP, train.CHOICES)
     p.add_argument("--summary", nargs="+", metavar="DIR", help="print the Markdown tables of the runs under DIR")
     p.add_argument("--benchmark", choices=("toy",), help="run zero-shot CLIP and every method on the toy world, "
                    "seeds 1 to 3, into --out (default runs/toy_benchmark), then print the summary")
     args = p.parse_args(argv)
+    defaults = train.shared_defaults(args.dataset or args.benchmark)  # the toy world's differ
+    vars(args).update({k: defaults[k] for k in options if getattr(args, k) is None})  # not given
     if not args.summary and not args.benchmark:
         if not args.dataset:
             p.error("--dataset is required")
         if not args.ckpt and args.method != "zeroshot":
             p.error("give --ckpt PATH (prompts from train.py) or --method zeroshot")
-    args.precision = args.precision or train.default_precision(args.device)
-    if args.workers is None:
-        args.workers = train.shared_defaults(args.dataset or args.benchmark)["workers"]
+    train.check_values(p, args, options, train.CHOICES)
+    train.check_device(p, args)
     return args
 
 
@@ -67,6 +70,7 @@ def load_checkpoint(path, method=None):
                          f"(a CLIP checkpoint goes to --model instead)")
     if method and method != ckpt["method"]:
         raise SystemExit(f"error: {path} holds {ckpt['method']} prompts, not {method}")
+    train.check_finite(ckpt["state_dict"], path)
     return ckpt
 
 
@@ -103,22 +107,29 @@ def main(argv=None):
                        else os.path.join("runs", "zeroshot", train.safe_name(model_name), name))
     if os.path.exists(out):
         raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
+    if train.unwritable(out):
+        raise SystemExit(f"error: --out {out} cannot be written: {train.unwritable(out)}")
 
     ds = train.read_dataset(args.dataset, args.root)
     (_, _, test), classnames = data.subsample_classes(args.subsample, ds.train, ds.val, ds.test)
+    if not test:
+        raise SystemExit(f"error: {args.dataset} has no test images for its {args.subsample} classes")
+    for names in data.duplicate_classnames(test):
+        print(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
+              f"{', '.join(names)}")
     clip_model = train.load_frozen_clip(model_name, args.device)
     if ckpt:
         model = build_from_checkpoint(ckpt, clip_model, args.dataset, args.subsample, classnames, ds.template)
     else:
         model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
-    cfg = dict(eval_batch_size=train.DEFAULTS["eval_batch_size"], workers=args.workers)
+    cfg = dict(eval_batch_size=args.eval_batch_size, workers=args.workers)
     result = dict(method=ckpt["method"] if ckpt else "zeroshot", checkpoint=args.ckpt, model=model_name,
                   dataset=args.dataset, subsample=args.subsample, classes=len(classnames), images=len(test),
                   accuracy=train.evaluate(model, test, args, cfg))
     print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    with train.write_errors(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    train.save_json(out, result)
     return result
 
 
@@ -162,42 +173,72 @@ def zeroshot_run(folder, args):
     print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     os.makedirs(folder, exist_ok=True)
     for name, content in (("config.json", cfg), ("metrics.json", metrics)):
-        with atomic_write(os.path.join(folder, name)) as f:
-            json.dump(content, f, indent=2)
+        train.save_json(os.path.join(folder, name), content)
 
 
 # -- the papers' tables ------------------------------------------------------------------------------
 
-def summary(dirs):
-    """Markdown tables of every finished run under dirs: mean ± std over seeds, per method and protocol.
+NOT_SETTINGS = ("seed", "fewshot_file", "dataset", "device", "workers")  # may differ within a row
 
-    Base-to-novel: HM per data set from its seed-averaged base and novel; the "Average" row's HM from the
-    averaged base and novel, as in the CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run.
+
+def summary(dirs):
+    """Markdown tables of every finished run under dirs: mean ± std over seeds, per data set.
+
+    Runs share a table only if every setting but the seed (and the shots' file, the device and the
+    worker count) is the same; tables that differ say in what. Base-to-novel: HM per data set from its
+    seed-averaged base and novel; the "Average" row's HM from the averaged base and novel, as in the
+    CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run. A damaged file is named
+    and skipped.
     """
-    runs = {}  # (method, protocol, shots) -> dataset -> column -> [value per seed]
+    tables, notes = {}, []  # settings (JSON) -> dataset -> column -> [value per seed]
     for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**", "metrics.json"), recursive=True)):
         folder = os.path.dirname(metrics_path)
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = json.load(f)
-        with open(metrics_path) as f:
-            values = json.load(f)
-        for path in glob.glob(os.path.join(folder, "eval_*.json")):
-            with open(path) as f:
-                e = json.load(f)
+        cfg, values = train.read_json(os.path.join(folder, "config.json")), train.read_json(metrics_path)
+        if not isinstance(cfg, dict) or not {"method", "protocol", "dataset", "shots", "seed"} <= set(cfg):
+            notes.append(f"skipped {folder}: its config.json is damaged")
+            continue
+        columns = ("base_acc", "novel_acc") if cfg["protocol"] == "base2novel" else ("accuracy",)
+        if not isinstance(values, dict) or not all(isinstance(values.get(c), (int, float)) for c in columns):
+            notes.append(f"skipped {folder}: its metrics.json is damaged")
+            continue
+        for path in sorted(glob.glob(os.path.join(folder, "eval_*.json"))):
+            e = train.read_json(path)
+            if not isinstance(e, dict) or not isinstance(e.get("accuracy"), (int, float)):
+                notes.append(f"skipped {path}: damaged")
+                continue
             values[f"{e['dataset']} ({e['subsample']})"] = e["accuracy"]
-        table = runs.setdefault((cfg["method"], cfg["protocol"], cfg["shots"]), {}).setdefault(cfg["dataset"], {})
+        settings = json.dumps({k: v for k, v in cfg.items() if k not in NOT_SETTINGS}, sort_keys=True)
+        row = tables.setdefault(settings, {}).setdefault(cfg["dataset"], {})
+        row.setdefault("seed", []).append(cfg["seed"])
         for column, value in values.items():
-            table.setdefault(column, []).append(value)
-    if not runs:
-        return f"no finished runs (metrics.json) under {', '.join(dirs)}"
-    return "\n\n".join(markdown_table(key, table) for key, table in runs.items())
+            row.setdefault(column, []).append(value)
+    for settings, table in tables.items():
+        for dataset, row in table.items():
+            repeated = sorted({s for s in row["seed"] if row["seed"].count(s) > 1})
+            if repeated:
+                notes.append(f"note: {dataset} in \"{title(settings, tables)}\" has seed(s) {repeated} "
+                             f"more than once")
+    if not tables:
+        return "\n".join(notes + [f"no finished runs (metrics.json) under {', '.join(dirs)}"])
+    blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"], t) for k, t in tables.items()]
+    return "\n\n".join(blocks + notes)
 
 
-def markdown_table(key, table):
-    method, protocol, shots = key
-    columns = list(dict.fromkeys(c for row in table.values() for c in row if c != "hm"))
+def title(settings, tables):
+    """"method, protocol, K shots", and the settings in which the table differs from others so named."""
+    cfg = json.loads(settings)
+    name = (cfg["method"], cfg["protocol"], cfg["shots"])
+    others = [json.loads(k) for k in tables if k != settings]
+    others = [o for o in others if (o["method"], o["protocol"], o["shots"]) == name]
+    differ = sorted({k for o in others for k in set(o) | set(cfg) if o.get(k) != cfg.get(k)})
+    return f"{cfg['method']}, {cfg['protocol']}, {cfg['shots']} shots" + "".join(
+        f", {k} {cfg.get(k)!r}" for k in differ)
+
+
+def markdown_table(name, protocol, table):
+    columns = list(dict.fromkeys(c for row in table.values() for c in row if c not in ("hm", "seed")))
     fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"  # noqa: E731
-    lines = [f"### {method}, {protocol}, {shots} shots", "",
+    lines = [f"### {name}", "",
              "| data set | seeds | " + " | ".join(columns) + (" | HM |" if protocol == "base2novel" else " |"),
              "|---" * (len(columns) + 2 + (protocol == "base2novel")) + "|"]
     means = {c: [] for c in columns}
@@ -208,7 +249,7 @@ def markdown_table(key, table):
                 means[c].append(statistics.mean(row[c]))
         if protocol == "base2novel":
             cells.append(f"{train.harmonic_mean(statistics.mean(row['base_acc']), statistics.mean(row['novel_acc'])):.2f}")
-        lines.append(f"| {dataset} | {len(next(iter(row.values())))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {dataset} | {len(row['seed'])} | " + " | ".join(cells) + " |")
     if len(table) > 1:
         cells = [f"{statistics.mean(means[c]):.2f}" if means[c] else "" for c in columns]
         if protocol == "base2novel":

@@ -14,6 +14,7 @@ log.txt, metrics.json and prompt_learner.pt (the learned tensors, config and cla
 """
 import argparse
 import collections
+import fcntl
 import json
 import math
 import os
@@ -28,29 +29,46 @@ import torch
 import clip
 import data
 import prompts
+from clip.files import atomic_write
 from prompts import METHODS, clip_architecture
-from prompts.common import learned_state
+from prompts.common import Range, check_settings, learned_state
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
+SWITCH = ("auto", "on", "off")
 
 # -----------------------------------------------------------------------------
 # Defaults shared by every method (the CoOp-family protocol). A method's own hyper-parameters
 # (lr, batch size, epochs, prompt sizes) are DEFAULTS in prompts/<method>.py; every key of either
-# can be set on the command line (--lr 0.001, --n_ctx 8, ...).
+# can be set on the command line (--lr 0.001, --n_ctx 8, ...), with HELP as its help and CHOICES
+# as its allowed values (numbers not listed there: >= 0), checked before a run folder exists.
 DEFAULTS = dict(
-    model="ViT-B/16",        # an OpenAI name (downloaded once, sha256-checked) or a checkpoint path
-    protocol="base2novel",   # train on base classes, test on base and novel (CoCoOp Sec. 4.1)
-    shots=16,                # K training images per class (all protocols of the papers use 16)
-    seed=1,                  # the papers average seeds 1, 2, 3
-    momentum=0.9, weight_decay=5e-4,
-    warmup_epochs=1, warmup_lr=1e-5,  # constant lr for the first epoch, then cosine (Dassl's)
+    model="ViT-B/16", protocol="base2novel", shots=16, seed=1,
+    momentum=0.9, weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5,
     eval_batch_size=100, workers=min(8, os.cpu_count() or 1),
-    threads=0,               # CPU threads of torch's kernels; 0: torch's default (one per core)
-    # Speed and memory switches ("auto", "on" or "off"; bench.py measures them). Neither changes what
-    # is learned beyond float rounding; --precision (bf16 on a GPU) is the third.
-    augment_on_device="auto",   # resize the random crops on the GPU instead of with PIL (auto: on a GPU)
-    text_checkpointing="auto",  # recompute text-encoder activations in backward (auto: >= 4,000 prompts a step)
+    threads=0,
+    # Speed and memory switches (bench.py measures them). None changes what is learned beyond
+    # float rounding.
+    precision="auto", augment_on_device="auto", text_checkpointing="auto",
 )
-SWITCHES = ("augment_on_device", "text_checkpointing")
+HELP = dict(
+    model="an OpenAI CLIP name (downloaded once, sha256-checked) or a checkpoint path",
+    protocol="base2novel: train on the base classes, test on base and novel (CoCoOp Sec. 4.1); "
+             "fewshot: all classes; crossdataset: all classes, then eval.py on other data sets",
+    shots="K training images per class (the papers use 16)",
+    seed="the shots' draw and the prompts' init (the papers average seeds 1, 2, 3)",
+    momentum="SGD momentum", weight_decay="SGD weight decay",
+    warmup_epochs="epochs at the constant warmup_lr before the cosine schedule starts (Dassl's)",
+    warmup_lr="learning rate of the warm-up epochs",
+    eval_batch_size="test images per batch",
+    workers="processes decoding test images (0: in this one)",
+    threads="CPU threads of torch's kernels; 0: torch's default (one per core)",
+    precision="auto: bf16 on a GPU, fp32 on the CPU (fp16 needs a GPU for its loss scaling)",
+    augment_on_device="resize the random crops on the device instead of with PIL (auto: on a GPU)",
+    text_checkpointing="recompute text-encoder activations in backward (auto: >= 4,000 prompts "
+                       "a step)",
+)
+CHOICES = dict(protocol=PROTOCOLS, shots=Range(1), momentum=Range(0, 1), eval_batch_size=Range(1),
+               precision=("auto", "fp32", "bf16", "fp16"), augment_on_device=SWITCH,
+               text_checkpointing=SWITCH)
 # On the built-in toy world (--dataset toy) these replace the DEFAULTS above, and prompts.TOY_DEFAULTS the
 # method's own. Its CLIP is tiny: its matrices are too small to share out between cores, and a 600-image
 # test set is read faster in this process than by worker processes that have to start first.
@@ -59,45 +77,34 @@ TOY = dict(model="toy", threads=1, workers=0)
 
 
 def parse_args(argv=None):
-    """--method first decides which method's DEFAULTS become flags, then everything is parsed."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """--method decides which method's options exist; --help without it describes every method."""
+    argv = [flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--method")
+    pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)
+    if known.help and known.method not in METHODS:  # every method's options, one section each
+        p = build_parser()
+        p.epilog, flags_note = None, p.epilog
+        methods = "".join("\n" + method_help(name) for name in METHODS)
+        print(p.format_help() + methods + "\n" + flags_note)
+        raise SystemExit(0)
     if known.method not in METHODS:
-        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)} (got {known.method!r})")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("--dataset", required=True, help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
-    p.add_argument("--root", default=os.environ.get("DATA", "data_root"), help="data sets folder ($DATA)")
-    p.add_argument("--out", help="run folder (default runs/<dataset>/<method>/<protocol>/shots<K>_seed<S>)")
-    p.add_argument("--fewshot-file", help="a fewshot.json to train on instead of sampling shots")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
-    for key, value in {**DEFAULTS, **METHODS[known.method].DEFAULTS}.items():
-        add_option(p, key, value)
+        given = "" if known.method is None else f" (got {known.method!r})"
+        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}{given}; "
+                         f"`python train.py --help` describes them")
+    p = build_parser(known.method)
     args = p.parse_args(argv)
-    keys = {**DEFAULTS, **METHODS[args.method].DEFAULTS}
+    method = METHODS[known.method]
+    keys = {**DEFAULTS, **method.DEFAULTS}
     given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
     vars(args).update(settings(args.method, args.dataset, given), given=set(given))
-    if args.protocol not in PROTOCOLS:
-        p.error(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {args.protocol!r})")
-    for key in SWITCHES:
-        if getattr(args, key) not in ("auto", "on", "off"):
-            p.error(f"--{key} must be auto, on or off (got {getattr(args, key)!r})")
-    args.precision = args.precision or default_precision(args.device)
+    check_values(p, args, DEFAULTS, CHOICES)
+    check_values(p, args, method.DEFAULTS, method.CHOICES)
+    check_device(p, args)
+    if args.out == "":
+        p.error("--out is empty; leave it out for the default run folder")
     return args
-
-
-def add_option(parser, key, default):
-    """--key, typed after its default. Parsed as None when not given, so a flag given can win over the
-    protocol's settings (settings() fills in the rest)."""
-    kwargs = dict(default=None, help=f"default {default!r}")
-    if isinstance(default, bool):
-        parser.add_argument(f"--{key}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), **kwargs)
-    elif isinstance(default, tuple):
-        parser.add_argument(f"--{key}", type=type(default[0]), nargs=len(default), **kwargs)
-    else:
-        parser.add_argument(f"--{key}", type=type(default), **kwargs)
 
 
 def shared_defaults(dataset):
@@ -113,6 +120,114 @@ def settings(method, dataset, given):
     toy = prompts.TOY_DEFAULTS.get(method, {}) if dataset == "toy" else {}
     cfg = {**shared_defaults(dataset), **METHODS[method].DEFAULTS, **toy, **given}
     return {**cfg, **prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"]), **given}
+
+
+def flag_style(arg):
+    """--batch-size -> --batch_size: a flag may be spelled with - or _ (values are left alone)."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
+def build_parser(method=None):
+    """train.py's flags: the run's, the protocol's (DEFAULTS) and `method`'s (its DEFAULTS)."""
+    epilog = ("Defaults are base-to-novel's; other protocols and data sets change some "
+              "(prompts.protocol_defaults), and a flag given wins. Flags take - or _ alike "
+              "(--batch-size = --batch_size). `--method NAME --help` shows one method's options.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
+                                allow_abbrev=False)
+    p.add_argument("--method", required=True, choices=list(METHODS), help="the prompt learner")
+    p.add_argument("--dataset", required=True,
+                   help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
+    p.add_argument("--root", default=os.environ.get("DATA", "data_root"),
+                   help="data sets folder ($DATA)")
+    p.add_argument("--out",
+                   help="run folder (default runs/<dataset>/<method>/<protocol>/shots<K>_seed<S>)")
+    p.add_argument("--fewshot_file", help="a fewshot.json to train on instead of sampling shots")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, mps")
+    add_options(p.add_argument_group("protocol options (every method)"), DEFAULTS, HELP, CHOICES)
+    if method:
+        add_method_options(p, method)
+    return p
+
+
+def add_method_options(parser, method):
+    module = METHODS[method]
+    group = parser.add_argument_group(f"--method {method}", module.__doc__.strip().splitlines()[0])
+    add_options(group, module.DEFAULTS, module.HELP, module.CHOICES)
+
+
+def method_help(method):
+    """The help of one method's options alone (train.py --help lists every method's)."""
+    p = argparse.ArgumentParser(usage=argparse.SUPPRESS, add_help=False)
+    add_method_options(p, method)
+    return p.format_help()
+
+
+def add_options(group, defaults, helps, choices):
+    """One flag per key of defaults; its type, and a tuple's number of values, from the default.
+    Parsed as None when not given, so that a flag given wins over the protocol's settings."""
+    for key, default in defaults.items():
+        allowed = choices.get(key)
+        shown = (" ".join(map(str, default)) if isinstance(default, tuple)
+                 else "''" if default == ""
+                 else ("yes" if default else "no") if isinstance(default, bool) else str(default))
+        shown += f"; {allowed}" if isinstance(allowed, Range) else ""
+        text = f"{helps.get(key, '')} (default: {shown})"
+        kwargs = dict(default=None, help=text.replace("%", "%%"))
+        if isinstance(default, bool):
+            kwargs.update(type=yes_no, metavar="yes|no")
+        elif isinstance(default, tuple):
+            kwargs.update(type=type(default[0]), nargs=len(default))
+        else:
+            metavar = "|".join(allowed) if isinstance(allowed, tuple) else None
+            kwargs.update(type=type(default), metavar=metavar)
+        group.add_argument(f"--{key}", **kwargs)
+
+
+def yes_no(text):
+    answer = dict(yes=True, true=True, on=True, no=False, false=False, off=False).get(text.lower())
+    answer = {"1": True, "0": False}.get(text, answer)
+    if answer is None:
+        raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+    return answer
+
+
+def check_values(parser, args, defaults, choices):
+    """Every value in its CHOICES; a number not listed there must be >= 0 (and finite)."""
+    try:
+        check_settings(vars(args), defaults, choices)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def check_device(parser, args):
+    """--device must exist here; --precision auto becomes bf16 on a GPU, fp32 on the CPU."""
+    if device_error(args.device):
+        parser.error(device_error(args.device))
+    args.precision = default_precision(args.device) if args.precision == "auto" else args.precision
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        parser.error("--precision fp16 needs a CUDA device (its loss scaling runs there); "
+                     "use bf16 or fp32")
+
+
+def device_error(device):
+    """Why torch cannot compute on `device` here, or None."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps)"
+    if d.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU is available here; use --device cpu"
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        return f"--device {device}: there are {torch.cuda.device_count()} GPUs (cuda:0 ...)"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: MPS is not available here; use --device cpu"
+    if d.type not in ("cpu", "cuda", "mps"):
+        return f"--device {device}: only cpu, cuda[:N] and mps are supported"
+    return None
 
 
 # -- setup -------------------------------------------------------------------------------------------
@@ -139,13 +254,29 @@ def clear_errors():
     try:
         yield
     except (ValueError, RuntimeError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        message = str(e).strip()
+        if "Original Traceback" in message:  # from a DataLoader worker: the last line is the error
+            message = message.splitlines()[-1]
+        if len(message) > 1000:  # e.g. a 5,000-letter --ctx_init quoted back
+            message = message[:600] + " [...] " + message[-300:]
+        raise SystemExit(f"error: {message}") from None
 
 
 def load_frozen_clip(name, device):
     with clear_errors():
         model, _ = clip.load(name, device=device)
+    check_finite(model.state_dict(), f"the CLIP weights {name}")
     return model.requires_grad_(False).eval()  # frozen by construction: nothing of CLIP gets a gradient
+
+
+def check_finite(tensors, source):
+    """Stop, naming them, if loaded tensors hold NaN or infinity (chance-level results)."""
+    bad = [k for k, t in tensors.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise SystemExit(f"error: {source}: NaN or infinite values in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}; the file is damaged or was trained "
+                         f"with a too-high lr")
 
 
 def build_method(method, clip_model, classnames, template, cfg):
@@ -194,48 +325,202 @@ def warn_warmup_only_stages(stages, cfg, log):
 
 
 # -- the run folder: resume or refuse, never overwrite ----------------------------------------------
+# Every file goes through clip.files.atomic_write: a kill or a full disk leaves the previous
+# version of each, so the same command resumes after the last finished epoch. log.txt is appended.
 
-def prepare_run_folder(out, cfg):
-    """Create `out`, or resume it if it holds an unfinished run with the same settings."""
-    if os.path.exists(os.path.join(out, "metrics.json")):
+RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt",
+             "train_state.pt", ".lock")
+
+
+@contextmanager
+def write_errors(path):
+    """A full disk or a folder that cannot be written: a message, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"error: could not write {path}: {e.strerror or e}. The files written "
+                         f"before are intact: make room (or fix the folder) and run the same "
+                         f"command again to continue.") from None
+
+
+def save_json(path, obj):
+    with write_errors(path), atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
+
+
+def save_torch(path, obj):
+    with write_errors(path), atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def read_json(path):
+    """The JSON at path, or None if it is missing or damaged (e.g. 0 bytes after a full disk)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_out_folder(out):
+    """--out must be (or become) a folder this process can write in; checked before it is made."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a file; give a folder for the run")
+    if unwritable(out):
+        raise SystemExit(f"error: --out {out} cannot be made: {unwritable(out)}")
+
+
+def unwritable(path):
+    """Why `path` (a folder, or a file or folder to be made) cannot be written here, or None."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} cannot be written (read-only?)"
+    return None
+
+
+def prepare_run_folder(out, cfg, stages):
+    """Create `out`, or resume the unfinished run with the same settings in it; hold its lock.
+    Returns the saved training state (None for a new run)."""
+    check_out_folder(out)
+    if finished(out):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json). "
                          f"Pick another --out, or delete that folder to run again.")
-    config_path = os.path.join(out, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            old = json.load(f)
-        changed = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v and k not in ("device", "workers", "threads")}
-        if changed:
-            raise SystemExit(f"error: {out} holds an unfinished run with other settings "
-                             f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}). "
-                             f"Pick another --out, or delete that folder.")
-        return torch.load(os.path.join(out, "train_state.pt"), weights_only=True) \
-            if os.path.exists(os.path.join(out, "train_state.pt")) else None
-    if os.path.exists(out) and os.listdir(out):
-        raise SystemExit(f"error: {out} exists and is not a run folder of this script; pick another --out.")
-    os.makedirs(out, exist_ok=True)
-    with open(config_path, "w") as f:
-        json.dump(cfg, f, indent=2)
-    return None
+    old = recorded_config(out)
+    changed = {k: (old.get(k), v) for k, v in cfg.items()
+               if old.get(k) != v and k not in ("device", "workers", "threads")} if old is not None else {}
+    if changed and trained_in(out):
+        differences = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise SystemExit(f"error: {out} holds an unfinished run with other settings "
+                         f"({differences}). Pick another --out, or delete that folder.")
+    foreign = [name for name in (os.listdir(out) if os.path.isdir(out) else [])
+               if name not in RUN_FILES and not name.endswith(".tmp")]
+    if old is None and foreign:
+        raise SystemExit(f"error: {out} exists and is not a run folder of this script; "
+                         f"pick another --out.")
+    with write_errors(out):
+        os.makedirs(out, exist_ok=True)
+    lock_run_folder(out)
+    for name in os.listdir(out):  # what a killed process was writing (atomic_write's temp names)
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(out, name))
+    if changed:  # a run stopped before its first epoch ended (bad image, NaN): nothing to keep
+        print(f"note: {out} holds no finished epoch of its earlier settings; starting it over")
+    if changed or read_json(os.path.join(out, "config.json")) is None:  # or new, or restored above
+        save_json(os.path.join(out, "config.json"), cfg)
+    return load_train_state(out, stages)
+
+
+def finished(out):
+    """metrics.json is written last; a damaged one (a disk error) means: evaluate again."""
+    return isinstance(read_json(os.path.join(out, "metrics.json")), dict)
+
+
+def trained_in(out):
+    """Whether the run in `out` has finished an epoch (or its --epochs 0): then it keeps its
+    settings and its shots."""
+    return any(os.path.exists(os.path.join(out, name))
+               for name in ("prompt_learner.pt", "train_state.pt"))
+
+
+def recorded_config(out):
+    """The settings of the run in `out`: config.json, or the checkpoint's copy if it is damaged."""
+    path = os.path.join(out, "config.json")
+    config = read_json(path)
+    if config is not None or not os.path.exists(path):
+        return config
+    try:
+        ckpt_path = os.path.join(out, "prompt_learner.pt")
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
+    except Exception:  # no readable checkpoint: only a run without a finished epoch restarts
+        if os.path.exists(os.path.join(out, "train_state.pt")):
+            raise SystemExit(f"error: {path} is damaged and no checkpoint holds the run's "
+                             f"settings; delete the folder {out} to start the run over") from None
+        return None
+
+
+def load_train_state(out, stages):
+    path = os.path.join(out, "train_state.pt")
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        return checkpoint_state(out, stages, f"{path} is damaged ({type(e).__name__})")
+    check_finite(state["learned"], path)
+    return state
+
+
+def checkpoint_state(out, stages, damage):
+    """A damaged train_state.pt: go on from the last checkpoint's prompts, so no more than the
+    interrupted epoch is lost. Only the SGD momentum and the random streams start afresh."""
+    path = os.path.join(out, "prompt_learner.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        learned, epochs_done = ckpt["state_dict"], ckpt["epoch"]
+    except Exception:
+        raise SystemExit(f"error: {damage}, and {path} cannot be read either. Delete both and "
+                         f"run the same command again: the run restarts from its first epoch, "
+                         f"with its settings and shots kept.") from None
+    check_finite(learned, path)
+    epochs = [[i, epoch] for i, (_, n) in enumerate(stages) for epoch in range(n)]
+    return dict(done=epochs[:epochs_done], stage=None, rng=None, learned=learned,
+                note=f"warning: {damage}; going on from prompt_learner.pt with a fresh SGD "
+                     f"momentum and random stream, so the prompts will differ slightly from an "
+                     f"uninterrupted run's")
+
+
+RUN_LOCKS = {}  # run folder -> its open .lock file, held until the run ends (a kill drops it)
+
+
+def lock_run_folder(out):
+    """One process per run folder: a second train.py on the same --out is refused."""
+    key = os.path.abspath(out)
+    if key in RUN_LOCKS:  # an earlier run of this process ended in an exception: still ours
+        return
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(f"error: another process (pid {pid}) is running in {out}; wait for it "
+                         f"to end, or pick another --out") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    RUN_LOCKS[key] = f
+
+
+def unlock_run_folder(out):
+    f = RUN_LOCKS.pop(os.path.abspath(out), None)
+    if f:
+        os.remove(f.name)
+        f.close()
 
 
 class Log:
     def __init__(self, path):
-        self.file = open(path, "a")
+        self.path = path
+        with write_errors(path):
+            self.file = open(path, "a")
 
     def __call__(self, msg):
         print(msg, flush=True)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        with write_errors(self.path):
+            self.file.write(msg + "\n")
+            self.file.flush()
 
 
 def save_checkpoint(out, model, cfg, epochs_done):
     """Only the learned tensors (KB to a few MB), never CLIP; plus what is needed to use them again."""
-    path = os.path.join(out, "prompt_learner.pt")
-    torch.save(dict(method=cfg["method"], config=cfg, classnames=model.classnames, epoch=epochs_done,
-                    clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)),
-               path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken checkpoint
+    save_torch(os.path.join(out, "prompt_learner.pt"), dict(
+        method=cfg["method"], config=cfg, classnames=model.classnames, epoch=epochs_done,
+        clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)))
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -251,13 +536,43 @@ def few_shot_data(ds, args, cfg):
         raise SystemExit(f"error: {args.dataset} is test-only; train on another data set and use eval.py on it.")
     if not args.fewshot_file:
         return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
-    with clear_errors():
+    try:
         train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} is not a fewshot.json of "
+                         f"train.py ({type(e).__name__}: {e})") from None
+    if not train:
+        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} lists no training images")
     shots = max(collections.Counter(item.label for item in train).values())  # the file decides K
     follow = prompts.protocol_defaults(cfg["method"], cfg["protocol"], args.dataset, shots)  # e.g. CoOp's epochs
     cfg.update({k: v for k, v in follow.items() if k not in args.given},
                shots=shots, fewshot_file=os.path.abspath(args.fewshot_file))
     return train, val
+
+
+def recorded_shots(out, ds, train, val):
+    """On resume, the shots the run started with (its fewshot.json), even if the data changed."""
+    path = os.path.join(out, "fewshot.json")
+    if not trained_in(out) or not os.path.isfile(path) or finished(out):  # today's draw
+        return train, val
+    try:
+        recorded = data.load_fewshot(path, ds.image_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}). Delete that file "
+                         f"and run the same command again to draw the shots from --seed anew (the "
+                         f"same draw if the data set is unchanged), or delete {out} to start "
+                         f"over.") from None
+    for item in recorded[0] + recorded[1]:
+        now = ds.classnames[item.label] if 0 <= item.label < len(ds.classnames) else None
+        if now != data.prompt_name(item.classname):
+            raise SystemExit(f"error: {path} records label {item.label} as "
+                             f"{item.classname!r}, but {ds.name} now has {now!r} there: the data "
+                             f"set changed since this run started. Restore it, or delete {out} "
+                             f"to start over.")
+    if [(d.impath, d.label) for d in recorded[0]] != [(d.impath, d.label) for d in train]:
+        print(f"note: training on the shots recorded in {path}, not on today's draw "
+              f"(the data set changed)")
+    return recorded
 
 
 def warn_short_classes(train_items, shots, log):
@@ -273,10 +588,12 @@ def warn_short_classes(train_items, shots, log):
 @torch.no_grad()
 def evaluate(model, items, args, cfg):
     """Top-1 accuracy (%) on items; the class features are computed once, then images stream by."""
+    if not items:
+        raise SystemExit("error: there are no test images to evaluate on")
     model.eval()
     device = args.device
     correct = total = 0
-    with autocast(args):
+    with autocast(args), clear_errors():  # an unreadable test image: its name, not a traceback
         text_features = model.text_features()
         for images, labels in data.test_loader(items, model.clip.visual.input_resolution,
                                                cfg["eval_batch_size"], cfg["workers"]):
@@ -331,26 +648,38 @@ def train(model, train_items, args, cfg, out, log, state=None):
                     loss = model.loss(images.to(device), labels.to(device))
                 if not torch.isfinite(loss):
                     raise SystemExit(f"error: the loss is {loss.item()} at stage {stage!r}, epoch {epoch + 1}, "
-                                     f"step {step + 1}. Training stopped; the last good checkpoint is in {out}. "
+                                     f"step {step + 1}. Training stopped; {last_good(out)}. "
                                      f"Try a lower --lr or --precision fp32.")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if not torch.stack([p.detach().isfinite().all() for p in params]).all():
+                    raise SystemExit(f"error: step {step + 1} of stage {stage!r}, epoch "
+                                     f"{epoch + 1} made the learned tensors NaN or infinite "
+                                     f"(the loss was {loss.item():.4g}). Training stopped; "
+                                     f"{last_good(out)}. Try a lower --lr or --precision fp32.")
                 losses.append(loss.item())
                 for k, v in model.loss_terms.items():
                     terms[k] = terms.get(k, 0.0) + v
             state = None  # a resumed run's optimizer and random state are used once
             done.append([stage_index, epoch])
             save_checkpoint(out, model, cfg, len(done))
-            torch.save(dict(done=done, stage=stage_index, optimizer=optimizer.state_dict(), rng=rng_state(loader),
-                            learned=learned_state(model)), os.path.join(out, "train_state.pt"))
+            save_torch(os.path.join(out, "train_state.pt"), dict(
+                done=done, stage=stage_index, optimizer=optimizer.state_dict(),
+                rng=rng_state(loader), learned=learned_state(model)))
             seconds = time.time() - start
             left = sum(e for _, e in stages) - len(done)
             means = ", ".join(f"{k} {float(v) / len(losses):.4f}" for k, v in terms.items())  # "ce 0.9, kl 0.1"
             log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f} ({means})  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  ETA {left * seconds / 60:.1f} min")
     return len(done)
+
+
+def last_good(out):
+    if trained_in(out):
+        return f"the last good checkpoint is in {out}"
+    return f"no epoch had finished, so the same command with other settings starts {out} over"
 
 
 def harmonic_mean(base, novel):
@@ -366,6 +695,8 @@ def rng_state(loader):
 
 def restore_rng(state, loader):
     rng = state["rng"]
+    if rng is None:  # resumed from a checkpoint (train_state.pt was damaged): streams start afresh
+        return
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     loader.generator.set_state(rng["loader"])
@@ -395,23 +726,38 @@ def run(args, cfg):
     clip_model = load_frozen_clip(cfg["model"], args.device)
     set_seed(cfg["seed"])  # before sampling the shots and initialising the prompts, as in CoOp's train.py
     fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
-    subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet classes
-    (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
-    model = build_method(method, clip_model, classnames, ds.template, cfg)
-
     out = args.out or os.path.join("runs", safe_name(args.dataset), method,
                                    cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
-    state = prepare_run_folder(out, cfg)
+    fewshot_train, fewshot_val = recorded_shots(out, ds, fewshot_train, fewshot_val)
+    subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet classes
+    (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
+    (_, _, novel_test), novel_names = data.subsample_classes("new", fewshot_train, fewshot_val,
+                                                             ds.test)
+    if cfg["protocol"] == "base2novel" and not novel_test:
+        raise SystemExit(f"error: {args.dataset} has {len(classnames)} class(es) with test "
+                         f"images, too few to split into base and novel; use --protocol fewshot")
+    if not test_items:
+        raise SystemExit(f"error: {args.dataset} has no test images for its {subsample} classes")
+    model = build_method(method, clip_model, classnames, ds.template, cfg)
+
+    state = prepare_run_folder(out, cfg, model.stages(cfg))
     log = Log(os.path.join(out, "log.txt"))
-    if not os.path.exists(os.path.join(out, "fewshot.json")):
-        data.save_fewshot(os.path.join(out, "fewshot.json"), fewshot_train, fewshot_val, ds.image_dir)
+    fewshot_path = os.path.join(out, "fewshot.json")
+    if state is None or not os.path.exists(fewshot_path):  # it always holds the shots trained on
+        with write_errors(fewshot_path):
+            data.save_fewshot(fewshot_path, fewshot_train, fewshot_val, ds.image_dir)
     if state:
         model.load_state_dict(state["learned"], strict=False)
+        if state.get("note"):
+            log(state["note"])
         log(f"resuming {out} after {len(state['done'])} epochs")
     learned = {k: v.numel() for k, v in learned_state(model).items()}
     log(f"{method} on {args.dataset} ({cfg['protocol']}, {cfg['shots']} shots, seed {cfg['seed']}): "
         f"{len(train_items)} training images, {len(classnames)} classes")
     warn_short_classes(fewshot_train, cfg["shots"], log)
+    for names in data.duplicate_classnames(ds.train, ds.val, ds.test):
+        log(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
+            f"{', '.join(names)}")
     log("learned tensors: " + ", ".join(f"{k} ({n:,})" for k, n in learned.items()))
     log(f"trainable parameters: {sum(learned.values()):,} (CLIP: frozen)")
 
@@ -421,7 +767,6 @@ def run(args, cfg):
     metrics = {}
     if cfg["protocol"] == "base2novel":
         metrics["base_acc"] = evaluate(model, test_items, args, cfg)
-        (_, _, novel_test), novel_names = data.subsample_classes("new", fewshot_train, fewshot_val, ds.test)
         novel = build_method(method, clip_model, novel_names, ds.template, cfg)
         novel.load_state_dict(model.state_dict(), strict=False)  # same prompts, class buffers rebuilt
         metrics["novel_acc"] = evaluate(novel, novel_test, args, cfg)
@@ -429,10 +774,10 @@ def run(args, cfg):
     else:
         metrics["accuracy"] = evaluate(model, test_items, args, cfg)
     log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    save_json(os.path.join(out, "metrics.json"), metrics)
     if os.path.exists(os.path.join(out, "train_state.pt")):
         os.remove(os.path.join(out, "train_state.pt"))  # the run is complete; only the prompts are kept
+    unlock_run_folder(out)
     return metrics
 
 

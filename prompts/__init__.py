@@ -2,8 +2,17 @@
 
 A method is one module in prompts/ that defines
     DEFAULTS     its hyper-parameters (each becomes a train.py flag: --n_ctx 8, --lr 0.001, ...)
+    HELP         one line of help per key of DEFAULTS, shown by `train.py --method NAME --help`
+    CHOICES      the allowed values where a type allows more: a tuple of strings (fusion=("feature",
+                 "logit")) or a prompts.common.Range (n_ctx=Range(1), alpha=Range(0, 1)). A number not
+                 listed must be >= 0; a True/False default takes yes/no. train.py refuses anything else
+                 before it creates a run folder.
     CustomCLIP   CustomCLIP(clip_model, classnames, template, cfg), a prompts.common.PromptedCLIP
 and one line in METHODS below. That is the whole fork: nothing else in the repository names a method.
+For example (prompts/coop.py):
+    DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", lr=0.002, batch_size=32, epochs=200)
+    HELP = dict(n_ctx="context tokens M", ctx_init="words the context starts from", ...)
+    CHOICES = dict(n_ctx=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
 """
 from prompts import aple, coop, pmpo
 

@@ -46,26 +46,35 @@ config; prompts.protocol_defaults].
 import torch
 import torch.nn.functional as F
 
-from prompts.common import PromptedCLIP, PromptLearner, cosine_logits, deep_prompts, layer_dict, zeroshot_classifier
+from prompts.common import (PromptedCLIP, PromptLearner, Range, check_settings, cosine_logits, deep_prompts,
+                            layer_dict, zeroshot_classifier)
 
-DEFAULTS = dict(
-    n_ctx=4, ctx_init="a photo of a",  # text prompt (layer 0): n_ctx tokens from ctx_init (see PromptLearner)
-    n_ctx_vision=4,                    # vision prompt tokens per layer
-    depth=9,                           # layers 0..depth-1 of each encoder carry prompts
-    first="language",                  # stage I order: "language" then "vision", or the reverse
-    stage_epochs=(7, 7, 6),            # stage I-a, stage I-b, stage II
-    kl_weight=1.0,                     # weight of KL(p_zs || p) in stage I
-    kl_form="distill",                 # KL / batch ("distill"), or / (batch x classes) ("promptsrc")
-    kl_temperature=1.0,                # T of the KL (T^2 keeps its gradient scale)
-    teacher_input="raw",               # p_zs from the "raw" image or the adapter's "filtered" one
-    stage_schedule="one",              # "one" warm-up + cosine over all stages, or "restart" at each stage
-    adapter=True, adapter_at_test=True, sigma=0.05, alpha=0.9,
-    lr=0.0025, batch_size=4,           # 20 epochs in all: the sum of stage_epochs
+DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", n_ctx_vision=4, depth=9, first="language",
+                stage_epochs=(7, 7, 6), kl_weight=1.0, kl_form="distill", kl_temperature=1.0,
+                teacher_input="raw", stage_schedule="one", adapter=True, adapter_at_test=True, sigma=0.05,
+                alpha=0.9, lr=0.0025, batch_size=4)
+HELP = dict(
+    n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner)",
+    ctx_init="words the text prompt starts from ('' for random)",
+    n_ctx_vision="vision prompt tokens per layer",
+    depth="layers 0..depth-1 of each encoder carry prompts",
+    first="stage I order: this branch first, then the other",
+    stage_epochs="epochs of stage I-a, stage I-b and stage II (20 in all by default)",
+    kl_weight="weight of KL(p_zs || p) to zero-shot CLIP in stage I",
+    kl_form="KL / batch (distill), or / (batch x classes) (promptsrc)",
+    kl_temperature="T of the KL (T^2 keeps its gradient scale)",
+    teacher_input="p_zs from the raw image, or the adapter's filtered one",
+    stage_schedule="one warm-up + cosine over all stages, or restart them at each stage",
+    adapter="Gaussian filter image adapter", adapter_at_test="the adapter at test time too",
+    sigma="the adapter's Gaussian width, on frequencies in [-0.5, 0.5)",
+    alpha="I_bar = alpha * I + (1 - alpha) * lowpass(I)",
+    lr="SGD learning rate", batch_size="images per step",
 )
-
-
-CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),
-               teacher_input=("raw", "filtered"), stage_schedule=("one", "restart"))
+CHOICES = dict(n_ctx=Range(1), n_ctx_vision=Range(1), depth=Range(1), first=("language", "vision"),
+               kl_form=("distill", "promptsrc"), kl_temperature=Range(0, open_low=True),
+               teacher_input=("raw", "filtered"), stage_schedule=("one", "restart"),
+               sigma=Range(0, open_low=True), alpha=Range(0, 1), lr=Range(0, open_low=True),
+               batch_size=Range(1))
 
 
 def gaussian_adapter(images, sigma=0.05, alpha=0.9):
@@ -86,11 +95,7 @@ class CustomCLIP(PromptedCLIP):
     def __init__(self, clip_model, classnames, template, cfg):
         super().__init__()
         self.clip, self.cfg = clip_model, cfg
-        for key, allowed in CHOICES.items():
-            if cfg[key] not in allowed:
-                raise ValueError(f"--{key} must be one of {', '.join(allowed)} (got {cfg[key]!r})")
-        if not cfg["kl_temperature"] > 0:
-            raise ValueError(f"--kl_temperature must be positive (got {cfg['kl_temperature']})")
+        check_settings(cfg, DEFAULTS, CHOICES)  # train.py checks its flags so; this is for direct use
         self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"])
         n_ctx, depth = self.prompt_learner.n_ctx, cfg["depth"]
         for encoder, layers in (("text", clip_model.transformer.layers), ("vision", clip_model.visual.transformer.layers)):

@@ -8,9 +8,12 @@
   baseline, PMPO's prior, APLe's teacher).
 - `PromptedCLIP`: the base class of each method's model (forward and the cross-entropy loss).
 - `cosine_logits`, `learned_state`: the logits every method uses, and what a checkpoint holds.
+- `Range`, `check_settings`: the allowed values of an option (a method's CHOICES), and their check.
 
 The frozen CLIP is a submodule named `clip`; everything else a method defines is learned.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,3 +167,36 @@ def cosine_logits(clip_model, image_features, text_features):
 def learned_state(model):
     """The tensors a method learns: all parameters outside the frozen CLIP (a checkpoint holds only these)."""
     return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if not k.startswith("clip.")}
+
+
+class Range:
+    """Allowed values of a number option, for a method's CHOICES: Range(1) is "an integer/number >= 1",
+    Range(0, 1) "between 0 and 1", Range(0, open_low=True) "> 0". NaN and infinity are never in a Range."""
+
+    def __init__(self, low=0, high=math.inf, open_low=False):
+        self.low, self.high, self.open_low = low, high, open_low
+
+    def __contains__(self, value):
+        above = value > self.low if self.open_low else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def __str__(self):
+        if self.high != math.inf:
+            return f"between {self.low} and {self.high}"
+        return f"{'>' if self.open_low else '>='} {self.low}"
+
+
+def describe(allowed):
+    """CHOICES' values in words: ("a", "b", "c") -> "a, b or c"; a Range as itself (">= 1")."""
+    return str(allowed) if isinstance(allowed, Range) else ", ".join(allowed[:-1]) + " or " + allowed[-1]
+
+
+def check_settings(cfg, defaults, choices):
+    """ValueError naming the first value outside its CHOICES; a number not listed there must be >= 0."""
+    for key, default in defaults.items():
+        first = default[0] if isinstance(default, tuple) else default
+        allowed = choices.get(key, Range(0) if type(first) in (int, float) else None)
+        value = cfg[key]
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if allowed is not None and v not in allowed:
+                raise ValueError(f"--{key} must be {describe(allowed)} (got {v!r})")

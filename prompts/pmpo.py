@@ -33,18 +33,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prompts.common import PromptedCLIP, PromptLearner, cosine_logits, zeroshot_classifier
+from prompts.common import PromptedCLIP, PromptLearner, Range, cosine_logits, zeroshot_classifier
 
-DEFAULTS = dict(
-    n_prompts=4,               # N: learnable prompts = vision partitions
-    n_ctx=4,                   # tokens per prompt
-    ctx_init="a photo of a",   # init of prompt 1 ('' for random)
-    depth=9,                   # the partitions cover vision layers 0..depth-1 (MaPLe's prompt depth)
-    inject="every",            # "every" layer of a partition, or only its "first"
-    fusion="feature",          # "feature" average of class features, or "logit" average
-    prior=True,                # fuse the hand-crafted template's class features
-    lr=0.0035, batch_size=4, epochs=5,
+DEFAULTS = dict(n_prompts=4, n_ctx=4, ctx_init="a photo of a", depth=9, inject="every", fusion="feature",
+                prior=True, lr=0.0035, batch_size=4, epochs=5)
+HELP = dict(
+    n_prompts="N: learnable text prompts, one per partition of the prompted vision layers",
+    n_ctx="tokens per prompt (with ctx_init, see PromptLearner)",
+    ctx_init="words prompt 1 starts from ('' for random); the others start random",
+    depth="the partitions cover vision layers 0..depth-1 (MaPLe's prompt depth)",
+    inject="vision tokens of a partition at every one of its layers, or only at its first",
+    fusion="average the N + 1 class features, or the N + 1 logit sets",
+    prior="fuse the class features of the data set's hand-crafted template",
+    lr="SGD learning rate", batch_size="images per step", epochs="training epochs",
 )
+CHOICES = dict(n_prompts=Range(1), n_ctx=Range(1), depth=Range(1), inject=("every", "first"),
+               fusion=("feature", "logit"), lr=Range(0, open_low=True), batch_size=Range(1))
 
 
 def partitions(n_layers, n):
