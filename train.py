@@ -100,7 +100,7 @@ def parse_args(argv=None):
     given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
     vars(args).update(settings(args.method, args.dataset, given), given=set(given))
     check_values(p, args, DEFAULTS, CHOICES)
-    check_values(p, args, method.DEFAULTS, method.CHOICES)
+    check_values(p, args, method.DEFAULTS, getattr(method, "CHOICES", {}))  # HELP, CHOICES: optional
     check_device(p, args)
     if args.out == "":
         p.error("--out is empty; leave it out for the default run folder")
@@ -155,8 +155,8 @@ def build_parser(method=None):
 
 def add_method_options(parser, method):
     module = METHODS[method]
-    group = parser.add_argument_group(f"--method {method}", module.__doc__.strip().splitlines()[0])
-    add_options(group, module.DEFAULTS, module.HELP, module.CHOICES)
+    group = parser.add_argument_group(f"--method {method}", (module.__doc__ or "").strip().split("\n")[0])
+    add_options(group, module.DEFAULTS, getattr(module, "HELP", {}), getattr(module, "CHOICES", {}))
 
 
 def method_help(method):
