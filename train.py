@@ -100,7 +100,7 @@ def parse_args(argv=None):
     given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
     vars(args).update(settings(args.method, args.dataset, given), given=set(given))
     check_values(p, args, DEFAULTS, CHOICES)
-    check_values(p, args, method.DEFAULTS, getattr(method, "CHOICES", {}))  # HELP, CHOICES: optional
+    check_values(p, args, method.DEFAULTS, getattr(method, "CHOICES", {}))  # CHOICES: optional
     check_device(p, args)
     if args.out == "":
         p.error("--out is empty; leave it out for the default run folder")
@@ -155,8 +155,10 @@ def build_parser(method=None):
 
 def add_method_options(parser, method):
     module = METHODS[method]
-    group = parser.add_argument_group(f"--method {method}", (module.__doc__ or "").strip().split("\n")[0])
-    add_options(group, module.DEFAULTS, getattr(module, "HELP", {}), getattr(module, "CHOICES", {}))
+    summary = (module.__doc__ or "").strip().split("\n")[0]
+    group = parser.add_argument_group(f"--method {method}", summary)
+    helps, choices = getattr(module, "HELP", {}), getattr(module, "CHOICES", {})  # optional
+    add_options(group, module.DEFAULTS, helps, choices)
 
 
 def method_help(method):
@@ -390,8 +392,9 @@ def prepare_run_folder(out, cfg, stages):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json). "
                          f"Pick another --out, or delete that folder to run again.")
     old = recorded_config(out)
+    speed = ("device", "workers", "threads")  # may change between a run and its resume
     changed = {k: (old.get(k), v) for k, v in cfg.items()
-               if old.get(k) != v and k not in ("device", "workers", "threads")} if old is not None else {}
+               if old.get(k) != v and k not in speed} if old is not None else {}
     if changed and trained_in(out):
         differences = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise SystemExit(f"error: {out} holds an unfinished run with other settings "
