@@ -279,9 +279,9 @@ def test_a_vision_prompt_first_given_after_layer_0_is_appended(tiny):
         got = tiny.encode_image(images(), deep_prompts={1: prompt})
         x = v.conv1(images()).flatten(2).transpose(1, 2)  # [B, 16, 64]
         x = torch.cat([v.class_embedding.expand(4, 1, -1), x], dim=1) + v.positional_embedding
-        x = v.transformer.resblocks[0](v.ln_pre(x))
+        x = v.transformer.resblocks[0].forward_nld(v.ln_pre(x))  # batch-first
         x = torch.cat([x, prompt.expand(4, -1, -1)], dim=1)  # [B, 17 + 3, 64]
-        x = v.transformer.resblocks[1](x)
+        x = v.transformer.resblocks[1].forward_nld(x)
         expected = v.ln_post(x[:, 0]) @ v.proj
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

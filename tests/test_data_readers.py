@@ -188,6 +188,15 @@ def make_imagenet_r(root):
     return variant(root, "imagenet-rendition", "imagenet-r")
 
 
+def make_toy(root):
+    # nothing to write: the toy world draws itself into the root on first use (data/toy.py)
+    from clip.toy import CLASSNAMES
+    from data.toy import PER_CLASS
+
+    n = len(CLASSNAMES)
+    return sorted(CLASSNAMES), (n * PER_CLASS["train"], n * PER_CLASS["val"], n * PER_CLASS["test"]), ("toy/ant/test_000.png", 0, "ant")
+
+
 BUILDERS = {name[len("make_") :]: fn for name, fn in globals().items() if name.startswith("make_")}
 
 
@@ -211,7 +220,7 @@ def test_reader(name, tmp_path):
 
 
 def test_reader_missing_dataset_folder(tmp_path):
-    for name in data.DATASETS:
+    for name in (n for n in data.DATASETS if n != "toy"):  # the toy world draws itself instead
         with pytest.raises(DatasetNotFound) as err:
             build_dataset(name, str(tmp_path))
         msg = str(err.value)
@@ -547,3 +556,10 @@ def test_prepare_manual_instructions(drive, tmp_path, capsys):
     assert "image-net.org" in by_hand and "valprep" in by_hand and "1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT" in by_hand
     with pytest.raises(SystemExit):
         prepare.main(["imagenett", "--root", str(tmp_path)])
+
+
+def test_toy_refuses_a_folder_it_did_not_draw(tmp_path):
+    os.makedirs(tmp_path / "toy" / "mine")
+    with pytest.raises(ValueError, match="not a toy world"):
+        build_dataset("toy", str(tmp_path))
+    assert os.listdir(tmp_path / "toy") == ["mine"]  # untouched
