@@ -221,7 +221,52 @@ def summary(dirs):
     if not tables:
         return "\n".join(notes + [f"no finished runs (metrics.json) under {', '.join(dirs)}"])
     blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"], t) for k, t in tables.items()]
-    return "\n\n".join(blocks + notes)
+    return "\n\n".join(blocks + side_by_side(tables) + notes)
+
+
+def side_by_side(tables):
+    """Base-to-novel: one more table with a row per table above (a method and its settings), as the papers'
+    tables compare methods: seed mean ± std on a single data set, else the average over the data sets."""
+    groups = {}  # (shots, data sets) -> [settings key]
+    for key, table in tables.items():
+        cfg = json.loads(key)
+        if cfg["protocol"] == "base2novel":
+            groups.setdefault((cfg["shots"], tuple(sorted(table))), []).append(key)
+    blocks = []
+    for (shots, datasets), keys in groups.items():
+        if len(keys) < 2:
+            continue
+        order = ["zeroshot", *prompts.METHODS]  # the papers' row order: zero-shot CLIP first
+        keys.sort(key=lambda k: order.index(m) if (m := json.loads(k)["method"]) in order else len(order))
+        where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} data sets"
+        lines = [f"### base-to-novel, {shots} shots, {where}: side by side", "",
+                 "| method | seeds | base_acc | novel_acc | HM |", "|---|---|---|---|---|"]
+        for key in keys:
+            rows = tables[key].values()
+            base = [statistics.mean(row["base_acc"]) for row in rows]
+            novel = [statistics.mean(row["novel_acc"]) for row in rows]
+            if len(datasets) == 1:
+                row = next(iter(rows))
+                cells = [fmt(row["base_acc"]), fmt(row["novel_acc"])]
+            else:
+                cells = [f"{statistics.mean(base):.2f}", f"{statistics.mean(novel):.2f}"]
+            hm = train.harmonic_mean(statistics.mean(base), statistics.mean(novel))
+            seeds = "/".join(str(len(row["seed"])) for row in rows)
+            lines.append(f"| {title(key, tables).split(',')[0]}{settings_note(key, tables)} | {seeds} | "
+                         + " | ".join(cells) + f" | {hm:.2f} |")
+        blocks.append("\n".join(lines))
+    return blocks
+
+
+def settings_note(key, tables):
+    """What follows the method in a table's title ("coop, base2novel, 16 shots, lr 0.001" -> ", lr 0.001")."""
+    parts = title(key, tables).split(", ")
+    return "".join(", " + p for p in parts[3:])
+
+
+def fmt(values):
+    """Seed values -> "mean ± std" (a single seed: its value)."""
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def title(settings, tables):
@@ -237,7 +282,6 @@ def title(settings, tables):
 
 def markdown_table(name, protocol, table):
     columns = list(dict.fromkeys(c for row in table.values() for c in row if c not in ("hm", "seed")))
-    fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"  # noqa: E731
     lines = [f"### {name}", "",
              "| data set | seeds | " + " | ".join(columns) + (" | HM |" if protocol == "base2novel" else " |"),
              "|---" * (len(columns) + 2 + (protocol == "base2novel")) + "|"]
