@@ -662,7 +662,9 @@ def test_summary_groups_by_every_setting_but_the_seed(world, reference, tmp_path
     eval_py.main(["--summary", str(runs)])
     text = capsys.readouterr().out
     tables = {"### " + block.splitlines()[0]: block for block in text.split("### ")[1:]}
-    assert set(tables) == {"### coop, base2novel, 2 shots, lr 0.002", "### coop, base2novel, 2 shots, lr 0.01"}
+    side = "### base-to-novel, 2 shots, caltech101: side by side"
+    assert set(tables) == {"### coop, base2novel, 2 shots, lr 0.002", "### coop, base2novel, 2 shots, lr 0.01", side}
+    assert "| coop, lr 0.002 | 2 |" in tables[side] and "| coop, lr 0.01 | 1 |" in tables[side]
     assert "| caltech101 | 2 |" in tables["### coop, base2novel, 2 shots, lr 0.002"]
     assert "| caltech101 | 1 |" in tables["### coop, base2novel, 2 shots, lr 0.01"]
     assert f"skipped {runs / 'broken'}: its metrics.json is damaged" in text
