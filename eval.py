@@ -24,6 +24,7 @@ import data
 import prompts
 import train
 from prompts import zeroshot
+from prompts.common import learned_state
 
 
 def parse_args(argv=None):
@@ -86,7 +87,7 @@ def build_from_checkpoint(ckpt, clip_model, dataset, subsample, classnames, temp
                          f"the prompts were trained on (another split file or data set version?)")
     model = train.build_method(cfg["method"], clip_model, classnames, template, cfg)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    missing = [k for k in missing if not k.startswith("clip.")]
+    missing = [k for k in missing if k in learned_state(model)]  # a method's buffers are rebuilt or training-only
     if missing or unexpected:
         raise SystemExit(f"error: the checkpoint does not fit {cfg['method']} with its saved settings "
                          f"(missing {missing}, unexpected {unexpected})")

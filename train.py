@@ -666,11 +666,12 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 for k, v in model.loss_terms.items():
                     terms[k] = terms.get(k, 0.0) + v
             state = None  # a resumed run's optimizer and random state are used once
+            model.on_epoch_end(epoch, epochs)  # e.g. PromptSRC's prompt averaging (GPA)
             done.append([stage_index, epoch])
             save_checkpoint(out, model, cfg, len(done))
             save_torch(os.path.join(out, "train_state.pt"), dict(
                 done=done, stage=stage_index, optimizer=optimizer.state_dict(),
-                rng=rng_state(loader), learned=learned_state(model)))
+                rng=rng_state(loader), learned=learned_state(model, buffers=True)))  # + PromptSRC's GPA sum
             seconds = time.time() - start
             left = sum(e for _, e in stages) - len(done)
             means = ", ".join(f"{k} {float(v) / len(losses):.4f}" for k, v in terms.items())  # "ce 0.9, kl 0.1"

@@ -46,7 +46,7 @@ config; prompts.protocol_defaults].
 import torch
 import torch.nn.functional as F
 
-from prompts.common import (PromptedCLIP, PromptLearner, Range, check_settings, cosine_logits, deep_prompts,
+from prompts.common import (IndependentDeepPrompts, Range, check_settings, cosine_logits, kl_to_teacher,
                             layer_dict, zeroshot_classifier)
 
 DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", n_ctx_vision=4, depth=9, first="language",
@@ -91,18 +91,10 @@ def gaussian_adapter(images, sigma=0.05, alpha=0.9):
     return (alpha * images.float() + (1 - alpha) * low).to(images.dtype)
 
 
-class CustomCLIP(PromptedCLIP):
+class CustomCLIP(IndependentDeepPrompts):
     def __init__(self, clip_model, classnames, template, cfg):
-        super().__init__()
-        self.clip, self.cfg = clip_model, cfg
         check_settings(cfg, DEFAULTS, CHOICES)  # train.py checks its flags so; this is for direct use
-        self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"])
-        n_ctx, depth = self.prompt_learner.n_ctx, cfg["depth"]
-        for encoder, layers in (("text", clip_model.transformer.layers), ("vision", clip_model.visual.transformer.layers)):
-            if not 1 <= depth <= layers:
-                raise ValueError(f"depth must be between 1 and the {layers} layers of the {encoder} encoder, got {depth}")
-        self.text_prompts = deep_prompts(depth - 1, n_ctx, clip_model.ln_final.weight.shape[0])  # layers 1..depth-1
-        self.vision_prompts = deep_prompts(depth, cfg["n_ctx_vision"], clip_model.visual.conv1.out_channels)
+        super().__init__(clip_model, classnames, cfg)  # prompt_learner, text_prompts, vision_prompts
         self.register_buffer("zs_text_features", zeroshot_classifier(clip_model, classnames, template),
                              persistent=False)  # p_zs's class side, [n_cls, D]
         self.started = set()  # branches whose stage has begun; none = a trained model: both active
@@ -131,7 +123,7 @@ class CustomCLIP(PromptedCLIP):
     def text_features(self):
         if "language" not in self.active:  # before its stage: the hand-crafted prompt, i.e. zero-shot CLIP
             return self.zs_text_features
-        return self.prompt_learner.encode(self.clip, layer_dict(self.text_prompts, 1))[0]  # [n_cls, D]
+        return super().text_features()  # [n_cls, D]
 
     def adapt(self, images):
         """The image adapter, where it applies (training; test too with adapter_at_test)."""
@@ -142,9 +134,6 @@ class CustomCLIP(PromptedCLIP):
     def image_features(self, images):
         prompts = layer_dict(self.vision_prompts, 0) if "vision" in self.active else None
         return F.normalize(self.clip.encode_image(self.adapt(images), deep_prompts=prompts), dim=-1)  # [B, D]
-
-    def logits(self, images, text_features):
-        return cosine_logits(self.clip, self.image_features(images), text_features)
 
     def loss(self, images, labels):
         logits = self(images)
@@ -159,13 +148,3 @@ class CustomCLIP(PromptedCLIP):
         kl = kl_to_teacher(logits, zs_logits, self.cfg["kl_temperature"], self.cfg["kl_form"])
         self.loss_terms["kl"] = kl.detach()
         return ce + self.cfg["kl_weight"] * kl
-
-
-def kl_to_teacher(logits, teacher_logits, temperature=1.0, form="distill"):
-    """T^2 KL(softmax(teacher / T) || softmax(logits / T)) summed over the batch and classes, divided by the
-    batch size ("distill", Hinton et al. 2015; PyTorch's reduction="batchmean") or by batch x classes
-    ("promptsrc": PromptSRC's L_SCL_logits, F.kl_div(..., reduction="sum") / logits.numel(), T = 1)."""
-    T = temperature
-    kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher_logits / T, -1), reduction="sum",
-                  log_target=True) * T ** 2
-    return kl / (logits.shape[0] if form == "distill" else logits.numel())

@@ -5,9 +5,11 @@
 - `deep_prompts` / `layer_dict`: learnable tokens for chosen transformer layers ("deep" prompting,
   VPT-deep / MaPLe / IVLP), handed to clip's encoders through their `deep_prompts` hook.
 - `zeroshot_classifier`: class features of frozen CLIP from a hand-crafted template (the zero-shot
-  baseline, PMPO's prior, APLe's teacher).
+  baseline, PMPO's prior, APLe's teacher, KgCoOp's anchor) or a template set (PromptSRC's teacher).
 - `PromptedCLIP`: the base class of each method's model (forward and the cross-entropy loss).
-- `cosine_logits`, `learned_state`: the logits every method uses, and what a checkpoint holds.
+- `IndependentDeepPrompts`: deep prompts in both encoders, learned independently (IVLP, PromptSRC, APLe).
+- `cosine_logits`, `kl_to_teacher`, `learned_state`: the logits every method uses, the KL to a frozen
+  teacher's logits, and what a checkpoint holds.
 - `Range`, `check_settings`: the allowed values of an option (a method's CHOICES), and their check.
 
 The frozen CLIP is a submodule named `clip`; everything else a method defines is learned.
@@ -26,7 +28,11 @@ class PromptedCLIP(nn.Module):
 
     A method defines text_features() (class features, computed once per evaluation) and, if it
     prompts the image side, logits(images, text_features). Training minimises loss(): cross-entropy
-    unless a method adds terms, over stages() (one, unless a method tunes its parts in sequence).
+    unless a method adds terms, over stages() (one, unless a method tunes its parts in sequence),
+    and on_epoch_end() may change the learned tensors between epochs (PromptSRC's prompt averaging).
+
+    Class features that depend on the image (CoCoOp) go through the same two calls: text_features()
+    returns what can be computed once (or None), and logits() builds each image's class features.
     """
 
     def __init__(self):
@@ -39,6 +45,9 @@ class PromptedCLIP(nn.Module):
 
     def set_stage(self, stage):
         """Called as each stage starts; with one stage, everything the method defines stays trainable."""
+
+    def on_epoch_end(self, epoch, epochs):
+        """Called by train.py after each epoch (counted from 0) of a stage of `epochs`; nothing by default."""
 
     def text_prompts_per_step(self, batch_size):
         """How many prompts one training step sends through the text encoder (sizes the memory switches):
@@ -102,17 +111,19 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_prefix", embedded[:, :1], persistent=False)  # SOS: [n_cls, 1, width]
         self.register_buffer("token_suffix", embedded[:, 1 + n_ctx:], persistent=False)  # [n_cls, L-1-M, width]
 
-    def forward(self):
-        """Prompt embeddings [n_prompts, n_cls, L, width]."""
-        N, M, W = self.ctx.shape
+    def forward(self, ctx=None):
+        """Prompt embeddings [N, n_cls, L, width] of the N contexts `ctx` [N, M, width] (default: self.ctx;
+        CoCoOp passes one context per image)."""
+        ctx = self.ctx if ctx is None else ctx
+        N, M, W = ctx.shape
         C = self.token_prefix.shape[0]
-        ctx = self.ctx.unsqueeze(1).expand(N, C, M, W)  # the same context for every class
+        ctx = ctx.unsqueeze(1).expand(N, C, M, W)  # the same context for every class
         prefix = self.token_prefix.unsqueeze(0).expand(N, -1, -1, -1)  # [N, n_cls, 1, width]
         suffix = self.token_suffix.unsqueeze(0).expand(N, -1, -1, -1)  # [N, n_cls, L-1-M, width]
         return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=2)
 
-    def encode(self, clip_model, deep_prompts=None):
-        """Normalised text features [n_prompts, n_cls, embed_dim] of every prompt for every class.
+    def encode(self, clip_model, deep_prompts=None, ctx=None):
+        """Normalised text features [N, n_cls, embed_dim] of every prompt (self.ctx, or `ctx`) for every class.
 
         deep_prompts {layer: [n, width]} replace positions 1..n before that layer: n may not exceed n_ctx,
         or the tokens after the context (the class name) would be overwritten.
@@ -121,11 +132,46 @@ class PromptLearner(nn.Module):
             if tokens.shape[-2] > self.n_ctx:
                 raise ValueError(f"a deep text prompt of {tokens.shape[-2]} tokens at layer {layer} would "
                                  f"overwrite the class name: the prompt has {self.n_ctx} context slots (n_ctx)")
-        emb = self()  # [N, n_cls, L, width]
+        emb = self(ctx)  # [N, n_cls, L, width]
         N, C = emb.shape[:2]
         text = self.tokenized_prompts.repeat(N, 1)  # [N * n_cls, L]
         features = clip_model.encode_text(text, embeddings=emb.flatten(0, 1), deep_prompts=deep_prompts)
         return F.normalize(features, dim=-1).view(N, C, -1)  # [N, n_cls, embed_dim]
+
+
+class IndependentDeepPrompts(PromptedCLIP):
+    """Independent vision-language deep prompts (IVLP, the baseline of MaPLe, Khattak et al., CVPR 2023, Sec. 4.1).
+
+    Text: a PromptLearner context at layer 0, then fresh tokens `text_prompts` before each of layers
+    1..depth-1. Vision: `vision_prompts`, appended after the patch tokens at layer 0 and replaced
+    before each of layers 1..depth-1. The two sets never see each other (MaPLe couples them).
+    cfg: n_ctx, ctx_init, n_ctx_vision, depth.
+    """
+
+    def __init__(self, clip_model, classnames, cfg):
+        super().__init__()
+        self.clip, self.cfg = clip_model, cfg
+        self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"])
+        n_ctx, depth = self.prompt_learner.n_ctx, cfg["depth"]
+        check_depth(clip_model, depth)
+        self.text_prompts = deep_prompts(depth - 1, n_ctx, clip_model.ln_final.weight.shape[0])  # layers 1..depth-1
+        self.vision_prompts = deep_prompts(depth, cfg["n_ctx_vision"], clip_model.visual.conv1.out_channels)
+
+    def text_features(self):
+        return self.prompt_learner.encode(self.clip, layer_dict(self.text_prompts, 1))[0]  # [n_cls, D]
+
+    def image_features(self, images):
+        return F.normalize(self.clip.encode_image(images, deep_prompts=layer_dict(self.vision_prompts, 0)), dim=-1)
+
+    def logits(self, images, text_features):
+        return cosine_logits(self.clip, self.image_features(images), text_features)
+
+
+def check_depth(clip_model, depth):
+    """Deep prompts for layers 0..depth-1 need that many layers in both encoders."""
+    for encoder, layers in (("text", clip_model.transformer.layers), ("vision", clip_model.visual.transformer.layers)):
+        if not 1 <= depth <= layers:
+            raise ValueError(f"depth must be between 1 and the {layers} layers of the {encoder} encoder, got {depth}")
 
 
 def deep_prompts(n_layers, n_ctx, width):
@@ -142,12 +188,15 @@ def layer_dict(tokens, first_layer):
 def zeroshot_classifier(clip_model, classnames, template, chunk=256):
     """Normalised features [n_cls, embed_dim] of template.format(name) from frozen CLIP (CLIP, Sec. 3.1.4).
 
+    A list of templates averages their raw features before normalising (PromptSRC's text teacher).
     Classes go through the text encoder `chunk` at a time so 1,000 ImageNet classes fit small cards.
     """
     device = clip_model.token_embedding.weight.device
-    text = tokenize([template.format(name) for name in classnames]).to(device)  # [n_cls, 77]
-    features = torch.cat([clip_model.encode_text(t) for t in text.split(chunk)])
-    return F.normalize(features.float(), dim=-1)
+    features = 0
+    for t in [template] if isinstance(template, str) else template:
+        text = tokenize([t.format(name) for name in classnames]).to(device)  # [n_cls, 77]
+        features = features + torch.cat([clip_model.encode_text(x) for x in text.split(chunk)]).float()
+    return F.normalize(features, dim=-1)  # the mean's direction: dividing by the count changes nothing
 
 
 def cosine_logits(clip_model, image_features, text_features):
@@ -157,16 +206,34 @@ def cosine_logits(clip_model, image_features, text_features):
     CLIP's scale (100 x cos, e.g. 30) is rounded to steps of 0.125 to 0.25, so close classes tie and
     argmax gives the tie to the lower class index; the CoOp family evaluates in fp16, 8x finer.
     Here the features are normalised (again, if the caller did it under autocast) and multiplied in float32.
+    text_features [B, n_cls, D] gives each image its own class features (CoCoOp).
     """
     with torch.autocast(image_features.device.type, enabled=False):
         image_features = F.normalize(image_features.float(), dim=-1)  # [B, D]
-        text_features = F.normalize(text_features.float(), dim=-1)  # [n_cls, D]
+        text_features = F.normalize(text_features.float(), dim=-1)  # [n_cls, D] or [B, n_cls, D]
+        if text_features.dim() == 3:
+            return clip_model.logit_scale.exp().float() * torch.einsum("bd,bcd->bc", image_features, text_features)
         return clip_model.logit_scale.exp().float() * image_features @ text_features.t()
 
 
-def learned_state(model):
-    """The tensors a method learns: all parameters outside the frozen CLIP (a checkpoint holds only these)."""
-    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if not k.startswith("clip.")}
+def kl_to_teacher(logits, teacher_logits, temperature=1.0, form="distill"):
+    """T^2 KL(softmax(teacher / T) || softmax(logits / T)) summed over the batch and classes, divided by the
+    batch size ("distill", Hinton et al. 2015; PyTorch's reduction="batchmean") or by batch x classes
+    ("promptsrc": PromptSRC's L_SCL_logits, F.kl_div(..., reduction="sum") / logits.numel(), T = 1)."""
+    T = temperature
+    kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher_logits / T, -1), reduction="sum",
+                  log_target=True) * T ** 2
+    return kl / (logits.shape[0] if form == "distill" else logits.numel())
+
+
+def learned_state(model, buffers=False):
+    """The tensors a method learns: all parameters outside the frozen CLIP (a checkpoint holds only these).
+
+    buffers=True adds the persistent buffers a method carries from epoch to epoch (PromptSRC's running
+    GPA sum), which resuming a run needs.
+    """
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    return {k: v.detach().cpu().clone() for k, v in tensors.items() if not k.startswith("clip.")}
 
 
 class Range:

@@ -143,7 +143,7 @@ BAD_TRAIN_ARGS = [  # (method, extra argv, a fragment of the message)
     ("coop", ["--device", "cuda"], "no CUDA GPU is available"),
     ("coop", ["--device", "cuda:3"], "no CUDA GPU is available"),
     ("coop", ["--device", "tpu0"], "is not a device"),
-    ("coop", ["--method", "cocoop"], "--method must be one of coop, aple, pmpo"),
+    ("coop", ["--method", "cocop"], "--method must be one of coop, cocoop, kgcoop, ivlp, maple, promptsrc, aple, pmpo"),
     ("coop", ["--frobnicate", "1"], "unrecognized arguments"),
     ("coop", ["--dataset", "caltech10"], "unknown dataset"),
     ("coop", ["--dataset", "oxford_pets"], "data.prepare"),

@@ -1,5 +1,6 @@
 """prompts/: what each method learns (parameter counts at ViT-B/16 sizes, gradients only into prompts),
-CoOp's prompt construction, PMPO's depth partitions and APLe's Gaussian image adapter."""
+CoOp's prompt construction, PMPO's depth partitions, APLe's Gaussian image adapter, and what each baseline
+(CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC) adds to it."""
 import numpy as np
 import pytest
 import torch
@@ -8,9 +9,10 @@ import prompts
 import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize
-from prompts import aple, pmpo, zeroshot
+from prompts import aple, pmpo, promptsrc, zeroshot
 from prompts.common import PromptLearner, learned_state, zeroshot_classifier
 from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401 (one_thread is a fixture)
+from tests.tiny import TINY_SETTINGS, tiny_flags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,10 +42,24 @@ def requires_grad_count(model):
 
 # -- trainable parameters at ViT-B/16 sizes -----------------------------------------------------------
 
+DEEP_B16 = {"prompt_learner.ctx": 4 * 512, "text_prompts": 8 * 4 * 512, "vision_prompts": 9 * 4 * 768}
+
+
 @pytest.mark.parametrize("method, expected, parts", [
     ("coop", 2_048, {"prompt_learner.ctx": 4 * 512}),
+    # the meta-net: Linear(512 -> 32), Linear(32 -> 512)
+    ("cocoop", 35_360, {"prompt_learner.ctx": 4 * 512, "meta_net.linear1.weight": 32 * 512, "meta_net.linear1.bias": 32,
+                        "meta_net.linear2.weight": 512 * 32, "meta_net.linear2.bias": 512}),
+    ("kgcoop", 2_048, {"prompt_learner.ctx": 4 * 512}),
+    # 2 + 2 tokens in 9 layers of each encoder
+    ("ivlp", 23_040, {"prompt_learner.ctx": 2 * 512, "text_prompts": 8 * 2 * 512, "vision_prompts": 9 * 2 * 768}),
+    # 2 text tokens in 9 layers, and 9 x Linear(512 -> 768) with bias coupling them to the vision side
+    ("maple", 3_555_072, {"prompt_learner.ctx": 2 * 512, "text_prompts": 8 * 2 * 512,
+                          **{f"proj.{i}.weight": 768 * 512 for i in range(9)},
+                          **{f"proj.{i}.bias": 768 for i in range(9)}}),
+    ("promptsrc", 46_080, DEEP_B16),
     # PromptSRC's count: 4 x 512 text tokens at layer 0, 8 more layers of 4 x 512, 9 layers of 4 x 768
-    ("aple", 46_080, {"prompt_learner.ctx": 4 * 512, "text_prompts": 8 * 4 * 512, "vision_prompts": 9 * 4 * 768}),
+    ("aple", 46_080, DEEP_B16),
     # 4 prompts x 4 tokens x 512, plus 4 x Linear(512 -> 768) with bias
     ("pmpo", 1_584_128, {"prompt_learner.ctx": 4 * 4 * 512,
                          **{f"proj.{i}.weight": 768 * 512 for i in range(4)},
@@ -58,12 +74,18 @@ def test_trainable_parameters_vit_b16(vit_b16, method, expected, parts):
     assert sum(parts.values()) == expected
 
 
-@pytest.mark.parametrize("method, extra, expected", [
-    ("coop", ["--epochs", "1"], 4 * 64),
-    ("aple", ["--depth", "2", "--stage_epochs", "1", "1", "1"], 4 * 64 + 1 * 4 * 64 + 2 * 4 * 64),
-    ("pmpo", ["--epochs", "1", "--n_prompts", "2", "--depth", "2"], 2 * 4 * 64 + 2 * (64 * 64 + 64)),
+@pytest.mark.parametrize("method, expected", [  # the tiny CLIP: width 64, embed 64, 2 + 2 layers
+    ("coop", 4 * 64),
+    ("cocoop", 4 * 64 + (64 * 4 + 4) + (4 * 64 + 64)),
+    ("kgcoop", 4 * 64),
+    ("ivlp", 2 * 64 + 1 * 2 * 64 + 2 * 2 * 64),
+    ("maple", 2 * 64 + 1 * 2 * 64 + 2 * (64 * 64 + 64)),
+    ("promptsrc", 4 * 64 + 1 * 4 * 64 + 2 * 4 * 64),
+    ("aple", 4 * 64 + 1 * 4 * 64 + 2 * 4 * 64),
+    ("pmpo", 2 * 4 * 64 + 2 * (64 * 64 + 64)),
 ])
-def test_train_prints_trainable_parameters(tmp_path, capsys, method, extra, expected):
+def test_train_prints_trainable_parameters(tmp_path, capsys, method, expected):
+    extra = tiny_flags(method, 3 if method == "aple" else 1)
     model = save_tiny_clip(tmp_path / "tiny.pt")
     folder = write_folder(tmp_path / "images", ["cat", "dog"], per_class=4)
     train.main(["--method", method, "--dataset", f"folder:{folder}", "--model", model, "--out", str(tmp_path / "run"),
@@ -76,11 +98,12 @@ def test_train_prints_trainable_parameters(tmp_path, capsys, method, extra, expe
 
 # -- only the prompts learn -----------------------------------------------------------------------------
 
-TINY_CFG = {"coop": {}, "aple": dict(depth=2), "pmpo": dict(n_prompts=2, depth=2)}  # the tiny CLIP has 2 + 2 layers
+def test_every_method_has_tiny_settings():
+    assert set(TINY_SETTINGS) == set(prompts.METHODS)
 
 
 def tiny_method(method, clip_model, **overrides):
-    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **TINY_CFG[method], **overrides, "method": method}
+    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **TINY_SETTINGS[method], **overrides, "method": method}
     return train.build_method(method, clip_model, CLASSNAMES, TEMPLATE, cfg)
 
 
@@ -107,7 +130,7 @@ def assert_nonzero_grad(name, p):
     assert (grad.abs().sum(-1) > 0).all(), f"{name}: some slices get no gradient"
 
 
-@pytest.mark.parametrize("method", ["coop", "pmpo"])
+@pytest.mark.parametrize("method", prompts.METHODS)
 def test_only_prompts_get_gradients(tiny, method):
     model = tiny_method(method, tiny)
     backward(model)
@@ -116,10 +139,13 @@ def test_only_prompts_get_gradients(tiny, method):
     assert learned
     for name, p in learned:
         assert p.requires_grad, name
-        assert_nonzero_grad(name, p)
+        if name.startswith("meta_net.linear1"):  # CoCoOp: a hidden ReLU unit no image of the batch turns on
+            assert p.grad.abs().sum() > 0, name  # gets no gradient (ReLU, not dead weight)
+        else:
+            assert_nonzero_grad(name, p)
 
 
-@pytest.mark.parametrize("method", ["coop", "aple", "pmpo"])
+@pytest.mark.parametrize("method", prompts.METHODS)
 def test_text_checkpointing_gives_the_same_gradients(tiny, method):
     """Activation checkpointing of the text encoder (train.py's --text_checkpointing) recomputes what it
     did not keep: the loss and every gradient are bit-identical, deep text prompts (APLe) included."""
@@ -278,3 +304,130 @@ def test_gaussian_adapter_is_a_low_pass():
     # a checkerboard (the highest frequency) keeps only the alpha * I part
     checker = torch.from_numpy(np.indices((32, 32)).sum(0) % 2 * 2.0 - 1).float().expand(1, 3, 32, 32)
     torch.testing.assert_close(aple.gaussian_adapter(checker, 0.05, 0.9), 0.9 * checker, atol=1e-5, rtol=0)
+
+
+# -- the baselines: CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC -----------------------------------------------
+
+def test_cocoop_logits_are_per_image_and_chunking_changes_nothing(tiny):
+    """Each image against class features from its own context v_m + pi(x) (CoCoOp Eq. 3-5), written out one
+    image at a time; sending one image's prompts at a time or all at once gives the same numbers (to rounding)."""
+    model = tiny_method("cocoop", tiny)
+    x = images(3, (5, 3, 32, 32))
+    assert model.text_prompts_per_step(4) == 4 * len(CLASSNAMES)
+    with torch.no_grad():
+        logits = model(x)
+        f = torch.nn.functional.normalize(tiny.encode_image(x), dim=-1)
+        for b in range(len(x)):
+            ctx = model.prompt_learner.ctx[0] + model.meta_net(f[b])  # [M, width]
+            t = model.prompt_learner.encode(tiny, ctx=ctx[None])[0]  # [n_cls, D]
+            torch.testing.assert_close(logits[b], tiny.logit_scale.exp() * t @ f[b], atol=1e-5, rtol=0)
+        model.cfg = {**model.cfg, "prompts_per_chunk": 1}  # one image (3 prompts) per chunk
+        torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=0)  # batched matmuls: float32 rounding
+        model.meta_net.linear2.weight.zero_()  # no shift: CoOp's prompt "a photo of a {}.", i.e. zero-shot CLIP
+        model.meta_net.linear2.bias.zero_()
+        torch.testing.assert_close(model(x), zeroshot.CustomCLIP(tiny, CLASSNAMES, TEMPLATE)(x), atol=1e-5, rtol=0)
+
+
+def test_kgcoop_loss(tiny):
+    """CE + 8 (1 - mean_c cos(w_c, w_c^clip)); at init the context is the template, so the penalty is ~0."""
+    model = tiny_method("kgcoop", tiny)
+    x, y = images(4, (4, 3, 32, 32)), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        assert model.loss(x, y) == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), abs=1e-5)
+        ctx = model.prompt_learner.ctx
+        ctx.add_(0.05 * torch.randn(ctx.shape, generator=torch.Generator().manual_seed(1)))
+        w = model.text_features()
+        anchor = zeroshot_classifier(tiny, CLASSNAMES, TEMPLATE)
+        penalty = 1 - (w * anchor).sum(-1).mean()
+        assert penalty > 1e-3
+        expected = torch.nn.functional.cross_entropy(model(x), y) + 8.0 * penalty
+        torch.testing.assert_close(model.loss(x, y), expected, atol=1e-6, rtol=1e-6)
+        assert set(model.loss_terms) == {"ce", "kg"}
+
+
+@pytest.mark.parametrize("method", ["ivlp", "maple"])
+def test_two_tokens_learned_of_a_kept(tiny, method):
+    """IVLP and MaPLe learn "a photo" and keep "of a": at init the prompt is the template, word for word."""
+    model = tiny_method(method, tiny)
+    learner = model.prompt_learner
+    assert learner.ctx.shape == (1, 2, 64)
+    tokens = tokenize([TEMPLATE.format(name) for name in CLASSNAMES])
+    with torch.no_grad():
+        expected = tiny.token_embedding(tokens[:, :learner.tokenized_prompts.shape[1]])
+        assert torch.equal(learner()[0], expected)
+        assert torch.equal(learner.ctx[0], expected[0, 1:3])
+
+
+def test_maple_couples_each_layer(vit_b16):
+    model = prompts.METHODS["maple"].CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, dict(prompts.maple.DEFAULTS))
+    with torch.no_grad():
+        vision = model.vision_prompts()
+        assert sorted(vision) == list(range(9))
+        text = [model.prompt_learner.ctx[0], *model.text_prompts]  # P_0 .. P_8
+        for i in range(9):
+            assert vision[i].shape == (2, 768)
+            assert torch.equal(vision[i], model.proj[i](text[i])), i  # F_i(P_i)
+    # F_1 .. F_8 start as copies of one Linear (MaPLe's _get_clones); F_0 is its own
+    for i in range(2, 9):
+        assert torch.equal(model.proj[i].weight, model.proj[1].weight)
+    assert not torch.equal(model.proj[0].weight, model.proj[1].weight)
+    assert model.proj[1].weight.data_ptr() != model.proj[2].weight.data_ptr()  # copies, not one shared tensor
+
+
+def test_zeroshot_classifier_template_average(tiny):
+    """A template list: the raw features averaged, then normalised (PromptSRC's t~), not the mean of unit vectors."""
+    templates = ["a photo of a {}.", "a drawing of the {}.", "itap of a {}."]
+    with torch.no_grad():
+        raw = torch.stack([tiny.encode_text(tokenize([t.format(c) for c in CLASSNAMES])) for t in templates])
+    expected = torch.nn.functional.normalize(raw.mean(0), dim=-1)
+    torch.testing.assert_close(zeroshot_classifier(tiny, CLASSNAMES, templates), expected, atol=1e-6, rtol=0)
+
+
+def test_promptsrc_gpa_weights():
+    w = promptsrc.gpa_weights(20, 15, 1)  # the base-to-novel config
+    assert sum(w) == pytest.approx(1)
+    assert [round(v, 4) for v in w[11:18]] == [0.0044, 0.0540, 0.2420, 0.3989, 0.2420, 0.0540, 0.0044]
+    assert max(w[:11] + w[18:]) < 2e-4  # epochs 11 and 19: 1.3e-4
+    assert promptsrc.gpa_weights(3, 1000, 1) == pytest.approx([0, 0, 1])  # far tails: no 0 / 0
+    with pytest.raises(ValueError, match="gpa_std"):
+        promptsrc.gpa_weights(3, 2, 0)
+
+
+def test_promptsrc_gpa_averages_the_epochs(tiny):
+    """After the last epoch the learned tensors are sum_e w_e theta_e; nothing else changes."""
+    model = tiny_method("promptsrc", tiny, gpa_mean=2.0, gpa_std=1.5)
+    params = model.learned()
+    g = torch.Generator().manual_seed(0)
+    expected = [torch.zeros_like(p) for p in params]
+    w = promptsrc.gpa_weights(4, 2.0, 1.5)
+    with torch.no_grad():
+        for epoch in range(4):
+            for p, e in zip(params, expected):
+                p.copy_(torch.randn(p.shape, generator=g))  # "training" moved the prompts
+                e += w[epoch] * p
+            model.on_epoch_end(epoch, 4)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=0)
+    assert {n for n, _ in model.named_parameters() if not n.startswith("clip.")} == \
+        {"prompt_learner.ctx", "text_prompts", "vision_prompts"}
+
+
+def test_promptsrc_loss(tiny):
+    """CE + KL(p~ || p) / (B C) + 25 mean|t - t~| + 10 mean|f - f~|, with t~ over PromptSRC's 60 templates."""
+    model = tiny_method("promptsrc", tiny)
+    assert len(promptsrc.TEMPLATES) == len(set(promptsrc.TEMPLATES)) == 60
+    x, y = images(5, (4, 3, 32, 32)), torch.tensor([0, 1, 2, 1])
+    F = torch.nn.functional
+    with torch.no_grad():
+        loss = model.loss(x, y)
+        t, f = model.text_features(), model.image_features(x)
+        t0 = zeroshot_classifier(tiny, CLASSNAMES, promptsrc.TEMPLATES)
+        f0 = F.normalize(tiny.encode_image(x), dim=-1)
+        scale = tiny.logit_scale.exp()
+        z, z0 = scale * f @ t.t(), scale * f0 @ t0.t()
+        p, p0 = z.softmax(-1), z0.softmax(-1)
+        kl = (p0 * (p0.log() - p.log())).sum() / z.numel()
+        expected = F.cross_entropy(z, y) + kl + 25 * (t - t0).abs().mean() + 10 * (f - f0).abs().mean()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert set(model.loss_terms) == {"ce", "kl", "text_l1", "image_l1"}
+    assert sum(model.loss_terms.values()) == pytest.approx(loss.item(), abs=1e-5)

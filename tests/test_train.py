@@ -20,21 +20,24 @@ import eval as eval_py
 import train
 from clip.tokenizer import tokenize
 from clip.transform import Preprocess
+import prompts
 from prompts import coop
 from tests import synthetic
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
+from tests.tiny import tiny_flags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ["cat", "dog", "fish", "bird", "horse", "frog"]  # base: cat, dog, fish; novel: bird, horse, frog
 BASE, NOVEL = CLASSES[:3], CLASSES[3:]
-METHODS = ("coop", "aple", "pmpo")
-FAST = {  # settings that fit the tiny CLIP (2 + 2 layers) and keep a run short
-    "coop": ["--epochs", "2"],
-    "aple": ["--stage_epochs", "1", "1", "1", "--depth", "2"],
-    "pmpo": ["--epochs", "2", "--n_prompts", "2", "--depth", "2"],
-}
-LEARNED = {"coop": {"prompt_learner.ctx"}, "aple": {"prompt_learner.ctx", "text_prompts", "vision_prompts"},
+METHODS = tuple(prompts.METHODS)
+FAST = {m: tiny_flags(m, 3 if m == "aple" else 2) for m in METHODS}  # fit the tiny CLIP, keep a run short
+DEEP = {"prompt_learner.ctx", "text_prompts", "vision_prompts"}  # IVLP's and its descendants' tensors
+LEARNED = {"coop": {"prompt_learner.ctx"}, "kgcoop": {"prompt_learner.ctx"},
+           "cocoop": {"prompt_learner.ctx", *(f"meta_net.linear{i}.{t}" for i in (1, 2) for t in ("weight", "bias"))},
+           "ivlp": DEEP, "promptsrc": DEEP, "aple": DEEP,
+           "maple": {"prompt_learner.ctx", "text_prompts",
+                     *(f"proj.{i}.{t}" for i in (0, 1) for t in ("weight", "bias"))},
            "pmpo": {"prompt_learner.ctx", "proj.0.weight", "proj.0.bias", "proj.1.weight", "proj.1.bias"}}
 RUN_FILES = ["config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt"]
 
@@ -142,8 +145,7 @@ def test_gpu_fast_path_on_cpu(world, b2n, method, tmp_path):
     out = tmp_path / "fast"
     train.main(argv(world, out, method, "--precision", "bf16", "--augment_on_device", "on",
                     "--text_checkpointing", "on"))
-    zero = ["--stage_epochs", "0", "0", "0"] if method == "aple" else ["--epochs", "0"]
-    train.main(argv(world, tmp_path / "init", method, *zero))
+    train.main(argv(world, tmp_path / "init", method, *tiny_flags(method, 0)))
     fast, ref, init = (load_ckpt(folder)["state_dict"] for folder in (out, b2n[method].out, tmp_path / "init"))
     assert fast.keys() == ref.keys()
     assert all(t.dtype == torch.float32 for t in fast.values())  # autocast computes in bf16; prompts stay float32
@@ -451,8 +453,8 @@ def refused(call, *words):
 
 def test_unknown_method(world, tmp_path):
     args = argv(world, tmp_path / "run", "coop")
-    args[args.index("coop")] = "cocoop"
-    refused(lambda: train.main(args), "cocoop", "coop, aple, pmpo")
+    args[args.index("coop")] = "cocop"
+    refused(lambda: train.main(args), "cocop", ", ".join(prompts.METHODS))
     assert not (tmp_path / "run").exists()
 
 

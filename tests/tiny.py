@@ -33,3 +33,23 @@ def tiny_clip(seed=0, **overrides):
         else:  # biases, class embedding
             p.copy_(0.02 * noise)
     return model.eval()
+
+
+# What each method needs to fit the tiny CLIP (2 + 2 layers): every test that builds or trains a method
+# reads it from here, as cfg overrides or as train.py flags (tiny_flags).
+TINY_SETTINGS = {
+    "coop": {}, "cocoop": {}, "kgcoop": {},
+    "ivlp": dict(depth=2), "maple": dict(depth=2), "promptsrc": dict(depth=2), "aple": dict(depth=2),
+    "pmpo": dict(n_prompts=2, depth=2),
+}
+
+
+def tiny_flags(method, epochs):
+    """train.py flags for `method` on the tiny CLIP, trained `epochs` epochs in all (APLe: split over its
+    three stages, the last taking the remainder; PromptSRC: GPA's Gaussian at the paper's 15/20 of the run)."""
+    flags = [f for key, value in TINY_SETTINGS[method].items() for f in (f"--{key}", str(value))]
+    if method == "aple":
+        return flags + ["--stage_epochs", *map(str, (epochs // 3, epochs // 3, epochs - 2 * (epochs // 3)))]
+    if method == "promptsrc":
+        flags += ["--gpa_mean", str(0.75 * epochs)]
+    return flags + ["--epochs", str(epochs)]

@@ -1,0 +1,41 @@
+"""IVLP: Independent Vision-Language Prompting, the baseline of MaPLe (Khattak, Rasheed, Maaz, Khan, Khan.
+"MaPLe: Multi-modal Prompt Learning", CVPR 2023, Sec. 4.1 and Table 1).
+
+Deep prompts in both encoders, learned independently: MaPLe without its coupling functions. The text
+side is MaPLe's: "[SOS] v_1 v_2 of a {class}. [EOS]", v_1 v_2 starting from "a photo" and "of a" kept
+as fixed words, then 2 fresh tokens before each of the next layers [code: MPL trainers/independentVL.py].
+The vision side appends 2 tokens after the patch tokens and replaces them before each of the next
+layers, up to `depth` (prompts.common.IndependentDeepPrompts). Cross-entropy only.
+
+Trainable for ViT-B/16 at depth 9: 9 x 2 x 512 + 9 x 2 x 768 = 23,040.
+
+Defaults: MPL (muzairkhattak/multimodal-prompt-learning) configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml
+[paper]: 2 + 2 tokens, SGD lr 0.0035, batch 4, 5 epochs; that config prompts all 12 layers
+(--depth 12: 30,720 values). depth 9 [ours]: MPL train.py's default, MaPLe's depth, so IVLP is
+MaPLe minus the coupling. PromptSRC's IVLP row is 4 + 4 tokens at depth 9 (PromptSRC repo
+configs/trainers/IVLP/vit_b16_c2_ep20_batch4_4+4ctx.yaml: --n_ctx 4 --n_ctx_vision 4 --lr 0.0025 --epochs 20).
+Where each setting comes from, with the source files: docs/methods/ivlp.md.
+"""
+from prompts.common import IndependentDeepPrompts, Range
+
+DEFAULTS = dict(
+    n_ctx=2, ctx_init="a photo of a",  # learn the first 2 tokens of ctx_init; "of a" stays ('' for random)
+    n_ctx_vision=2,                    # vision prompt tokens per layer
+    depth=9,                           # layers 0..depth-1 of each encoder carry prompts
+    lr=0.0035, batch_size=4, epochs=5,
+)
+HELP = dict(
+    n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner: M <= 4 learns its first M words)",
+    ctx_init="words the text prompt starts from; '' for a random N(0, 0.02) start",
+    n_ctx_vision="vision prompt tokens per layer",
+    depth="layers 0..depth-1 of each encoder carry prompts",
+    lr="SGD learning rate",
+    batch_size="images per step",
+    epochs="training epochs (base-to-novel; other protocols: prompts.protocol_defaults)",
+)
+CHOICES = dict(n_ctx=Range(1), n_ctx_vision=Range(1), depth=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
+
+
+class CustomCLIP(IndependentDeepPrompts):
+    def __init__(self, clip_model, classnames, template, cfg):
+        super().__init__(clip_model, classnames, cfg)  # n_ctx = 2 of ctx_init's 4 tokens: "of a" stays
