@@ -34,6 +34,7 @@ import eval as eval_py
 import prompts
 import train
 from clip.model import CLIP
+from clip.toy import hsv_to_rgb
 from clip.tokenizer import tokenize
 from clip.transform import MEAN, STD
 from data.transforms import train_transform
@@ -50,15 +51,6 @@ MARGIN = 10.0  # percentage points a method must gain over zero-shot on the base
 
 
 # -- the world ---------------------------------------------------------------------------------------------
-
-def hsv_to_rgb(h, s, v):
-    """Vectorised HSV -> RGB, arrays in [0, 1]."""
-    i = (np.floor(h * 6) % 6).astype(int)
-    f = h * 6 - np.floor(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return np.stack([np.choose(i, [v, q, p, p, t, v]), np.choose(i, [t, v, v, q, p, p]),
-                     np.choose(i, [p, p, t, v, v, q])], axis=-1)
-
 
 def draw(labels, rendering, rng, size=32):
     """Images [B, size, size, 3] in [0, 1]: the class hue (shifted half a class for dark ones) plus noise."""
