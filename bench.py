@@ -97,11 +97,23 @@ def smooth_images(n, n_px, generator):
     return images + 0.1 * torch.randn(images.shape, generator=generator)
 
 
-def full_length_text_features(model, text):
-    """encode_text over all 77 positions (no cut after the last end-of-text token), for the exactness check."""
-    x = model.token_embedding(text) + model.positional_embedding  # [B, 77, width]
-    x = model.ln_final(model.transformer.forward_nld(x))  # causal: the text blocks carry the mask
-    return x[torch.arange(len(text)), text.argmax(-1)] @ model.text_projection  # [B, embed_dim]
+def full_length_text_features(model, text, embeddings=None, deep_prompts=None):
+    """encode_text over all 77 positions, nothing cut: the reference of the cut and of the length buckets.
+
+    Same arguments as encode_text (text may be shorter than 77; embeddings then as long as text). One
+    extra row whose end-of-text token sits at the last position makes encode_text keep all 77; the
+    rows of a batch never see each other, so it changes no other row.
+    """
+    B, L = text.shape
+    n = model.context_length
+    last = torch.zeros(1, n, dtype=text.dtype, device=text.device)
+    last[0, -1] = model.token_embedding.num_embeddings - 1  # the highest id: its end-of-text
+    text = torch.cat([F.pad(text, (0, n - L)), last])  # [B + 1, 77]
+    if embeddings is not None:
+        embeddings = F.pad(embeddings, (0, 0, 0, n - L, 0, 1))  # [B + 1, 77, width], zeros behind
+    deep_prompts = {layer: F.pad(t, (0, 0, 0, 0, 0, 1)) if t.dim() == 3 else t  # [B + 1, n, width]
+                    for layer, t in (deep_prompts or {}).items()}
+    return model.encode_text(text, embeddings=embeddings, deep_prompts=deep_prompts)[:B]  # [B, embed_dim]
 
 
 @torch.no_grad()
