@@ -60,7 +60,30 @@ class PromptedCLIP(nn.Module):
         return cosine_logits(self.clip, image_features, text_features)
 
     def forward(self, images):
-        return self.logits(images, self.text_features())
+        return self.logits(images, self.cached_text_features())
+
+    def cached_text_features(self):
+        """text_features(), computed once while training leaves the text side frozen (e.g. APLe's vision
+        stage: at 500 classes the text encoder is most of a step). Frozen = the features need no gradient
+        although gradients are on; then no step changes them. The copy is keyed on which parameters
+        learn and on autocast, so a set_stage or another precision recomputes it, and train()/eval()
+        (train.py calls model.train() as each epoch starts) drop it."""
+        if not self.training:
+            return self.text_features()
+        device = self.clip.logit_scale.device.type
+        key = (torch.is_grad_enabled(), torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+               tuple(p.requires_grad for p in self.parameters()))
+        cached = getattr(self, "_frozen_text", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        features = self.text_features()
+        frozen = torch.is_grad_enabled() and not features.requires_grad
+        self._frozen_text = (key, features) if frozen else None
+        return features
+
+    def train(self, mode=True):
+        self._frozen_text = None  # see cached_text_features
+        return super().train(mode)
 
     def loss(self, images, labels):
         ce = F.cross_entropy(self(images), labels)

@@ -92,3 +92,77 @@ def test_buckets_carry_per_prompt_deep_prompts(clip3):
     with torch.no_grad():
         assert rel_err(encode_by_length(clip3, text, deep_prompts=deep),
                        full_length_text_features(clip3, text, deep_prompts=deep)) < 1e-6
+
+
+def count_calls(model, name):
+    """Wrap model.<name> on the instance; returns the list its calls are appended to."""
+    calls, original = [], getattr(model, name)
+    setattr(model, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def sgd_steps(model, steps=2, clear=False):
+    """`steps` SGD steps of model.loss on fixed batches; clear=True drops the cached class features each step."""
+    g = torch.Generator().manual_seed(3)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        if clear:
+            model.train()
+        images, labels = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, len(CLASSNAMES), (4,), generator=g)
+        loss = model.loss(images, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_frozen_text_side_is_computed_once_per_stage(clip3):
+    """APLe's vision stage learns no text parameter: its class features are computed at the first step and
+    reused, with the same losses and learned prompts as recomputing them every step. The joint stage
+    learns the text side again and recomputes it every step; evaluation always recomputes."""
+    models = []
+    for clear in (False, True):
+        torch.manual_seed(0)
+        model = aple(clip3)
+        model.set_stage("language")
+        model.set_stage("vision")
+        calls = count_calls(model, "text_features")
+        losses = sgd_steps(model, steps=3, clear=clear)
+        models.append((model, losses, len(calls)))
+    (cached, losses, n_calls), (fresh, fresh_losses, fresh_calls) = models
+    assert (n_calls, fresh_calls) == (1, 3)
+    assert losses == fresh_losses
+    assert torch.equal(cached.vision_prompts, fresh.vision_prompts)
+    assert not torch.equal(cached.vision_prompts, aple(clip3).vision_prompts)  # the steps did learn
+    assert torch.equal(cached.cached_text_features(), fresh.text_features())
+
+    calls = count_calls(cached, "text_features")
+    cached.set_stage("joint")  # the text side learns again: its features need a gradient at every step
+    sgd_steps(cached, steps=2)
+    assert len(calls) == 2 and cached.cached_text_features().requires_grad
+    cached.eval()
+    with torch.no_grad():
+        cached(torch.zeros(1, 3, 32, 32))
+        cached(torch.zeros(1, 3, 32, 32))
+    assert len(calls) == 5  # + the one above, + one per evaluation forward
+
+
+def test_frozen_text_cache_follows_the_stage_and_precision(clip3):
+    model = aple(clip3)
+    model.set_stage("vision")  # language not started: the zero-shot features, a buffer
+    model.train()
+    calls = count_calls(model, "text_features")
+    model.cached_text_features()
+    model.set_stage("language")  # now the text prompts learn: recomputed, with a gradient
+    assert model.cached_text_features().requires_grad
+    model.set_stage("vision")  # frozen again, but other prompts than before: recomputed once
+    first = model.cached_text_features()
+    assert model.cached_text_features() is first
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.cached_text_features().dtype == torch.bfloat16  # another precision: recomputed
+    with torch.no_grad():
+        model.cached_text_features()  # no gradients at all: nothing to learn from, nothing cached
+    assert len(calls) == 5
