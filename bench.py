@@ -315,19 +315,21 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a tiny CLIP, small counts: checks that the script runs")
     p.add_argument("--methods", nargs="+", default=list(prompts.METHODS), choices=list(prompts.METHODS))
-    p.add_argument("--classes", nargs="+", type=int, default=[50, 500], help="Caltech101 base, ImageNet base")
-    p.add_argument("--text_prompts", nargs="+", type=int, default=[100, 1000], help="prompts of the text rows")
-    p.add_argument("--jpegs", type=int, help="JPEGs of the eval row (default 2000; --tiny: 100)")
-    p.add_argument("--eval_batch", type=int, default=256, help="batch of the eval rows")
+    p.add_argument("--classes", nargs="+", type=int, help="of the train steps (default 50 500: Caltech101 base, "
+                   "ImageNet base; --tiny: 50)")
+    p.add_argument("--text_prompts", nargs="+", type=int, help="of the text rows (default 100 1000; --tiny: 100)")
+    p.add_argument("--jpegs", type=int, help="JPEGs of the eval row (default 2000; --tiny: 50)")
+    p.add_argument("--eval_batch", type=int, help="batch of the eval rows (default 256; --tiny: 32)")
     p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 5000; --tiny: 250)")
     p.add_argument("--agreement_classes", type=int, help="prompts of that check (default 1000; --tiny: 100)")
-    p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10; --tiny: 3)")
+    p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10; --tiny: 1)")
     p.add_argument("--workers", type=int, default=train.DEFAULTS["workers"])
     p.add_argument("--runs", nargs="*", default=[], choices=["caltech101", "imagenet"],
                    help="also time whole base2novel runs on synthetic data sets of these sizes")
     args = p.parse_args(argv)
-    for key, full, tiny in (("jpegs", 2000, 100), ("images", 5000, 250), ("agreement_classes", 1000, 100),
-                            ("repeat", 10, 3)):
+    for key, full, tiny in (("classes", [50, 500], [50]), ("text_prompts", [100, 1000], [100]), ("jpegs", 2000, 50),
+                            ("eval_batch", 256, 32), ("images", 5000, 250), ("agreement_classes", 1000, 100),
+                            ("repeat", 10, 1)):
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
     for key in ("jpegs", "eval_batch", "images", "agreement_classes", "repeat", "workers", "classes", "text_prompts"):
