@@ -336,6 +336,8 @@ def main(argv=None):
         values = getattr(args, key)
         if min(values if isinstance(values, list) else [values]) < (0 if key == "workers" else 1):
             p.error(f"--{key} must be at least {0 if key == 'workers' else 1} (got {values})")
+    if args.tiny:  # its ops are far too small for threads to pay off; with other jobs on the CPU they wait on each other
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     config = TINY if args.tiny else B16
     clip_model = CLIP(**config).to(args.device).requires_grad_(False).eval()
