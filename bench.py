@@ -246,13 +246,14 @@ def train_step_rows(clip_model, methods, class_counts, device, rates, repeat=10)
     return rows
 
 
-def eval_rows(clip_model, device, rates, batch=256, jpegs=2000, workers=8, repeat=10):
+def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=8, repeat=10):
+    """Evaluation of `method` (the first of --methods) at 50 classes: from tensors, and from JPEG files."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
-    model = train.build_method("coop", clip_model, bench_classnames(50), "",
-                               {**train.DEFAULTS, **prompts.METHODS["coop"].DEFAULTS})
+    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
+    model = train.build_method(method, clip_model, bench_classnames(50), "a photo of a {}.", cfg)
     model.eval()
-    row = [f"eval from tensors, batch {batch}"]
+    row = [f"eval {method} from tensors, batch {batch}"]
     for fast in (False, True):
         with torch.no_grad(), path_context(fast, device):
             text_features = model.text_features()
@@ -263,7 +264,7 @@ def eval_rows(clip_model, device, rates, batch=256, jpegs=2000, workers=8, repea
     rows = [row]
     folder = tempfile.mkdtemp(prefix="bench_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, jpegs)]
-    row = [f"eval from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
+    row = [f"eval {method} from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
     for fast in (False, True):
         def run():
             with torch.no_grad(), path_context(fast, device):
@@ -352,7 +353,8 @@ def main(argv=None):
         print(f"| {check} | {result} |", flush=True)
     rows = augment_rows(args.device, clip_model.visual.input_resolution, repeat=args.repeat)
     rows += train_step_rows(clip_model, args.methods, args.classes, args.device, rates, args.repeat)
-    rows += eval_rows(clip_model, args.device, rates, args.eval_batch, args.jpegs, args.workers, args.repeat)
+    rows += eval_rows(clip_model, args.methods[0], args.device, rates, args.eval_batch, args.jpegs, args.workers,
+                      args.repeat)
     # Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in all). ImageNet: 1,000 classes,
     # 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease small (say so when reporting).
     sizes = {"caltech101": ("caltech101", 100, (16, 4, 25)), "imagenet": ("imagenet", 1000, (16, 4, 10))}
