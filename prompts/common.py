@@ -77,7 +77,7 @@ class PromptedCLIP(nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1]
         features = self.text_features()
-        frozen = torch.is_grad_enabled() and not features.requires_grad
+        frozen = features is not None and torch.is_grad_enabled() and not features.requires_grad  # None: CoCoOp
         self._frozen_text = (key, features) if frozen else None
         return features
 
