@@ -1,14 +1,17 @@
 """Speed and memory of training and evaluation, plain path vs fast path, against the FLOP floor.
 
     python bench.py                      # on a GPU: ViT-B/16-sized random weights, the full table
-    python bench.py --tiny --device cpu  # a smoke run with a tiny CLIP (checks the script, not the speed)
+    python bench.py --tiny --device cpu  # a one-minute smoke run with a tiny CLIP (checks the script)
 
-Plain = float32, attention through the plain softmax(QK^T)V kernel, crops resized by PIL. Fast = bf16
-autocast, the fused attention kernels and crops resized on the device (what train.py and eval.py use
-on a GPU). Both use the same random weights and images. FLOPs are counted by torch.utils.flop_counter
-for one step; the floor is FLOPs / (the card's measured bf16 matmul rate), and "x floor" says how far
-a row is from it. Before the table, a check that the fast path changes no result: feature cosines
-and top-1 agreement of fast vs plain, and the text cut against full-length sequences in float32.
+Plain = float32, attention through the plain softmax(QK^T)V kernel, crops resized by PIL. Fast = what
+train.py and eval.py use on that device: on a GPU bf16 autocast, the fused attention kernels and crops
+resized on the GPU; on a CPU float32 with the fused attention kernel. Both use the same random weights
+and images. FLOPs are counted by torch.utils.flop_counter for one step; a path's floor is FLOPs / (the
+measured matmul rate of the precision it runs in), and "x floor" says how far a row is from it.
+Before the tables, a check that the fast path changes no result: feature cosines and top-1 agreement
+of fast vs plain, and the text cut and length buckets against full-length sequences in float32.
+Then the text encoder alone (class prompts, no gradient): all 77 positions, the batch cut after its
+longest prompt, and length buckets; there the floor is each prompt's work at its own length.
 Not a test: the numbers depend on the machine.
 """
 import argparse
@@ -29,7 +32,7 @@ import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize
 from data import Datum, TrainSet, test_loader
-from prompts.common import zeroshot_classifier
+from prompts.common import encode_by_length, zeroshot_classifier
 from data.bench_loader import make_jpegs
 
 B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
@@ -38,11 +41,19 @@ TINY = dict(B16, image_resolution=32, vision_width=64, vision_patch_size=8,  # 1
             embed_dim=64, transformer_width=64, transformer_heads=1)
 
 
+def fast_dtype(device):
+    """The precision train.py runs in on this device (bf16 on a GPU, float32 on a CPU)."""
+    return dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[train.default_precision(device)]
+
+
 def path_context(fast, device):
-    """The fast path: bf16 autocast + fused attention. The plain path: float32 + the math kernel."""
-    if fast:
-        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    return sdpa_kernel(SDPBackend.MATH)
+    """The fast path: train.py's precision (autocast unless float32) + fused attention. The plain path:
+    float32 + the math kernel."""
+    if not fast:
+        return sdpa_kernel(SDPBackend.MATH)
+    if fast_dtype(device) == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=fast_dtype(device))
 
 
 def sync(device):
@@ -67,12 +78,15 @@ def timed(fn, device, warmup=3, repeat=10):
     return statistics.median(times), peak
 
 
-def matmul_rate(device, n=8192):
-    """Measured bf16 matrix-multiply rate of the device in FLOP/s (the floor's denominator)."""
-    n = n if device.startswith("cuda") else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    seconds, _ = timed(lambda: a @ b, device)
-    return 2 * n ** 3 / seconds
+def matmul_rates(device):
+    """Measured matrix-multiply rate in FLOP/s of each path's precision, {fast: rate}: the floors' denominators."""
+    n = 8192 if device.startswith("cuda") else 1024
+    rates = {}
+    for fast, dtype in ((False, torch.float32), (True, fast_dtype(device))):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        seconds, _ = timed(lambda: a @ b, device)
+        rates[fast] = 2 * n ** 3 / seconds
+    return rates
 
 
 def count_flops(fn):
@@ -82,9 +96,10 @@ def count_flops(fn):
 
 
 def bench_classnames(n):
-    """n real class names of the benchmark: Caltech101's for 50 (its base classes), SUN397's then Food101's for
-    500 (ImageNet's are not in the repo; these are as long). The text cut makes prompt length matter."""
-    with open(os.path.join(os.path.dirname(__file__), "tests", "fixtures", "benchmark_classnames.json")) as f:
+    """n real class names of the benchmark: Caltech101's for 50 (its base classes), SUN397's then Food101's
+    and StanfordCars' beyond (ImageNet's are not in the repo; these are as long). The text cut and the
+    length buckets make prompt length matter."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "benchmark_classnames.json")) as f:
         names = json.load(f)
     pool = names["Caltech101"][:50] if n <= 50 else names["SUN397"] + names["Food101"] + names["StanfordCars"]
     return (pool * (n // len(pool) + 1))[:n]
@@ -97,25 +112,40 @@ def smooth_images(n, n_px, generator):
     return images + 0.1 * torch.randn(images.shape, generator=generator)
 
 
-def full_length_text_features(model, text):
-    """encode_text over all 77 positions (no cut after the last end-of-text token), for the exactness check."""
-    x = model.token_embedding(text) + model.positional_embedding  # [B, 77, width]
-    x = model.ln_final(model.transformer.forward_nld(x))  # causal: the text blocks carry the mask
-    return x[torch.arange(len(text)), text.argmax(-1)] @ model.text_projection  # [B, embed_dim]
+def full_length_text_features(model, text, embeddings=None, deep_prompts=None):
+    """encode_text over all 77 positions, nothing cut: the reference of the cut and of the length buckets.
+
+    Same arguments as encode_text (text may be shorter than 77; embeddings then as long as text). One
+    extra row whose end-of-text token sits at the last position makes encode_text keep all 77; the
+    rows of a batch never see each other, so it changes no other row.
+    """
+    B, L = text.shape
+    n = model.context_length
+    last = torch.zeros(1, n, dtype=text.dtype, device=text.device)
+    last[0, -1] = model.token_embedding.num_embeddings - 1  # the highest id: its end-of-text
+    text = torch.cat([F.pad(text, (0, n - L)), last])  # [B + 1, 77]
+    if embeddings is not None:
+        embeddings = F.pad(embeddings, (0, 0, 0, n - L, 0, 1))  # [B + 1, 77, width], zeros behind
+    deep_prompts = {layer: F.pad(t, (0, 0, 0, 0, 0, 1)) if t.dim() == 3 else t  # [B + 1, n, width]
+                    for layer, t in (deep_prompts or {}).items()}
+    return model.encode_text(text, embeddings=embeddings, deep_prompts=deep_prompts)[:B]  # [B, embed_dim]
 
 
 @torch.no_grad()
 def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250):
     """Fast vs plain on the same weights and images: min cosine of image and text features, top-1
-    agreement of the logits; and the text cut vs full-length sequences in float32 (max relative difference)."""
+    agreement of the logits; and the text cut and the length buckets vs full-length sequences in float32
+    (max relative difference)."""
     names = bench_classnames(n_classes)
     text_features = {}
     for fast in (False, True):
         with path_context(fast, device):
             text_features[fast] = zeroshot_classifier(clip_model, names, "a photo of a {}.")  # [n_cls, D], normalised
     image_features = {False: [], True: []}
-    for k in range(n_images // batch):  # each batch of images made once, seen by both paths
-        images = smooth_images(batch, clip_model.visual.input_resolution, torch.Generator().manual_seed(k)).to(device)
+    n_px = clip_model.visual.input_resolution
+    for k, start in enumerate(range(0, n_images, batch)):  # each batch of images made once, seen by both paths
+        size = min(batch, n_images - start)  # the last batch may be smaller: every image counts
+        images = smooth_images(size, n_px, torch.Generator().manual_seed(k)).to(device)
         for fast in (False, True):
             with path_context(fast, device):
                 image_features[fast].append(F.normalize(clip_model.encode_image(images).float(), dim=-1))
@@ -123,50 +153,82 @@ def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250)
     cos_p, cos_f = img_p @ txt_p.t(), img_f @ txt_f.t()  # [n_images, n_cls]
     top1 = (cos_p.argmax(-1) == cos_f.argmax(-1)).float().mean().item()
     top2 = cos_p.topk(2, dim=-1).values  # random weights give near-ties; the gap says how near
-    rows = [(f"fast vs plain, {n_images} images: image features, min cosine", f"{(img_p * img_f).sum(-1).min():.5f}"),
-            (f"fast vs plain, {n_classes} prompts: text features, min cosine", f"{(txt_p * txt_f).sum(-1).min():.5f}"),
+    rows = [(f"fast vs plain, {len(img_p)} images: image features, min cosine",
+             f"{(img_p * img_f).sum(-1).min():.5f}"),
+            (f"fast vs plain, {len(txt_p)} prompts: text features, min cosine",
+             f"{(txt_p * txt_f).sum(-1).min():.5f}"),
             ("fast vs plain: top-1 agreement of the logits", f"{100 * top1:.2f}%"),
             ("plain: median gap between top-1 and top-2 cosine (random weights: near-ties)",
              f"{(top2[:, 0] - top2[:, 1]).median():.1e}")]
     text = tokenize([f"a photo of a {name}." for name in names]).to(device)  # [n_cls, 77]
     for kernel in (SDPBackend.MATH, None):  # the plain kernel, then whatever fused kernel float32 gets
         with sdpa_kernel(kernel) if kernel else contextlib.nullcontext():
-            cut = torch.cat([clip_model.encode_text(chunk) for chunk in text.split(batch)])
             full = torch.cat([full_length_text_features(clip_model, chunk) for chunk in text.split(batch)])
-        rel = ((cut - full).norm(dim=-1) / full.norm(dim=-1)).max().item()
-        rows.append((f"text cut at {int(text.argmax(-1).max()) + 1} of 77 positions vs all 77, float32, "
-                     f"{'math' if kernel else 'default'} attention kernel: max relative difference, bit-identical",
-                     f"{rel:.1e}, {torch.equal(cut, full)}"))
+            cut = torch.cat([clip_model.encode_text(chunk) for chunk in text.split(batch)])
+            buckets = encode_by_length(clip_model, text, chunk=batch)
+        cut_at = int(text.argmax(-1).max()) + 1
+        for name, features in ((f"text cut at {cut_at}", cut), ("length buckets", buckets)):
+            rel = ((features - full).norm(dim=-1) / full.norm(dim=-1)).max().item()
+            rows.append((f"{name} vs all 77 positions, {len(text)} prompts, float32, "
+                         f"{'math' if kernel else 'default'} attention kernel: max relative difference, bit-identical",
+                         f"{rel:.1e}, {torch.equal(features, full)}"))
     return rows
 
 
-def augment_rows(device, n_px, images=16, batch=4, steps=50):
-    """Time to get one augmented training batch from decoded images: PIL on the CPU vs on the device."""
+@torch.no_grad()
+def text_rows(clip_model, device, rates, prompt_counts=(100, 1000), repeat=10):
+    """Class prompts through the text encoder, in the fast path: prompts/s and x floor of all 77 positions
+    (with the one extra row that keeps them), the batch cut after its longest prompt, and length buckets.
+    The floor is the work of each prompt alone at its own length, at the fast path's matmul rate."""
+    rows = []
+    for n in prompt_counts:
+        text = tokenize([f"a photo of a {name}." for name in bench_classnames(n)]).to(device)  # [n, 77]
+        lengths, counts = text.argmax(-1).unique(return_counts=True)
+        with path_context(True, device):
+            floor = sum(count_flops(lambda: clip_model.encode_text(text[text.argmax(-1) == eot][:1])) * int(k)
+                        for eot, k in zip(lengths, counts)) / rates[True]  # seconds
+            mean = (lengths + 1).float().mul(counts).sum() / n
+            row = [f"text forward, {n} class prompts ({mean:.1f} tokens on average, longest {int(lengths.max()) + 1})"]
+            for encode in (full_length_text_features, CLIP.encode_text, encode_by_length):
+                seconds, peak = timed(lambda: encode(clip_model, text), device, min(3, repeat), repeat)
+                row += [f"{n / seconds:,.0f} prompts/s", peak, f"{seconds / floor:.1f}x"]
+        rows.append(row)
+    return rows
+
+
+def augment_rows(device, n_px, images=16, batch=4, repeat=3):
+    """Time to get one augmented training batch from decoded images: PIL vs on the device (the fast path
+    resizes on the device where train.py does: on a GPU)."""
     folder = tempfile.mkdtemp(prefix="bench_train_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, images)]
-    row = [f"train batch of {batch}: crop + resize + flip, {images} decoded 500x375 images"]
-    for on_device in (False, True):
+    n_batches = -(-images // batch)  # one pass over the images, the last batch possibly smaller
+    row = [f"train batch of {batch}: crop + resize + flip, {n_batches} batches from {images} decoded 500x375 "
+           f"images"]
+    for fast in (False, True):
+        on_device = fast and train.switch_on(train.DEFAULTS, "augment_on_device", device.startswith("cuda"))
         trainset = TrainSet(items, n_px, seed=0, device=device if on_device else None)
         loader = torch.utils.data.DataLoader(trainset, batch_size=batch, shuffle=True)
+        assert len(loader) == n_batches
 
         def fetch():
-            for _, (x, _) in zip(range(steps), loader):
+            for x, _ in loader:
                 x.to(device)
-        seconds, _ = timed(fetch, device, warmup=1, repeat=3)
-        row += [f"{seconds / steps * 1e3:.2f} ms", "", ""]
+        seconds, _ = timed(fetch, device, warmup=1, repeat=repeat)
+        row += [f"{seconds / n_batches * 1e3:.2f} ms", "", ""]
     return [row]
 
 
-def train_step_rows(clip_model, methods, class_counts, device, rate):
+def train_step_rows(clip_model, methods, class_counts, device, rates, repeat=10):
+    """One SGD step of each method, in its last stage (where everything it defines learns), batch 4."""
     rows = []
     images = torch.randn(4, 3, clip_model.visual.input_resolution, clip_model.visual.input_resolution, device=device)
-    labels = torch.randint(0, 2, (4,), device=device)
     for method in methods:
         for n_cls in class_counts:
-            cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS}
+            labels = torch.randint(0, n_cls, (4,), generator=torch.Generator().manual_seed(n_cls)).to(device)
+            cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
             model = train.build_method(method, clip_model, bench_classnames(n_cls), "a photo of a {}.", cfg)
-            if method == "aple":
-                model.set_stage("joint")
+            model.set_stage(model.stages(cfg)[-1][0])
+            model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
             row = [f"train step {method}, {n_cls} classes, batch 4"]
@@ -177,30 +239,32 @@ def train_step_rows(clip_model, methods, class_counts, device, rate):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                seconds, peak = timed(step, device)
+                seconds, peak = timed(step, device, warmup=min(3, repeat), repeat=repeat)
                 flops = count_flops(step)
-                row += [f"{seconds * 1e3:.1f} ms", peak, f"{seconds / (flops / rate):.1f}x"]
+                row += [f"{seconds * 1e3:.1f} ms", peak, f"{seconds / (flops / rates[fast]):.1f}x"]
             rows.append(row)
     return rows
 
 
-def eval_rows(clip_model, device, rate, batch=256, jpegs=2000, workers=8):
+def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=8, repeat=10):
+    """Evaluation of `method` (the first of --methods) at 50 classes: from tensors, and from JPEG files."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
-    model = train.build_method("coop", clip_model, bench_classnames(50), "",
-                               {**train.DEFAULTS, **prompts.METHODS["coop"].DEFAULTS})
+    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
+    model = train.build_method(method, clip_model, bench_classnames(50), "a photo of a {}.", cfg)
     model.eval()
-    row = [f"eval from tensors, batch {batch}"]
+    row = [f"eval {method} from tensors, batch {batch}"]
     for fast in (False, True):
         with torch.no_grad(), path_context(fast, device):
             text_features = model.text_features()
-            seconds, peak = timed(lambda: model.logits(images, text_features), device)
+            seconds, peak = timed(lambda: model.logits(images, text_features), device, warmup=min(3, repeat),
+                                  repeat=repeat)
             flops = count_flops(lambda: model.logits(images, text_features))
-        row += [f"{batch / seconds:,.0f} img/s", peak, f"{seconds / (flops / rate):.1f}x"]
+        row += [f"{batch / seconds:,.0f} img/s", peak, f"{seconds / (flops / rates[fast]):.1f}x"]
     rows = [row]
     folder = tempfile.mkdtemp(prefix="bench_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, jpegs)]
-    row = [f"eval from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
+    row = [f"eval {method} from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
     for fast in (False, True):
         def run():
             with torch.no_grad(), path_context(fast, device):
@@ -250,40 +314,63 @@ def whole_run_rows(config, methods, sizes, device, workers):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="a tiny CLIP: checks that the script runs")
-    p.add_argument("--methods", nargs="+", default=list(prompts.METHODS))
-    p.add_argument("--classes", nargs="+", type=int, default=[50, 500], help="Caltech101 base, ImageNet base")
-    p.add_argument("--jpegs", type=int, default=2000)
-    p.add_argument("--images", type=int, default=5000, help="synthetic images of the fast-vs-plain check")
-    p.add_argument("--agreement_classes", type=int, default=1000, help="prompts of the fast-vs-plain check")
+    p.add_argument("--tiny", action="store_true", help="a tiny CLIP, small counts: checks that the script runs")
+    p.add_argument("--methods", nargs="+", default=list(prompts.METHODS), choices=list(prompts.METHODS))
+    p.add_argument("--classes", nargs="+", type=int, help="of the train steps (default 50 500: Caltech101 base, "
+                   "ImageNet base; --tiny: 50)")
+    p.add_argument("--text_prompts", nargs="+", type=int, help="of the text rows (default 100 1000; --tiny: 100)")
+    p.add_argument("--jpegs", type=int, help="JPEGs of the eval row (default 2000; --tiny: 50)")
+    p.add_argument("--eval_batch", type=int, help="batch of the eval rows (default 256; --tiny: 32)")
+    p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 5000; --tiny: 250)")
+    p.add_argument("--agreement_classes", type=int, help="prompts of that check (default 1000; --tiny: 100)")
+    p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10; --tiny: 1)")
     p.add_argument("--workers", type=int, default=train.DEFAULTS["workers"])
     p.add_argument("--runs", nargs="*", default=[], choices=["caltech101", "imagenet"],
                    help="also time whole base2novel runs on synthetic data sets of these sizes")
     args = p.parse_args(argv)
+    for key, full, tiny in (("classes", [50, 500], [50]), ("text_prompts", [100, 1000], [100]), ("jpegs", 2000, 50),
+                            ("eval_batch", 256, 32), ("images", 5000, 250), ("agreement_classes", 1000, 100),
+                            ("repeat", 10, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
+    for key in ("jpegs", "eval_batch", "images", "agreement_classes", "repeat", "workers", "classes", "text_prompts"):
+        values = getattr(args, key)
+        if min(values if isinstance(values, list) else [values]) < (0 if key == "workers" else 1):
+            p.error(f"--{key} must be at least {0 if key == 'workers' else 1} (got {values})")
+    if args.tiny:  # its ops are far too small for threads to pay off; with other jobs on the CPU they wait on each other
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     config = TINY if args.tiny else B16
     clip_model = CLIP(**config).to(args.device).requires_grad_(False).eval()
-    rate = matmul_rate(args.device)
+    rates = matmul_rates(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device: {name}; measured bf16 matmul rate {rate / 1e12:.3f} TFLOP/s; "
+    print(f"device: {name}; measured matmul rate: float32 (plain) {rates[False] / 1e12:.3f} TFLOP/s, "
+          f"{str(fast_dtype(args.device)).replace('torch.', '')} (fast) {rates[True] / 1e12:.3f} TFLOP/s; "
           f"{'tiny CLIP' if args.tiny else 'ViT-B/16-sized random weights'}\n")
     print("| check | result |\n|---|---|")
-    for check, result in agreement_rows(clip_model, args.device, args.images, args.agreement_classes):
+    checks = agreement_rows(clip_model, args.device, args.images, args.agreement_classes)
+    for check, result in checks:
         print(f"| {check} | {result} |", flush=True)
-    rows = augment_rows(args.device, clip_model.visual.input_resolution)
-    rows += train_step_rows(clip_model, args.methods, args.classes, args.device, rate)
-    rows += eval_rows(clip_model, args.device, rate, jpegs=args.jpegs, workers=args.workers)
+    rows = augment_rows(args.device, clip_model.visual.input_resolution, repeat=args.repeat)
+    rows += train_step_rows(clip_model, args.methods, args.classes, args.device, rates, args.repeat)
+    rows += eval_rows(clip_model, args.methods[0], args.device, rates, args.eval_batch, args.jpegs, args.workers,
+                      args.repeat)
     # Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in all). ImageNet: 1,000 classes,
     # 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease small (say so when reporting).
     sizes = {"caltech101": ("caltech101", 100, (16, 4, 25)), "imagenet": ("imagenet", 1000, (16, 4, 10))}
     rows += whole_run_rows(config, args.methods, [sizes[r] for r in args.runs], args.device, args.workers)
-    header = ["", "plain: time or rate", "plain: peak mem", "plain: x floor",
-              "fast: time or rate", "fast: peak mem", "fast: x floor"]
+    print_table(["", "plain: time or rate", "plain: peak mem", "plain: x floor",
+                 "fast: time or rate", "fast: peak mem", "fast: x floor"], rows)
+    text = text_rows(clip_model, args.device, rates, args.text_prompts, args.repeat)
+    print_table(["fast path, no gradient", "all 77 positions", "peak mem", "x floor", "batch cut", "peak mem",
+                 "x floor", "length buckets", "peak mem", "x floor"], text)
+    return dict(checks=checks, rows=rows, text=text)
+
+
+def print_table(header, rows):
     print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
     for row in rows:
-        print("| " + " | ".join(row) + " |")
-    return rows
-
+        print("| " + " | ".join(row) + " |", flush=True)
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):

@@ -506,6 +506,36 @@ def unlock_run_folder(out):
         f.close()
 
 
+class Progress:
+    """Progress inside a loop over batches: step, images/s and ETA on stderr (not in log.txt).
+    On a terminal one line rewrites itself (at most 5 times a second); otherwise a plain line
+    every minute."""
+
+    def __init__(self, what, steps, every=60.0):
+        self.what, self.steps, self.images = what, steps, 0
+        self.tty = sys.stderr.isatty()
+        self.every = 0.2 if self.tty else every
+        self.start = self.shown = time.time()
+
+    def __call__(self, step, images):
+        """After `step` of `steps` batches, the last one of `images` images."""
+        self.images += images
+        now = time.time()
+        if now - self.shown < self.every and step < self.steps:
+            return
+        self.shown, seconds = now, max(now - self.start, 1e-9)
+        eta = (self.steps - step) * seconds / step
+        line = (f"{self.what}  step {step}/{self.steps}  {self.images / seconds:.1f} img/s  "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        sys.stderr.write(f"\r{line}\033[K" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.tty:  # the line goes; the loop logs its own summary
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
 class Log:
     def __init__(self, path):
         self.path = path
@@ -596,13 +626,17 @@ def evaluate(model, items, args, cfg):
     model.eval()
     device = args.device
     correct = total = 0
+    n_px = model.clip.visual.input_resolution
+    loader = data.test_loader(items, n_px, cfg["eval_batch_size"], cfg["workers"])
+    progress = Progress(f"evaluating {len(items)} images", len(loader))
     with autocast(args), clear_errors():  # an unreadable test image: its name, not a traceback
         text_features = model.text_features()
-        for images, labels in data.test_loader(items, model.clip.visual.input_resolution,
-                                               cfg["eval_batch_size"], cfg["workers"]):
+        for step, (images, labels) in enumerate(loader):
             logits = model.logits(images.to(device), text_features)
             correct += (logits.argmax(-1).cpu() == labels).sum().item()
             total += len(labels)
+            progress(step + 1, len(labels))
+    progress.close()
     return 100.0 * correct / total
 
 
@@ -646,6 +680,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, cfg), cfg)
             model.train()
             start, losses, terms = time.time(), [], {}  # terms: each loss term's sum over the epoch
+            progress = Progress(f"stage {stage} epoch {epoch + 1}/{epochs}", len(loader))
             for step, (images, labels) in enumerate(loader):
                 with autocast(args):
                     loss = model.loss(images.to(device), labels.to(device))
@@ -665,6 +700,8 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 losses.append(loss.item())
                 for k, v in model.loss_terms.items():
                     terms[k] = terms.get(k, 0.0) + v
+                progress(step + 1, len(labels))
+            progress.close()
             state = None  # a resumed run's optimizer and random state are used once
             model.on_epoch_end(epoch, epochs)  # e.g. PromptSRC's prompt averaging (GPA)
             done.append([stage_index, epoch])

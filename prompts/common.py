@@ -60,7 +60,30 @@ class PromptedCLIP(nn.Module):
         return cosine_logits(self.clip, image_features, text_features)
 
     def forward(self, images):
-        return self.logits(images, self.text_features())
+        return self.logits(images, self.cached_text_features())
+
+    def cached_text_features(self):
+        """text_features(), computed once while training leaves the text side frozen (e.g. APLe's vision
+        stage: at 500 classes the text encoder is most of a step). Frozen = the features need no gradient
+        although gradients are on; then no step changes them. The copy is keyed on which parameters
+        learn and on autocast, so a set_stage or another precision recomputes it, and train()/eval()
+        (train.py calls model.train() as each epoch starts) drop it."""
+        if not self.training:
+            return self.text_features()
+        device = self.clip.logit_scale.device.type
+        key = (torch.is_grad_enabled(), torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+               tuple(p.requires_grad for p in self.parameters()))
+        cached = getattr(self, "_frozen_text", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        features = self.text_features()
+        frozen = features is not None and torch.is_grad_enabled() and not features.requires_grad  # None: CoCoOp
+        self._frozen_text = (key, features) if frozen else None
+        return features
+
+    def train(self, mode=True):
+        self._frozen_text = None  # see cached_text_features
+        return super().train(mode)
 
     def loss(self, images, labels):
         ce = F.cross_entropy(self(images), labels)
@@ -135,7 +158,7 @@ class PromptLearner(nn.Module):
         emb = self(ctx)  # [N, n_cls, L, width]
         N, C = emb.shape[:2]
         text = self.tokenized_prompts.repeat(N, 1)  # [N * n_cls, L]
-        features = clip_model.encode_text(text, embeddings=emb.flatten(0, 1), deep_prompts=deep_prompts)
+        features = encode_by_length(clip_model, text, emb.flatten(0, 1), deep_prompts)  # [N * n_cls, D]
         return F.normalize(features, dim=-1).view(N, C, -1)  # [N, n_cls, embed_dim]
 
 
@@ -189,14 +212,37 @@ def zeroshot_classifier(clip_model, classnames, template, chunk=256):
     """Normalised features [n_cls, embed_dim] of template.format(name) from frozen CLIP (CLIP, Sec. 3.1.4).
 
     A list of templates averages their raw features before normalising (PromptSRC's text teacher).
-    Classes go through the text encoder `chunk` at a time so 1,000 ImageNet classes fit small cards.
+    Classes go through the text encoder at most `chunk` at a time so 1,000 ImageNet classes fit small cards.
     """
     device = clip_model.token_embedding.weight.device
     features = 0
     for t in [template] if isinstance(template, str) else template:
         text = tokenize([t.format(name) for name in classnames]).to(device)  # [n_cls, 77]
-        features = features + torch.cat([clip_model.encode_text(x) for x in text.split(chunk)]).float()
+        features = features + encode_by_length(clip_model, text, chunk=chunk).float()  # [n_cls, D]
     return F.normalize(features, dim=-1)  # the mean's direction: dividing by the count changes nothing
+
+
+def encode_by_length(clip_model, text, embeddings=None, deep_prompts=None, chunk=None):
+    """clip_model.encode_text(text, embeddings, deep_prompts) in length buckets: features [B, embed_dim].
+
+    encode_text cuts the whole batch after its longest prompt; every shorter prompt then still runs
+    through padding that the causal mask hides from it (1,000 class-name prompts: cut at 23 tokens,
+    10.3 on average, so half of the text FLOPs are padding). Here the prompts of each length run
+    together, cut at their own end-of-text token, so each prompt costs its own length and no more.
+    Exact in exact arithmetic, like the cut (equal to float32 rounding). Differentiable: the features
+    come back in the prompts' order by indexing. deep_prompts of shape [B, n, width] are bucketed
+    with their prompts. chunk: at most this many prompts per encode_text call (memory).
+    """
+    eot = text.argmax(dim=-1)  # [B], end-of-text has the highest id
+    order = eot.argsort(stable=True)  # [B], prompts sorted by length
+    _, counts = torch.unique_consecutive(eot[order], return_counts=True)
+    features = []
+    for bucket in order.split(counts.tolist()):  # one bucket per length
+        for rows in bucket.split(chunk or len(bucket)):
+            prompts = {layer: t[rows] if t.dim() == 3 else t for layer, t in (deep_prompts or {}).items()}
+            x = None if embeddings is None else embeddings[rows]  # [b, L, width]
+            features.append(clip_model.encode_text(text[rows], embeddings=x, deep_prompts=prompts))
+    return torch.cat(features)[order.argsort()]  # [B, embed_dim], back in the prompts' order
 
 
 def cosine_logits(clip_model, image_features, text_features):

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import statistics
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -554,3 +555,26 @@ def test_nan_loss_from_a_huge_learning_rate(world, tmp_path):
     out = tmp_path / "run"
     message = refused(lambda: train.main(argv(world, out, "coop", "--epochs", "3", "--lr", "1e30")))
     assert_stopped_at_a_finite_loss(out, message, epoch=1)
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_line(monkeypatch, capsys, tty):
+    """Step, images/s and ETA: a plain line a minute when stderr is a file, one line rewritten in place on a
+    terminal (cleared at the end, the loop logs its own summary). Nothing goes to stdout or log.txt."""
+    clock = iter([0.0, 30.0, 61.0, 61.1, 130.0])  # created, then after steps 1-4 of 4
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    progress = train.Progress("stage all epoch 1/5", 4)
+    for step in range(1, 5):
+        progress(step, 4)
+    progress.close()
+    out, err = capsys.readouterr()
+    assert out == ""
+    if tty:  # every step is more than 0.2 s after the last line, but for step 3 (0.1 s)
+        lines = ["stage all epoch 1/5  step 1/4  0.1 img/s  ETA 1:30",
+                 "stage all epoch 1/5  step 2/4  0.1 img/s  ETA 1:01",
+                 "stage all epoch 1/5  step 4/4  0.1 img/s  ETA 0:00"]
+        assert err == "".join(f"\r{line}\033[K" for line in lines) + "\r\033[K"
+    else:  # a minute after the start, then the last step
+        assert err == ("stage all epoch 1/5  step 2/4  0.1 img/s  ETA 1:01\n"
+                       "stage all epoch 1/5  step 4/4  0.1 img/s  ETA 0:00\n")

@@ -1,0 +1,66 @@
+"""bench.py's arithmetic: every row divides the time it measured by the work it did. A fake clock makes each
+timed call last exactly one second, so each figure is known in advance."""
+import itertools
+import types
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from clip.tokenizer import tokenize
+from tests.synthetic import one_thread  # noqa: F401 (a fixture)
+from tests.tiny import tiny_clip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def one_second_per_call(monkeypatch):
+    ticks = itertools.count()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    return tiny_clip().requires_grad_(False)
+
+
+def test_agreement_rows_count_every_image(clip_model):
+    """30 images in batches of 8 (the last one 6): all 30 are compared, none cut, no crash below one batch."""
+    for n_images, batch in ((30, 8), (5, 250)):
+        rows = dict(bench.agreement_rows(clip_model, "cpu", n_images=n_images, n_classes=7, batch=batch))
+        assert f"fast vs plain, {n_images} images: image features, min cosine" in rows
+        assert "fast vs plain, 7 prompts: text features, min cosine" in rows
+        assert float(rows[f"fast vs plain, {n_images} images: image features, min cosine"]) > 0.9999
+    buckets = [v for k, v in rows.items() if k.startswith("length buckets vs all 77 positions, 7 prompts")]
+    assert len(buckets) == 2 and all(float(v.split(",")[0]) < 1e-6 for v in buckets)  # two attention kernels
+
+
+def test_augment_row_divides_by_the_batches_fetched(one_second_per_call):
+    (row,) = bench.augment_rows("cpu", 32, images=10, batch=4, repeat=1)
+    assert row[0].startswith("train batch of 4: crop + resize + flip, 3 batches from 10 ")
+    assert row[1] == row[4] == "333.33 ms"  # one second for 3 batches (4 + 4 + 2 images)
+
+
+def test_train_step_row_uses_each_paths_rate(one_second_per_call, monkeypatch, clip_model):
+    monkeypatch.setattr(bench, "count_flops", lambda fn: 1e9)
+    (row,) = bench.train_step_rows(clip_model, ["coop"], [3], "cpu", {False: 1e9, True: 4e9}, repeat=1)
+    assert row[0] == "train step coop, 3 classes, batch 4"
+    assert row[1] == row[4] == "1000.0 ms"
+    assert (row[3], row[6]) == ("1.0x", "4.0x")  # floor: 1 s at the plain rate, 0.25 s at the fast one
+
+
+def test_text_rows_floor_is_each_prompts_own_length(one_second_per_call, clip_model):
+    n = 9
+    text = tokenize([f"a photo of a {name}." for name in bench.bench_classnames(n)])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for t in text:  # each prompt alone, cut at its own end-of-text token
+            clip_model.encode_text(t[None])
+    floor_flops = counter.get_total_flops()
+    (row,) = bench.text_rows(clip_model, "cpu", {False: 1.0, True: 2.5 * floor_flops}, prompt_counts=(n,), repeat=1)
+    lengths = text.argmax(-1) + 1
+    assert row[0] == (f"text forward, {n} class prompts ({lengths.float().mean():.1f} tokens on average, "
+                      f"longest {lengths.max()})")
+    assert row[1::3] == [f"{n} prompts/s"] * 3  # all 77 positions, batch cut, length buckets: 1 s each
+    assert row[3::3] == ["2.5x"] * 3
