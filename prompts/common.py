@@ -2,7 +2,7 @@
 
 - `PromptLearner`: CoOp's learnable context in front of the class name, as text-encoder input
   embeddings. PMPO uses N of them at once (`n_prompts`), APLe and CoOp one.
-- `deep_prompts` / `layer_dict`: learnable tokens for chosen transformer layers ("deep" prompting,
+- `prompt_tokens` / `layer_dict`: learnable tokens for chosen transformer layers ("deep" prompting,
   VPT-deep / MaPLe / IVLP), handed to clip's encoders through their `deep_prompts` hook.
 - `zeroshot_classifier`: class features of frozen CLIP from a hand-crafted template (the zero-shot
   baseline, PMPO's prior, APLe's teacher, KgCoOp's anchor) or a template set (PromptSRC's teacher).
@@ -177,8 +177,8 @@ class IndependentDeepPrompts(PromptedCLIP):
         self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"])
         n_ctx, depth = self.prompt_learner.n_ctx, cfg["depth"]
         check_depth(clip_model, depth)
-        self.text_prompts = deep_prompts(depth - 1, n_ctx, clip_model.ln_final.weight.shape[0])  # layers 1..depth-1
-        self.vision_prompts = deep_prompts(depth, cfg["n_ctx_vision"], clip_model.visual.conv1.out_channels)
+        self.text_prompts = prompt_tokens(depth - 1, n_ctx, clip_model.ln_final.weight.shape[0])  # layers 1..depth-1
+        self.vision_prompts = prompt_tokens(depth, cfg["n_ctx_vision"], clip_model.visual.conv1.out_channels)
 
     def text_features(self):
         return self.prompt_learner.encode(self.clip, layer_dict(self.text_prompts, 1))[0]  # [n_cls, D]
@@ -197,7 +197,7 @@ def check_depth(clip_model, depth):
             raise ValueError(f"depth must be between 1 and the {layers} layers of the {encoder} encoder, got {depth}")
 
 
-def deep_prompts(n_layers, n_ctx, width):
+def prompt_tokens(n_layers, n_ctx, width):
     """Learnable tokens for n_layers consecutive layers: [n_layers, n_ctx, width] ~ N(0, 0.02) (VPT, MaPLe)."""
     return nn.Parameter(torch.empty(n_layers, n_ctx, width).normal_(std=0.02))
 

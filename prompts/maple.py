@@ -22,7 +22,7 @@ import copy
 import torch.nn.functional as F
 from torch import nn
 
-from prompts.common import PromptedCLIP, PromptLearner, Range, check_depth, cosine_logits, deep_prompts, layer_dict
+from prompts.common import PromptedCLIP, PromptLearner, Range, check_depth, cosine_logits, layer_dict, prompt_tokens
 
 DEFAULTS = dict(
     n_ctx=2, ctx_init="a photo of a",  # learn the first 2 tokens of ctx_init; "of a" stays ('' for random)
@@ -48,12 +48,12 @@ class CustomCLIP(PromptedCLIP):
         depth = cfg["depth"]
         check_depth(clip_model, depth)
         text_width, vision_width = clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.out_channels
-        self.text_prompts = deep_prompts(depth - 1, self.prompt_learner.n_ctx, text_width)  # P_1 .. P_{J-1}
+        self.text_prompts = prompt_tokens(depth - 1, self.prompt_learner.n_ctx, text_width)  # P_1 .. P_{J-1}
         deeper = nn.Linear(text_width, vision_width)
         self.proj = nn.ModuleList([nn.Linear(text_width, vision_width)]  # F_0
                                   + [copy.deepcopy(deeper) for _ in range(depth - 1)])  # F_1 .. F_{J-1}
 
-    def vision_prompts(self):
+    def vision_deep_prompts(self):
         """{layer i: F_i(P_i)} for i = 0 .. J-1, each [n_ctx, 768]."""
         text = [self.prompt_learner.ctx[0], *self.text_prompts]  # P_0 .. P_{J-1}, each [n_ctx, 512]
         return {i: f(p) for i, (f, p) in enumerate(zip(self.proj, text))}
@@ -62,5 +62,5 @@ class CustomCLIP(PromptedCLIP):
         return self.prompt_learner.encode(self.clip, layer_dict(self.text_prompts, 1))[0]  # [n_cls, D]
 
     def logits(self, images, text_features):
-        image_features = F.normalize(self.clip.encode_image(images, deep_prompts=self.vision_prompts()), dim=-1)
+        image_features = F.normalize(self.clip.encode_image(images, deep_prompts=self.vision_deep_prompts()), dim=-1)
         return cosine_logits(self.clip, image_features, text_features)

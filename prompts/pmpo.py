@@ -75,7 +75,7 @@ class CustomCLIP(PromptedCLIP):
             self.register_buffer("prior_text_features", zeroshot_classifier(clip_model, classnames, template),
                                  persistent=False)  # t^hand: [n_cls, D]
 
-    def vision_prompts(self):
+    def vision_deep_prompts(self):
         """{layer: W_i P_i} for the layers of partition i (all of them, or the first only)."""
         prompts = {}
         for i, layers in enumerate(self.partitions):
@@ -92,7 +92,7 @@ class CustomCLIP(PromptedCLIP):
         return features
 
     def logits(self, images, text_features):
-        image_features = F.normalize(self.clip.encode_image(images, deep_prompts=self.vision_prompts()), dim=-1)
+        image_features = F.normalize(self.clip.encode_image(images, deep_prompts=self.vision_deep_prompts()), dim=-1)
         if self.cfg["fusion"] == "feature":
             return cosine_logits(self.clip, image_features, F.normalize(text_features.mean(0), dim=-1))
         return torch.stack([cosine_logits(self.clip, image_features, f) for f in text_features]).mean(0)

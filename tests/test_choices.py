@@ -260,7 +260,7 @@ def test_pmpo_partitions_layers_below_its_depth(vit_b16):
     model = pmpo.CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, dict(pmpo.DEFAULTS))  # depth 9, as MaPLe
     assert model.partitions == [[0, 1, 2], [3, 4], [5, 6], [7, 8]]
     with torch.no_grad():
-        assert sorted(model.vision_prompts()) == list(range(9))  # layers 9-11 carry the tokens forward
+        assert sorted(model.vision_deep_prompts()) == list(range(9))  # layers 9-11 carry the tokens forward
 
 
 @pytest.mark.parametrize("overrides, words", [(dict(depth=3), "n_prompts"), (dict(depth=13), "depth")])

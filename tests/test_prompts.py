@@ -253,7 +253,7 @@ def test_pmpo_vision_prompts(vit_b16, inject, layers):
     cfg = {**pmpo.DEFAULTS, "inject": inject, "depth": 12}
     model = pmpo.CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, cfg)
     with torch.no_grad():
-        prompts = model.vision_prompts()
+        prompts = model.vision_deep_prompts()
     assert sorted(prompts) == layers
     for i, part in enumerate(pmpo.partitions(12, 4)):
         with torch.no_grad():
@@ -361,7 +361,7 @@ def test_two_tokens_learned_of_a_kept(tiny, method):
 def test_maple_couples_each_layer(vit_b16):
     model = prompts.METHODS["maple"].CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, dict(prompts.maple.DEFAULTS))
     with torch.no_grad():
-        vision = model.vision_prompts()
+        vision = model.vision_deep_prompts()
         assert sorted(vision) == list(range(9))
         text = [model.prompt_learner.ctx[0], *model.text_prompts]  # P_0 .. P_8
         for i in range(9):
