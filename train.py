@@ -1,8 +1,9 @@
-"""Prompt learning for CLIP: CoOp, APLe and PMPO, in one training script.
+"""Prompt learning for CLIP: every method of prompts/ (CoOp to PromptSRC, APLe, PMPO), one script.
 
-    python train.py --method pmpo --dataset caltech101                      # base-to-novel, 16 shots, seed 1
+    python train.py --method pmpo --dataset toy          # the built-in toy world: a laptop, a minute
+    python train.py --method pmpo --dataset caltech101   # base-to-novel, 16 shots, seed 1
     python train.py --method coop --dataset oxford_pets --protocol fewshot --shots 4 --seed 2
-    python train.py --method aple --dataset imagenet --protocol crossdataset # then eval.py on the targets
+    python train.py --method aple --dataset imagenet --protocol crossdataset  # then eval.py
 
 The protocol is the CoOp family's (CoOp, CoCoOp, MaPLe, PromptSRC), so numbers compare with the
 papers' tables: K shots per class drawn with the seed, SGD with one constant warm-up epoch and a
@@ -69,12 +70,240 @@ HELP = dict(
 CHOICES = dict(protocol=PROTOCOLS, shots=Range(1), momentum=Range(0, 1), eval_batch_size=Range(1),
                precision=("auto", "fp32", "bf16", "fp16"), augment_on_device=SWITCH,
                text_checkpointing=SWITCH)
-# On the built-in toy world (--dataset toy) these replace the DEFAULTS above, and prompts.TOY_DEFAULTS the
-# method's own. Its CLIP is tiny: its matrices are too small to share out between cores, and a 600-image
-# test set is read faster in this process than by worker processes that have to start first.
+# On the built-in toy world (--dataset toy) these replace the DEFAULTS above, and
+# prompts.TOY_DEFAULTS the method's own. Its CLIP is tiny: its matrices are too small to share out
+# between cores, and a 600-image test set is read faster in this process than by worker processes
+# that have to start first.
 TOY = dict(model="toy", threads=1, workers=0)
 # -----------------------------------------------------------------------------
 
+
+# -- one run, from the command line to metrics.json ---------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    method = args.method
+    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS}
+    given = {k: v for k, v in vars(args).items() if k in cfg}
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in given.items()})
+    cfg.update(method=method, dataset=args.dataset, device=args.device, precision=args.precision)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"] or threads)
+    try:
+        return run(args, cfg)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called from eval.py and the tests
+
+
+def run(args, cfg):
+    """Train and evaluate one run with settings cfg; returns its metrics."""
+    method = args.method
+
+    # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
+    ds = read_dataset(args.dataset, args.root)
+    clip_model = load_frozen_clip(cfg["model"], args.device)
+    set_seed(cfg["seed"])  # before the shots and the prompts' init, as CoOp's train.py
+    fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
+    out = args.out or os.path.join("runs", safe_name(args.dataset), method,
+                                   cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
+    fewshot_train, fewshot_val = recorded_shots(out, ds, fewshot_train, fewshot_val)
+    subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet
+    (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train,
+                                                                      fewshot_val, ds.test)
+    (_, _, novel_test), novel_names = data.subsample_classes("new", fewshot_train, fewshot_val,
+                                                             ds.test)
+    if cfg["protocol"] == "base2novel" and not novel_test:
+        raise SystemExit(f"error: {args.dataset} has {len(classnames)} class(es) with test "
+                         f"images, too few to split into base and novel; use --protocol fewshot")
+    if not test_items:
+        raise SystemExit(f"error: {args.dataset} has no test images for its {subsample} classes")
+    model = build_method(method, clip_model, classnames, ds.template, cfg)
+
+    state = prepare_run_folder(out, cfg, model.stages(cfg))
+    log = Log(os.path.join(out, "log.txt"))
+    fewshot_path = os.path.join(out, "fewshot.json")
+    if state is None or not os.path.exists(fewshot_path):  # it always holds the shots trained on
+        with write_errors(fewshot_path):
+            data.save_fewshot(fewshot_path, fewshot_train, fewshot_val, ds.image_dir)
+    if state:
+        model.load_state_dict(state["learned"], strict=False)
+        if state.get("note"):
+            log(state["note"])
+        log(f"resuming {out} after {len(state['done'])} epochs")
+    learned = {k: v.numel() for k, v in learned_state(model).items()}
+    log(f"{method} on {args.dataset} ({cfg['protocol']}, {cfg['shots']} shots, "
+        f"seed {cfg['seed']}): "
+        f"{len(train_items)} training images, {len(classnames)} classes")
+    warn_short_classes(fewshot_train, cfg["shots"], log)
+    for names in data.duplicate_classnames(ds.train, ds.val, ds.test):
+        log(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
+            f"{', '.join(names)}")
+    log("learned tensors: " + ", ".join(f"{k} ({n:,})" for k, n in learned.items()))
+    log(f"trainable parameters: {sum(learned.values()):,} (CLIP: frozen)")
+
+    epochs_done = train(model, train_items, args, cfg, out, log, state)
+    save_checkpoint(out, model, cfg, epochs_done)  # also with nothing to train (--epochs 0)
+
+    metrics = {}
+    if cfg["protocol"] == "base2novel":
+        metrics["base_acc"] = evaluate(model, test_items, args, cfg)
+        novel = build_method(method, clip_model, novel_names, ds.template, cfg)
+        novel.load_state_dict(model.state_dict(), strict=False)  # same prompts, new class buffers
+        metrics["novel_acc"] = evaluate(novel, novel_test, args, cfg)
+        metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
+    else:
+        metrics["accuracy"] = evaluate(model, test_items, args, cfg)
+    log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    save_json(os.path.join(out, "metrics.json"), metrics)
+    if os.path.exists(os.path.join(out, "train_state.pt")):
+        os.remove(os.path.join(out, "train_state.pt"))  # complete: only the prompts are kept
+    unlock_run_folder(out)
+    return metrics
+
+
+# -- train and evaluate ---------------------------------------------------------------------------
+
+def train(model, train_items, args, cfg, out, log, state=None):
+    """SGD over the learned tensors, stage by stage, a checkpoint after every epoch; returns the
+    epochs done."""
+    device = args.device
+    on_device = switch_on(cfg, "augment_on_device", auto=device.startswith("cuda"))
+    n_text = model.text_prompts_per_step(cfg["batch_size"])
+    # Saved activations of a bf16 step, ~2.7 MB per prompt (PMPO, 500 classes x 4 prompts: 5.3 GiB,
+    # counted with saved-tensor hooks). From 4,000 prompts on (PMPO on all 1,000 ImageNet classes)
+    # that outgrows a 16 GB card.
+    checkpointing = switch_on(cfg, "text_checkpointing", auto=n_text >= 4000)
+    model.clip.transformer.grad_checkpointing = checkpointing
+    log(f"precision {args.precision}; crops resized {'on ' + device if on_device else 'by PIL'}; "
+        f"text encoder {'with' if checkpointing else 'without'} activation checkpointing "
+        f"({n_text:,} prompts a step)")
+    with clear_errors():  # every training image is decoded here, once
+        trainset = data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"],
+                                 device=device if on_device else None)
+    loader = torch.utils.data.DataLoader(
+        trainset, batch_size=cfg["batch_size"],
+        shuffle=True, drop_last=len(train_items) >= cfg["batch_size"],
+        generator=torch.Generator().manual_seed(cfg["seed"]))
+    # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
+    # then stage II jointly. CoOp and PMPO have one stage.
+    stages = model.stages(cfg)
+    warn_warmup_only_stages(stages, cfg, log)
+    done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
+    for stage_index, (stage, epochs) in enumerate(stages):
+        model.set_stage(stage)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
+                                    weight_decay=cfg["weight_decay"])
+        scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
+        if state and state["stage"] == stage_index:
+            optimizer.load_state_dict(state["optimizer"])
+        log(f"stage {stage!r}: {epochs} epochs, learning {sum(p.numel() for p in params):,} "
+            f"values")
+        for epoch in range(epochs):
+            if [stage_index, epoch] in done:
+                continue
+            if state:  # first epoch of a resumed run: the random streams go on where they stopped
+                restore_rng(state, loader)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, cfg), cfg)
+            model.train()
+            start, losses, terms = time.time(), [], {}  # terms: each loss term's epoch sum
+            progress = Progress(f"stage {stage} epoch {epoch + 1}/{epochs}", len(loader))
+            for step, (images, labels) in enumerate(loader):
+                # forward: the method's loss (cross-entropy and its own terms) on a batch
+                with autocast(args):
+                    loss = model.loss(images.to(device), labels.to(device))
+                # a NaN loss would spread into every prompt: stop while the last checkpoint is good
+                if not torch.isfinite(loss):
+                    raise SystemExit(f"error: the loss is {loss.item()} at stage {stage!r}, epoch "
+                                     f"{epoch + 1}, step {step + 1}. Training stopped; "
+                                     f"{last_good(out)}. "
+                                     f"Try a lower --lr or --precision fp32.")
+                # backward and SGD step; the scaler only scales under fp16 (bf16, fp32 need none)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                # a finite loss can still give an infinite gradient: check what was learned, too
+                if not torch.stack([p.detach().isfinite().all() for p in params]).all():
+                    raise SystemExit(f"error: step {step + 1} of stage {stage!r}, epoch "
+                                     f"{epoch + 1} made the learned tensors NaN or infinite "
+                                     f"(the loss was {loss.item():.4g}). Training stopped; "
+                                     f"{last_good(out)}. Try a lower --lr or --precision fp32.")
+                # bookkeeping for the epoch's log line: the loss and each of its terms
+                losses.append(loss.item())
+                for k, v in model.loss_terms.items():
+                    terms[k] = terms.get(k, 0.0) + v
+                progress(step + 1, len(labels))
+            progress.close()
+            state = None  # a resumed run's optimizer and random state are used once
+            model.on_epoch_end(epoch, epochs)  # e.g. PromptSRC's prompt averaging (GPA)
+            done.append([stage_index, epoch])
+            save_checkpoint(out, model, cfg, len(done))
+            save_torch(os.path.join(out, "train_state.pt"), dict(
+                done=done, stage=stage_index, optimizer=optimizer.state_dict(),
+                rng=rng_state(loader),
+                learned=learned_state(model, buffers=True)))  # buffers: PromptSRC's GPA sum
+            seconds = time.time() - start
+            left = sum(e for _, e in stages) - len(done)
+            # "ce 0.9, kl 0.1"
+            means = ", ".join(f"{k} {float(v) / len(losses):.4f}" for k, v in terms.items())
+            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f} ({means})  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  "
+                f"ETA {left * seconds / 60:.1f} min")
+    return len(done)
+
+
+@torch.no_grad()
+def evaluate(model, items, args, cfg):
+    """Top-1 accuracy (%) on items; the class features are computed once, then images stream by."""
+    if not items:
+        raise SystemExit("error: there are no test images to evaluate on")
+    model.eval()
+    device = args.device
+    correct = total = 0
+    n_px = model.clip.visual.input_resolution
+    loader = data.test_loader(items, n_px, cfg["eval_batch_size"], cfg["workers"])
+    progress = Progress(f"evaluating {len(items)} images", len(loader))
+    with autocast(args), clear_errors():  # an unreadable test image: its name, not a traceback
+        text_features = model.text_features()
+        for step, (images, labels) in enumerate(loader):
+            logits = model.logits(images.to(device), text_features)
+            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+            total += len(labels)
+            progress(step + 1, len(labels))
+    progress.close()
+    return 100.0 * correct / total
+
+
+def last_good(out):
+    if trained_in(out):
+        return f"the last good checkpoint is in {out}"
+    return f"no epoch had finished, so the same command with other settings starts {out} over"
+
+
+def harmonic_mean(base, novel):
+    """HM = 2BN / (B + N), the base-to-novel summary number (CoCoOp, Sec. 4.1)."""
+    return 2 * base * novel / (base + novel) if base + novel else 0.0
+
+
+def rng_state(loader):
+    """The random streams training draws from (numpy draws nothing after the shots are sampled)."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                loader=loader.generator.get_state(), crops=loader.dataset.generator.get_state())
+
+
+def restore_rng(state, loader):
+    rng = state["rng"]
+    if rng is None:  # resumed from a checkpoint (train_state.pt was damaged): streams start afresh
+        return
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    loader.generator.set_state(rng["loader"])
+    loader.dataset.generator.set_state(rng["crops"])
+
+
+# -- the command line ----------------------------------------------------------------------------
 
 def parse_args(argv=None):
     """--method decides which method's options exist; --help without it describes every method."""
@@ -113,13 +342,15 @@ def shared_defaults(dataset):
 
 
 def settings(method, dataset, given):
-    """A run's settings, each from the first of: the flags given; what the method's family uses for this
+    """A run's settings, each from the first of: the flags given; what the method's family uses for
+    this
     protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); on the
     built-in toy world, its tiny CLIP and the method's prompts.TOY_DEFAULTS; the method's DEFAULTS;
     the DEFAULTS above."""
     toy = prompts.TOY_DEFAULTS.get(method, {}) if dataset == "toy" else {}
     cfg = {**shared_defaults(dataset), **METHODS[method].DEFAULTS, **toy, **given}
-    return {**cfg, **prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"]), **given}
+    protocol = prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"])
+    return {**cfg, **protocol, **given}
 
 
 def flag_style(arg):
@@ -232,10 +463,11 @@ def device_error(device):
     return None
 
 
-# -- setup -------------------------------------------------------------------------------------------
+# -- setup ---------------------------------------------------------------------------------------
 
 def safe_name(name):
-    """A data set or model name as one folder name: "folder:/data/x" -> "folder__data_x", "ViT-B/16" -> "ViT-B_16"."""
+    """A data set or model name as one folder name: "folder:/data/x" -> "folder__data_x",
+    "ViT-B/16" -> "ViT-B_16"."""
     return name.replace(":", "_").replace("/", "_")
 
 
@@ -251,8 +483,9 @@ def set_seed(seed):
 
 @contextmanager
 def clear_errors():
-    """Bad input (no data set where it should be, a damaged checkpoint, an unreadable image) ends the
-    run with the message that says what to do, not with a traceback. Wraps only the calls that read input."""
+    """Bad input (no data set where it should be, a damaged checkpoint, an unreadable image) ends
+    the run with the message that says what to do, not with a traceback. Wraps only the calls that
+    read input."""
     try:
         yield
     except (ValueError, RuntimeError, OSError) as e:
@@ -268,7 +501,7 @@ def load_frozen_clip(name, device):
     with clear_errors():
         model, _ = clip.load(name, device=device)
     check_finite(model.state_dict(), f"the CLIP weights {name}")
-    return model.requires_grad_(False).eval()  # frozen by construction: nothing of CLIP gets a gradient
+    return model.requires_grad_(False).eval()  # frozen by construction: CLIP gets no gradient
 
 
 def check_finite(tensors, source):
@@ -282,7 +515,7 @@ def check_finite(tensors, source):
 
 
 def build_method(method, clip_model, classnames, template, cfg):
-    with clear_errors():  # settings that do not fit this CLIP (e.g. more PMPO prompts than vision layers)
+    with clear_errors():  # settings that do not fit this CLIP (e.g. PMPO prompts > vision layers)
         return prompts.build(method, clip_model, classnames, template, cfg)
 
 
@@ -308,25 +541,93 @@ def lr_at(epoch, epochs, cfg):
 
 
 def schedule_position(stages, stage_index, epoch, cfg):
-    """(epoch, epochs) of lr_at for `epoch` of stage `stage_index`. With several stages (APLe), either one
-    warm-up and one cosine run over all of them ("one"), or each stage restarts its own ("restart");
-    `stage_schedule` decides. With one stage the two are the same."""
+    """(epoch, epochs) of lr_at for `epoch` of stage `stage_index`. With several stages (APLe),
+    either one warm-up and one cosine run over all of them ("one"), or each stage restarts its own
+    ("restart"); `stage_schedule` decides. With one stage the two are the same."""
     if cfg.get("stage_schedule", "one") == "restart":
         return epoch, stages[stage_index][1]
     return sum(e for _, e in stages[:stage_index]) + epoch, sum(e for _, e in stages)
 
 
 def warn_warmup_only_stages(stages, cfg, log):
-    """A stage whose every epoch runs at warmup_lr learns next to nothing: say so (never silently)."""
-    fix = "--stage_schedule one" if cfg.get("stage_schedule") == "restart" else "fewer --warmup_epochs"
+    """A stage whose every epoch runs at warmup_lr learns next to nothing: say so."""
+    restart = cfg.get("stage_schedule") == "restart"
+    fix = "--stage_schedule one" if restart else "fewer --warmup_epochs"
     for i, (stage, epochs) in enumerate(stages):
-        last = schedule_position(stages, i, epochs - 1, cfg)[0]  # the stage's last epoch in its schedule
+        last = schedule_position(stages, i, epochs - 1, cfg)[0]  # its last epoch's place
         if epochs and last < cfg["warmup_epochs"]:
-            log(f"warning: stage {stage!r} has no epoch after the warm-up: all its {epochs} epoch(s) run at "
-                f"--warmup_lr {cfg['warmup_lr']:g} and learn next to nothing. Give it more epochs, or {fix}.")
+            log(f"warning: stage {stage!r} has no epoch after the warm-up: all its {epochs} "
+                f"epoch(s) run at --warmup_lr {cfg['warmup_lr']:g} and learn next to nothing. "
+                f"Give it more epochs, or {fix}.")
 
 
-# -- the run folder: resume or refuse, never overwrite ----------------------------------------------
+# -- data ----------------------------------------------------------------------------------------
+
+def read_dataset(name, root):
+    with clear_errors():
+        return data.build_dataset(name, root)
+
+
+def few_shot_data(ds, args, cfg):
+    """K-shot train and val lists over all classes: CoOp's draw for (split, K, seed), or
+    --fewshot-file's."""
+    if not ds.train:
+        raise SystemExit(f"error: {args.dataset} is test-only; train on another data set and use "
+                         f"eval.py on it.")
+    if not args.fewshot_file:
+        return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
+    try:
+        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} is not a fewshot.json of "
+                         f"train.py ({type(e).__name__}: {e})") from None
+    if not train:
+        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} lists no training images")
+    shots = max(collections.Counter(item.label for item in train).values())  # the file decides K
+    # e.g. CoOp's epochs, which follow K
+    follow = prompts.protocol_defaults(cfg["method"], cfg["protocol"], args.dataset, shots)
+    cfg.update({k: v for k, v in follow.items() if k not in args.given},
+               shots=shots, fewshot_file=os.path.abspath(args.fewshot_file))
+    return train, val
+
+
+def recorded_shots(out, ds, train, val):
+    """On resume, the shots the run started with (its fewshot.json), even if the data changed."""
+    path = os.path.join(out, "fewshot.json")
+    if not trained_in(out) or not os.path.isfile(path) or finished(out):  # today's draw
+        return train, val
+    try:
+        recorded = data.load_fewshot(path, ds.image_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}). Delete that file "
+                         f"and run the same command again to draw the shots from --seed anew (the "
+                         f"same draw if the data set is unchanged), or delete {out} to start "
+                         f"over.") from None
+    for item in recorded[0] + recorded[1]:
+        now = ds.classnames[item.label] if 0 <= item.label < len(ds.classnames) else None
+        if now != data.prompt_name(item.classname):
+            raise SystemExit(f"error: {path} records label {item.label} as "
+                             f"{item.classname!r}, but {ds.name} now has {now!r} there: the data "
+                             f"set changed since this run started. Restore it, or delete {out} "
+                             f"to start over.")
+    if [(d.impath, d.label) for d in recorded[0]] != [(d.impath, d.label) for d in train]:
+        print(f"note: training on the shots recorded in {path}, not on today's draw "
+              f"(the data set changed)")
+    return recorded
+
+
+def warn_short_classes(train_items, shots, log):
+    """CoOp keeps every image of a class smaller than K without a word; say so."""
+    counts = collections.Counter(item.classname for item in train_items)
+    short = {name: n for name, n in counts.items() if n < shots}
+    if short:
+        log(f"warning: {len(short)} classes have fewer than --shots {shots} training images and "
+            f"use "
+            f"all they "
+            f"have: " + ", ".join(f"{name} ({n})" for name, n in list(short.items())[:10]))
+
+
+# -- the run folder: resume or refuse, never overwrite ------------------------------------------
 # Every file goes through clip.files.atomic_write: a kill or a full disk leaves the previous
 # version of each, so the same command resumes after the last finished epoch. log.txt is appended.
 
@@ -550,276 +851,10 @@ class Log:
 
 
 def save_checkpoint(out, model, cfg, epochs_done):
-    """Only the learned tensors (KB to a few MB), never CLIP; plus what is needed to use them again."""
+    """Only the learned tensors (KB to a few MB), never CLIP, and what is needed to use them."""
     save_torch(os.path.join(out, "prompt_learner.pt"), dict(
         method=cfg["method"], config=cfg, classnames=model.classnames, epoch=epochs_done,
         clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)))
-
-
-# -- data --------------------------------------------------------------------------------------------
-
-def read_dataset(name, root):
-    with clear_errors():
-        return data.build_dataset(name, root)
-
-
-def few_shot_data(ds, args, cfg):
-    """K-shot train and val lists over all classes: CoOp's draw for (split, K, seed), or --fewshot-file's."""
-    if not ds.train:
-        raise SystemExit(f"error: {args.dataset} is test-only; train on another data set and use eval.py on it.")
-    if not args.fewshot_file:
-        return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
-    try:
-        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} is not a fewshot.json of "
-                         f"train.py ({type(e).__name__}: {e})") from None
-    if not train:
-        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} lists no training images")
-    shots = max(collections.Counter(item.label for item in train).values())  # the file decides K
-    follow = prompts.protocol_defaults(cfg["method"], cfg["protocol"], args.dataset, shots)  # e.g. CoOp's epochs
-    cfg.update({k: v for k, v in follow.items() if k not in args.given},
-               shots=shots, fewshot_file=os.path.abspath(args.fewshot_file))
-    return train, val
-
-
-def recorded_shots(out, ds, train, val):
-    """On resume, the shots the run started with (its fewshot.json), even if the data changed."""
-    path = os.path.join(out, "fewshot.json")
-    if not trained_in(out) or not os.path.isfile(path) or finished(out):  # today's draw
-        return train, val
-    try:
-        recorded = data.load_fewshot(path, ds.image_dir)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}). Delete that file "
-                         f"and run the same command again to draw the shots from --seed anew (the "
-                         f"same draw if the data set is unchanged), or delete {out} to start "
-                         f"over.") from None
-    for item in recorded[0] + recorded[1]:
-        now = ds.classnames[item.label] if 0 <= item.label < len(ds.classnames) else None
-        if now != data.prompt_name(item.classname):
-            raise SystemExit(f"error: {path} records label {item.label} as "
-                             f"{item.classname!r}, but {ds.name} now has {now!r} there: the data "
-                             f"set changed since this run started. Restore it, or delete {out} "
-                             f"to start over.")
-    if [(d.impath, d.label) for d in recorded[0]] != [(d.impath, d.label) for d in train]:
-        print(f"note: training on the shots recorded in {path}, not on today's draw "
-              f"(the data set changed)")
-    return recorded
-
-
-def warn_short_classes(train_items, shots, log):
-    """CoOp keeps every image of a class smaller than K without a word; say so."""
-    short = {name: n for name, n in collections.Counter(item.classname for item in train_items).items() if n < shots}
-    if short:
-        log(f"warning: {len(short)} classes have fewer than --shots {shots} training images and use all they "
-            f"have: " + ", ".join(f"{name} ({n})" for name, n in list(short.items())[:10]))
-
-
-# -- train and evaluate ------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, items, args, cfg):
-    """Top-1 accuracy (%) on items; the class features are computed once, then images stream by."""
-    if not items:
-        raise SystemExit("error: there are no test images to evaluate on")
-    model.eval()
-    device = args.device
-    correct = total = 0
-    n_px = model.clip.visual.input_resolution
-    loader = data.test_loader(items, n_px, cfg["eval_batch_size"], cfg["workers"])
-    progress = Progress(f"evaluating {len(items)} images", len(loader))
-    with autocast(args), clear_errors():  # an unreadable test image: its name, not a traceback
-        text_features = model.text_features()
-        for step, (images, labels) in enumerate(loader):
-            logits = model.logits(images.to(device), text_features)
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
-            total += len(labels)
-            progress(step + 1, len(labels))
-    progress.close()
-    return 100.0 * correct / total
-
-
-def train(model, train_items, args, cfg, out, log, state=None):
-    """SGD over the learned tensors, stage by stage; a checkpoint after every epoch. Returns the epochs done."""
-    device = args.device
-    on_device = switch_on(cfg, "augment_on_device", auto=device.startswith("cuda"))
-    n_text = model.text_prompts_per_step(cfg["batch_size"])
-    # Saved activations of a bf16 step, ~2.7 MB per prompt (PMPO, 500 classes x 4 prompts: 5.3 GiB, counted with
-    # saved-tensor hooks). From 4,000 prompts on (PMPO on all 1,000 ImageNet classes) that outgrows a 16 GB card.
-    model.clip.transformer.grad_checkpointing = switch_on(cfg, "text_checkpointing", auto=n_text >= 4000)
-    log(f"precision {args.precision}; crops resized {'on ' + device if on_device else 'by PIL'}; text encoder "
-        f"{'with' if model.clip.transformer.grad_checkpointing else 'without'} activation checkpointing "
-        f"({n_text:,} prompts a step)")
-    with clear_errors():  # every training image is decoded here, once
-        trainset = data.TrainSet(train_items, model.clip.visual.input_resolution, seed=cfg["seed"],
-                                 device=device if on_device else None)
-    loader = torch.utils.data.DataLoader(
-        trainset, batch_size=cfg["batch_size"],
-        shuffle=True, drop_last=len(train_items) >= cfg["batch_size"],
-        generator=torch.Generator().manual_seed(cfg["seed"]))
-    # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
-    # then stage II jointly. CoOp and PMPO have one stage.
-    stages = model.stages(cfg)
-    warn_warmup_only_stages(stages, cfg, log)
-    done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
-    for stage_index, (stage, epochs) in enumerate(stages):
-        model.set_stage(stage)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-        scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
-        if state and state["stage"] == stage_index:
-            optimizer.load_state_dict(state["optimizer"])
-        log(f"stage {stage!r}: {epochs} epochs, learning {sum(p.numel() for p in params):,} values")
-        for epoch in range(epochs):
-            if [stage_index, epoch] in done:
-                continue
-            if state:  # first epoch of a resumed run: continue the random streams where they stopped
-                restore_rng(state, loader)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, cfg), cfg)
-            model.train()
-            start, losses, terms = time.time(), [], {}  # terms: each loss term's sum over the epoch
-            progress = Progress(f"stage {stage} epoch {epoch + 1}/{epochs}", len(loader))
-            for step, (images, labels) in enumerate(loader):
-                with autocast(args):
-                    loss = model.loss(images.to(device), labels.to(device))
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"error: the loss is {loss.item()} at stage {stage!r}, epoch {epoch + 1}, "
-                                     f"step {step + 1}. Training stopped; {last_good(out)}. "
-                                     f"Try a lower --lr or --precision fp32.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if not torch.stack([p.detach().isfinite().all() for p in params]).all():
-                    raise SystemExit(f"error: step {step + 1} of stage {stage!r}, epoch "
-                                     f"{epoch + 1} made the learned tensors NaN or infinite "
-                                     f"(the loss was {loss.item():.4g}). Training stopped; "
-                                     f"{last_good(out)}. Try a lower --lr or --precision fp32.")
-                losses.append(loss.item())
-                for k, v in model.loss_terms.items():
-                    terms[k] = terms.get(k, 0.0) + v
-                progress(step + 1, len(labels))
-            progress.close()
-            state = None  # a resumed run's optimizer and random state are used once
-            model.on_epoch_end(epoch, epochs)  # e.g. PromptSRC's prompt averaging (GPA)
-            done.append([stage_index, epoch])
-            save_checkpoint(out, model, cfg, len(done))
-            save_torch(os.path.join(out, "train_state.pt"), dict(
-                done=done, stage=stage_index, optimizer=optimizer.state_dict(),
-                rng=rng_state(loader), learned=learned_state(model, buffers=True)))  # + PromptSRC's GPA sum
-            seconds = time.time() - start
-            left = sum(e for _, e in stages) - len(done)
-            means = ", ".join(f"{k} {float(v) / len(losses):.4f}" for k, v in terms.items())  # "ce 0.9, kl 0.1"
-            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f} ({means})  "
-                f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  ETA {left * seconds / 60:.1f} min")
-    return len(done)
-
-
-def last_good(out):
-    if trained_in(out):
-        return f"the last good checkpoint is in {out}"
-    return f"no epoch had finished, so the same command with other settings starts {out} over"
-
-
-def harmonic_mean(base, novel):
-    """HM = 2BN / (B + N), the base-to-novel summary number (CoCoOp, Sec. 4.1)."""
-    return 2 * base * novel / (base + novel) if base + novel else 0.0
-
-
-def rng_state(loader):
-    """The random streams training draws from (numpy draws nothing after the shots are sampled)."""
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                loader=loader.generator.get_state(), crops=loader.dataset.generator.get_state())
-
-
-def restore_rng(state, loader):
-    rng = state["rng"]
-    if rng is None:  # resumed from a checkpoint (train_state.pt was damaged): streams start afresh
-        return
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    loader.generator.set_state(rng["loader"])
-    loader.dataset.generator.set_state(rng["crops"])
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    method = args.method
-    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS}
-    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in cfg})
-    cfg.update(method=method, dataset=args.dataset, device=args.device, precision=args.precision)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"] or threads)
-    try:
-        return run(args, cfg)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called from eval.py and the tests
-
-
-def run(args, cfg):
-    """Train and evaluate one run with settings cfg; returns its metrics."""
-    method = args.method
-
-    # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
-    ds = read_dataset(args.dataset, args.root)
-    clip_model = load_frozen_clip(cfg["model"], args.device)
-    set_seed(cfg["seed"])  # before sampling the shots and initialising the prompts, as in CoOp's train.py
-    fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
-    out = args.out or os.path.join("runs", safe_name(args.dataset), method,
-                                   cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
-    fewshot_train, fewshot_val = recorded_shots(out, ds, fewshot_train, fewshot_val)
-    subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet classes
-    (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train, fewshot_val, ds.test)
-    (_, _, novel_test), novel_names = data.subsample_classes("new", fewshot_train, fewshot_val,
-                                                             ds.test)
-    if cfg["protocol"] == "base2novel" and not novel_test:
-        raise SystemExit(f"error: {args.dataset} has {len(classnames)} class(es) with test "
-                         f"images, too few to split into base and novel; use --protocol fewshot")
-    if not test_items:
-        raise SystemExit(f"error: {args.dataset} has no test images for its {subsample} classes")
-    model = build_method(method, clip_model, classnames, ds.template, cfg)
-
-    state = prepare_run_folder(out, cfg, model.stages(cfg))
-    log = Log(os.path.join(out, "log.txt"))
-    fewshot_path = os.path.join(out, "fewshot.json")
-    if state is None or not os.path.exists(fewshot_path):  # it always holds the shots trained on
-        with write_errors(fewshot_path):
-            data.save_fewshot(fewshot_path, fewshot_train, fewshot_val, ds.image_dir)
-    if state:
-        model.load_state_dict(state["learned"], strict=False)
-        if state.get("note"):
-            log(state["note"])
-        log(f"resuming {out} after {len(state['done'])} epochs")
-    learned = {k: v.numel() for k, v in learned_state(model).items()}
-    log(f"{method} on {args.dataset} ({cfg['protocol']}, {cfg['shots']} shots, seed {cfg['seed']}): "
-        f"{len(train_items)} training images, {len(classnames)} classes")
-    warn_short_classes(fewshot_train, cfg["shots"], log)
-    for names in data.duplicate_classnames(ds.train, ds.val, ds.test):
-        log(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
-            f"{', '.join(names)}")
-    log("learned tensors: " + ", ".join(f"{k} ({n:,})" for k, n in learned.items()))
-    log(f"trainable parameters: {sum(learned.values()):,} (CLIP: frozen)")
-
-    epochs_done = train(model, train_items, args, cfg, out, log, state)
-    save_checkpoint(out, model, cfg, epochs_done)  # also when there was nothing to train (--epochs 0)
-
-    metrics = {}
-    if cfg["protocol"] == "base2novel":
-        metrics["base_acc"] = evaluate(model, test_items, args, cfg)
-        novel = build_method(method, clip_model, novel_names, ds.template, cfg)
-        novel.load_state_dict(model.state_dict(), strict=False)  # same prompts, class buffers rebuilt
-        metrics["novel_acc"] = evaluate(novel, novel_test, args, cfg)
-        metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
-    else:
-        metrics["accuracy"] = evaluate(model, test_items, args, cfg)
-    log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    save_json(os.path.join(out, "metrics.json"), metrics)
-    if os.path.exists(os.path.join(out, "train_state.pt")):
-        os.remove(os.path.join(out, "train_state.pt"))  # the run is complete; only the prompts are kept
-    unlock_run_folder(out)
-    return metrics
 
 
 if __name__ == "__main__":
