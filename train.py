@@ -32,7 +32,7 @@ import data
 import prompts
 from clip.files import atomic_write
 from prompts import METHODS, clip_architecture
-from prompts.common import Range, check_settings, learned_state
+from prompts.common import OPTION_HELP, Range, check_settings, learned_state
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
 SWITCH = ("auto", "on", "off")
 
@@ -388,7 +388,8 @@ def add_method_options(parser, method):
     module = METHODS[method]
     summary = (module.__doc__ or "").strip().split("\n")[0]
     group = parser.add_argument_group(f"--method {method}", summary)
-    helps, choices = getattr(module, "HELP", {}), getattr(module, "CHOICES", {})  # optional
+    helps = {**OPTION_HELP, **getattr(module, "HELP", {})}
+    choices = getattr(module, "CHOICES", {})  # optional
     add_options(group, module.DEFAULTS, helps, choices)
 
 

@@ -53,11 +53,9 @@ DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", n_ctx_vision=4, depth=9, first
                 stage_epochs=(7, 7, 6), kl_weight=1.0, kl_form="distill", kl_temperature=1.0,
                 teacher_input="raw", stage_schedule="one", adapter=True, adapter_at_test=True, sigma=0.05,
                 alpha=0.9, lr=0.0025, batch_size=4)
-HELP = dict(
+HELP = dict(  # and prompts.common.OPTION_HELP's
     n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner)",
     ctx_init="words the text prompt starts from ('' for random)",
-    n_ctx_vision="vision prompt tokens per layer",
-    depth="layers 0..depth-1 of each encoder carry prompts",
     first="stage I order: this branch first, then the other",
     stage_epochs="epochs of stage I-a, stage I-b and stage II (20 in all by default)",
     kl_weight="weight of KL(p_zs || p) to zero-shot CLIP in stage I",
@@ -65,10 +63,10 @@ HELP = dict(
     kl_temperature="T of the KL (T^2 keeps its gradient scale)",
     teacher_input="p_zs from the raw image, or the adapter's filtered one",
     stage_schedule="one warm-up + cosine over all stages, or restart them at each stage",
-    adapter="Gaussian filter image adapter", adapter_at_test="the adapter at test time too",
+    adapter="Gaussian filter image adapter",
+    adapter_at_test="the adapter at test time too",
     sigma="the adapter's Gaussian width, on frequencies in [-0.5, 0.5)",
     alpha="I_bar = alpha * I + (1 - alpha) * lowpass(I)",
-    lr="SGD learning rate", batch_size="images per step",
 )
 CHOICES = dict(n_ctx=Range(1), n_ctx_vision=Range(1), depth=Range(1), first=("language", "vision"),
                kl_form=("distill", "promptsrc"), kl_temperature=Range(0, open_low=True),

@@ -30,13 +30,8 @@ DEFAULTS = dict(
     prompts_per_chunk=5000,            # text-encoder sequences sent at once (images x classes)
     lr=0.002, batch_size=1, epochs=10,
 )
-HELP = dict(
-    n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner: M <= 4 learns its first M words)",
-    ctx_init="words the text prompt starts from; '' for a random N(0, 0.02) start",
+HELP = dict(  # and prompts.common.OPTION_HELP's
     prompts_per_chunk="text-encoder sequences sent at once (images x classes); memory only",
-    lr="SGD learning rate",
-    batch_size="images per step",
-    epochs="training epochs (base-to-novel; other protocols: prompts.protocol_defaults)",
 )
 CHOICES = dict(n_ctx=Range(1), prompts_per_chunk=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
 

@@ -23,6 +23,19 @@ from torch import nn
 from clip.tokenizer import tokenize
 
 
+# The help text of options several methods share (train.py --help); a method's own HELP adds its
+# other options, or words one of these its own way.
+OPTION_HELP = dict(
+    lr="SGD learning rate",
+    batch_size="images per step",
+    epochs="training epochs (base-to-novel; other protocols: prompts.protocol_defaults)",
+    n_ctx="text prompt tokens at layer 0, from ctx_init (PromptLearner: M <= 4 learns its first M words)",
+    ctx_init="words the text prompt starts from; '' for a random N(0, 0.02) start",
+    n_ctx_vision="vision prompt tokens per layer",
+    depth="layers 0..depth-1 of each encoder carry prompts",
+)
+
+
 class PromptedCLIP(nn.Module):
     """Base of every method's CustomCLIP: a frozen CLIP (`self.clip`) plus learned prompts.
 

@@ -20,11 +20,9 @@ and PromptSRC; M > 4 starts the last 4 slots from them and the rest at random).
 from prompts.common import PromptedCLIP, PromptLearner, Range
 
 DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", lr=0.002, batch_size=32, epochs=200)
-HELP = dict(
+HELP = dict(  # and prompts.common.OPTION_HELP's
     n_ctx="context tokens M (with ctx_init, see PromptLearner: M <= 4 learns its first M words)",
     ctx_init="words the context starts from; '' for a random N(0, 0.02) start",
-    lr="SGD learning rate", batch_size="images per step",
-    epochs="training epochs (base-to-novel; other protocols: prompts.protocol_defaults)",
 )
 CHOICES = dict(n_ctx=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
 

@@ -28,13 +28,8 @@ DEFAULTS = dict(
     weight=8.0,                        # lambda of the knowledge-guided penalty
     lr=0.002, batch_size=128, epochs=100,
 )
-HELP = dict(
-    n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner: M <= 4 learns its first M words)",
-    ctx_init="words the text prompt starts from; '' for a random N(0, 0.02) start",
+HELP = dict(  # and prompts.common.OPTION_HELP's
     weight="weight of 1 - mean cos(learned, hand-crafted class features)",
-    lr="SGD learning rate",
-    batch_size="images per step",
-    epochs="training epochs (base-to-novel; other protocols: prompts.protocol_defaults)",
 )
 CHOICES = dict(n_ctx=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
 

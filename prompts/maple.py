@@ -29,13 +29,8 @@ DEFAULTS = dict(
     depth=9,                           # J: layers 0..J-1 of each encoder carry prompts
     lr=0.0035, batch_size=4, epochs=5,
 )
-HELP = dict(
-    n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner: M <= 4 learns its first M words)",
-    ctx_init="words the text prompt starts from; '' for a random N(0, 0.02) start",
+HELP = dict(  # and prompts.common.OPTION_HELP's
     depth="layers 0..depth-1 carry text prompts and their coupled vision tokens",
-    lr="SGD learning rate",
-    batch_size="images per step",
-    epochs="training epochs (base-to-novel; other protocols: prompts.protocol_defaults)",
 )
 CHOICES = dict(n_ctx=Range(1), depth=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
 

@@ -37,7 +37,7 @@ from prompts.common import PromptedCLIP, PromptLearner, Range, cosine_logits, ze
 
 DEFAULTS = dict(n_prompts=4, n_ctx=4, ctx_init="a photo of a", depth=9, inject="every", fusion="feature",
                 prior=True, lr=0.0035, batch_size=4, epochs=5)
-HELP = dict(
+HELP = dict(  # and prompts.common.OPTION_HELP's
     n_prompts="N: learnable text prompts, one per partition of the prompted vision layers",
     n_ctx="tokens per prompt (with ctx_init, see PromptLearner)",
     ctx_init="words prompt 1 starts from ('' for random); the others start random",
@@ -45,7 +45,7 @@ HELP = dict(
     inject="vision tokens of a partition at every one of its layers, or only at its first",
     fusion="average the N + 1 class features, or the N + 1 logit sets",
     prior="fuse the class features of the data set's hand-crafted template",
-    lr="SGD learning rate", batch_size="images per step", epochs="training epochs",
+    epochs="training epochs",
 )
 CHOICES = dict(n_prompts=Range(1), n_ctx=Range(1), depth=Range(1), inject=("every", "first"),
                fusion=("feature", "logit"), lr=Range(0, open_low=True), batch_size=Range(1))

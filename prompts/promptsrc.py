@@ -40,18 +40,11 @@ DEFAULTS = dict(
     gpa_mean=15.0, gpa_std=1.0,        # GPA's Gaussian over epochs 1..E
     lr=0.0025, batch_size=4, epochs=20,
 )
-HELP = dict(
-    n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner: M <= 4 learns its first M words)",
-    ctx_init="words the text prompt starts from; '' for a random N(0, 0.02) start",
-    n_ctx_vision="vision prompt tokens per layer",
-    depth="layers 0..depth-1 of each encoder carry prompts",
+HELP = dict(  # and prompts.common.OPTION_HELP's
     text_weight="weight of mean |t - t~| (text features vs frozen CLIP's, 60 templates)",
     image_weight="weight of mean |f - f~| (image features vs frozen CLIP's)",
     gpa_mean="GPA: mean of the Gaussian over epochs 1..E",
     gpa_std="GPA: standard deviation of that Gaussian",
-    lr="SGD learning rate",
-    batch_size="images per step",
-    epochs="training epochs (base-to-novel; other protocols: prompts.protocol_defaults)",
 )
 CHOICES = dict(n_ctx=Range(1), n_ctx_vision=Range(1), depth=Range(1), gpa_std=Range(0, open_low=True),
                lr=Range(0, open_low=True), batch_size=Range(1))
