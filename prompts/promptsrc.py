@@ -81,10 +81,18 @@ class CustomCLIP(IndependentDeepPrompts):
     def __init__(self, clip_model, classnames, template, cfg):
         super().__init__(clip_model, classnames, cfg)  # prompt_learner, text_prompts, vision_prompts
         gpa_weights(1, cfg["gpa_mean"], cfg["gpa_std"])  # checks gpa_std before a run starts
-        self.register_buffer("frozen_text_features", zeroshot_classifier(clip_model, classnames, TEMPLATES),
-                             persistent=False)  # t~: [n_cls, D]
+        self.classnames_for_teacher = list(classnames)
+        self._frozen_text_features = None  # t~ [n_cls, D]: 60 templates x classes text passes, made on first
+        # use [ours: only training needs them, so evaluation and the novel-class model skip that cost]
         n_learned = sum(p.numel() for p in self.learned())
         self.register_buffer("gpa_sum", torch.zeros(n_learned, dtype=torch.float32))  # sum_e w_e theta_e
+
+    @property
+    def frozen_text_features(self):
+        """t~: frozen CLIP's class features averaged over TEMPLATES, [n_cls, D] (computed once)."""
+        if self._frozen_text_features is None:
+            self._frozen_text_features = zeroshot_classifier(self.clip, self.classnames_for_teacher, TEMPLATES)
+        return self._frozen_text_features
 
     def learned(self):
         return [self.prompt_learner.ctx, self.text_prompts, self.vision_prompts]
