@@ -72,3 +72,12 @@ def test_readme_method_in_help(vpt, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--method", "vpt", "--help"])
     assert "--n_ctx_vision" in capsys.readouterr().out
+
+
+def test_readme_method_in_bench(vpt, tmp_path):
+    """bench.py takes its methods from the registry: the new one's train-step row runs."""
+    import bench
+
+    clip_model = train.load_frozen_clip(save_tiny_clip(tmp_path / "tiny.pt"), "cpu")
+    (row,) = bench.train_step_rows(clip_model, ["vpt"], [3], "cpu", {False: 1e9, True: 4e9}, repeat=1)
+    assert row[0] == "train step vpt, 3 classes, batch 4"
