@@ -118,3 +118,15 @@ def test_picture(tmp_path):
     path = picture(str(tmp_path / "world.png"))
     with Image.open(path) as img:
         assert img.size[0] > 2 * 10 * toy.IMAGE_SIZE and img.size[1] > 12 * toy.IMAGE_SIZE
+
+
+def test_readme_clip_snippet_prints_what_the_readme_says(world, monkeypatch, capsys):
+    """The README's first clip/ example, run as printed, prints the output the README shows."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Using `clip/` on its own"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n\nIt prints")]
+    printed = section[section.index("It prints `") + 11:].split("`")[0]
+    monkeypatch.setenv("CLIP_CACHE", str(world.cache))
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == printed
