@@ -32,7 +32,7 @@ import data
 import prompts
 from clip.files import atomic_write
 from prompts import METHODS, clip_architecture
-from prompts.common import OPTION_HELP, Range, check_settings, learned_state
+from prompts.common import OPTION_CHOICES, OPTION_HELP, Range, check_settings, learned_state
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
 SWITCH = ("auto", "on", "off")
 
@@ -329,7 +329,7 @@ def parse_args(argv=None):
     given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
     vars(args).update(settings(args.method, args.dataset, given), given=set(given))
     check_values(p, args, DEFAULTS, CHOICES)
-    check_values(p, args, method.DEFAULTS, getattr(method, "CHOICES", {}))  # CHOICES: optional
+    check_values(p, args, method.DEFAULTS, {**OPTION_CHOICES, **getattr(method, "CHOICES", {})})
     check_device(p, args)
     if args.out == "":
         p.error("--out is empty; leave it out for the default run folder")
@@ -389,7 +389,7 @@ def add_method_options(parser, method):
     summary = (module.__doc__ or "").strip().split("\n")[0]
     group = parser.add_argument_group(f"--method {method}", summary)
     helps = {**OPTION_HELP, **getattr(module, "HELP", {})}
-    choices = getattr(module, "CHOICES", {})  # optional
+    choices = {**OPTION_CHOICES, **getattr(module, "CHOICES", {})}  # CHOICES: optional
     add_options(group, module.DEFAULTS, helps, choices)
 
 

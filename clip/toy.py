@@ -19,7 +19,6 @@ on every run (tested by sha256).
 """
 import hashlib
 import json
-import math
 import os
 import sys
 import time

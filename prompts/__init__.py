@@ -3,16 +3,19 @@
 A method is one module in prompts/ that defines
     DEFAULTS     its hyper-parameters (each becomes a train.py flag: --n_ctx 8, --lr 0.001, ...)
     HELP         one line of help per key of DEFAULTS, shown by `train.py --method NAME --help`
+                 (options several methods share, lr, n_ctx, depth..., have theirs in
+                 prompts.common.OPTION_HELP; a method's HELP may word one its own way)
     CHOICES      the allowed values where a type allows more: a tuple of strings (fusion=("feature",
-                 "logit")) or a prompts.common.Range (n_ctx=Range(1), alpha=Range(0, 1)). A number not
-                 listed must be >= 0; a True/False default takes yes/no. train.py refuses anything else
-                 before it creates a run folder.
+                 "logit")) or a prompts.common.Range (n_prompts=Range(1), alpha=Range(0, 1)), on top of
+                 prompts.common.OPTION_CHOICES (lr > 0, batch_size, n_ctx, depth >= 1, ...). A number
+                 not listed must be >= 0; a True/False default takes yes/no. train.py refuses anything
+                 else before it creates a run folder.
     CustomCLIP   CustomCLIP(clip_model, classnames, template, cfg), a prompts.common.PromptedCLIP
 and one line in METHODS below. That is the whole fork: nothing else in the repository names a method.
 For example (prompts/coop.py):
     DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", lr=0.002, batch_size=32, epochs=200)
-    HELP = dict(n_ctx="context tokens M", ctx_init="words the context starts from", ...)
-    CHOICES = dict(n_ctx=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
+    HELP = dict(n_ctx="context tokens M", ctx_init="words the context starts from")
+    CHOICES = {}  # all of its options are in OPTION_CHOICES
 Each method file's header marks its choices: [paper] stated by the paper or by its authors' public code
 and configs (named by path, quoted in docs/methods/<method>.md), [ours] our choice, with the reason.
 """

@@ -46,8 +46,8 @@ config; prompts.protocol_defaults].
 import torch
 import torch.nn.functional as F
 
-from prompts.common import (IndependentDeepPrompts, Range, check_settings, cosine_logits, kl_to_teacher,
-                            layer_dict, zeroshot_classifier)
+from prompts.common import (OPTION_CHOICES, IndependentDeepPrompts, Range, check_settings, cosine_logits,
+                            kl_to_teacher, layer_dict, zeroshot_classifier)
 
 DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", n_ctx_vision=4, depth=9, first="language",
                 stage_epochs=(7, 7, 6), kl_weight=1.0, kl_form="distill", kl_temperature=1.0,
@@ -68,11 +68,9 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     sigma="the adapter's Gaussian width, on frequencies in [-0.5, 0.5)",
     alpha="I_bar = alpha * I + (1 - alpha) * lowpass(I)",
 )
-CHOICES = dict(n_ctx=Range(1), n_ctx_vision=Range(1), depth=Range(1), first=("language", "vision"),
-               kl_form=("distill", "promptsrc"), kl_temperature=Range(0, open_low=True),
-               teacher_input=("raw", "filtered"), stage_schedule=("one", "restart"),
-               sigma=Range(0, open_low=True), alpha=Range(0, 1), lr=Range(0, open_low=True),
-               batch_size=Range(1))
+CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),  # + common.OPTION_CHOICES
+               kl_temperature=Range(0, open_low=True), teacher_input=("raw", "filtered"),
+               stage_schedule=("one", "restart"), sigma=Range(0, open_low=True), alpha=Range(0, 1))
 
 
 def gaussian_adapter(images, sigma=0.05, alpha=0.9):
@@ -91,7 +89,7 @@ def gaussian_adapter(images, sigma=0.05, alpha=0.9):
 
 class CustomCLIP(IndependentDeepPrompts):
     def __init__(self, clip_model, classnames, template, cfg):
-        check_settings(cfg, DEFAULTS, CHOICES)  # train.py checks its flags so; this is for direct use
+        check_settings(cfg, DEFAULTS, {**OPTION_CHOICES, **CHOICES})  # as train.py does; for direct use
         super().__init__(clip_model, classnames, cfg)  # prompt_learner, text_prompts, vision_prompts
         self.register_buffer("zs_text_features", zeroshot_classifier(clip_model, classnames, template),
                              persistent=False)  # p_zs's class side, [n_cls, D]

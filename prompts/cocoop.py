@@ -33,7 +33,7 @@ DEFAULTS = dict(
 HELP = dict(  # and prompts.common.OPTION_HELP's
     prompts_per_chunk="text-encoder sequences sent at once (images x classes); memory only",
 )
-CHOICES = dict(n_ctx=Range(1), prompts_per_chunk=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
+CHOICES = dict(prompts_per_chunk=Range(1))  # + common.OPTION_CHOICES
 
 
 class CustomCLIP(PromptedCLIP):

@@ -312,6 +312,12 @@ class Range:
         return f"{'>' if self.open_low else '>='} {self.low}"
 
 
+# The allowed values of options several methods share; a method's own CHOICES adds to these or
+# overrides one. Every check and --help reads {**OPTION_CHOICES, **module.CHOICES}.
+OPTION_CHOICES = dict(lr=Range(0, open_low=True), batch_size=Range(1), n_ctx=Range(1), n_ctx_vision=Range(1),
+                      depth=Range(1))
+
+
 def describe(allowed):
     """CHOICES' values in words: ("a", "b", "c") -> "a, b or c"; a Range as itself (">= 1")."""
     return str(allowed) if isinstance(allowed, Range) else ", ".join(allowed[:-1]) + " or " + allowed[-1]

@@ -17,14 +17,14 @@ The protocol- and data-set-dependent values live in prompts.protocol_defaults; a
 --n_ctx with ctx_init: see PromptLearner (M <= 4 learns the first M words of "a photo of a", as MaPLe
 and PromptSRC; M > 4 starts the last 4 slots from them and the rest at random).
 """
-from prompts.common import PromptedCLIP, PromptLearner, Range
+from prompts.common import PromptedCLIP, PromptLearner
 
 DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", lr=0.002, batch_size=32, epochs=200)
 HELP = dict(  # and prompts.common.OPTION_HELP's
     n_ctx="context tokens M (with ctx_init, see PromptLearner: M <= 4 learns its first M words)",
     ctx_init="words the context starts from; '' for a random N(0, 0.02) start",
 )
-CHOICES = dict(n_ctx=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
+CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
 
 
 class CustomCLIP(PromptedCLIP):

@@ -16,7 +16,7 @@ MaPLe minus the coupling. PromptSRC's IVLP row is 4 + 4 tokens at depth 9 (Promp
 configs/trainers/IVLP/vit_b16_c2_ep20_batch4_4+4ctx.yaml: --n_ctx 4 --n_ctx_vision 4 --lr 0.0025 --epochs 20).
 Where each setting comes from, with the source files: docs/methods/ivlp.md.
 """
-from prompts.common import IndependentDeepPrompts, Range
+from prompts.common import IndependentDeepPrompts
 
 DEFAULTS = dict(
     n_ctx=2, ctx_init="a photo of a",  # learn the first 2 tokens of ctx_init; "of a" stays ('' for random)
@@ -25,7 +25,7 @@ DEFAULTS = dict(
     lr=0.0035, batch_size=4, epochs=5,
 )
 HELP = {}  # prompts.common.OPTION_HELP has this method's options
-CHOICES = dict(n_ctx=Range(1), n_ctx_vision=Range(1), depth=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
+CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
 
 
 class CustomCLIP(IndependentDeepPrompts):

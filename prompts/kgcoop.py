@@ -21,7 +21,7 @@ Where each setting comes from, with the source files: docs/methods/kgcoop.md.
 """
 import torch.nn.functional as F
 
-from prompts.common import PromptedCLIP, PromptLearner, Range, zeroshot_classifier
+from prompts.common import PromptedCLIP, PromptLearner, zeroshot_classifier
 
 DEFAULTS = dict(
     n_ctx=4, ctx_init="a photo of a",  # 4 tokens from ctx_init; '' for random N(0, 0.02)
@@ -31,7 +31,7 @@ DEFAULTS = dict(
 HELP = dict(  # and prompts.common.OPTION_HELP's
     weight="weight of 1 - mean cos(learned, hand-crafted class features)",
 )
-CHOICES = dict(n_ctx=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
+CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
 
 
 class CustomCLIP(PromptedCLIP):

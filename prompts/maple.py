@@ -22,7 +22,7 @@ import copy
 import torch.nn.functional as F
 from torch import nn
 
-from prompts.common import PromptedCLIP, PromptLearner, Range, check_depth, cosine_logits, layer_dict, prompt_tokens
+from prompts.common import PromptedCLIP, PromptLearner, check_depth, cosine_logits, layer_dict, prompt_tokens
 
 DEFAULTS = dict(
     n_ctx=2, ctx_init="a photo of a",  # learn the first 2 tokens of ctx_init; "of a" stays ('' for random)
@@ -32,7 +32,7 @@ DEFAULTS = dict(
 HELP = dict(  # and prompts.common.OPTION_HELP's
     depth="layers 0..depth-1 carry text prompts and their coupled vision tokens",
 )
-CHOICES = dict(n_ctx=Range(1), depth=Range(1), lr=Range(0, open_low=True), batch_size=Range(1))
+CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
 
 
 class CustomCLIP(PromptedCLIP):

@@ -47,8 +47,7 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     prior="fuse the class features of the data set's hand-crafted template",
     epochs="training epochs",
 )
-CHOICES = dict(n_prompts=Range(1), n_ctx=Range(1), depth=Range(1), inject=("every", "first"),
-               fusion=("feature", "logit"), lr=Range(0, open_low=True), batch_size=Range(1))
+CHOICES = dict(n_prompts=Range(1), inject=("every", "first"), fusion=("feature", "logit"))  # + OPTION_CHOICES
 
 
 def partitions(n_layers, n):

@@ -24,7 +24,6 @@ Defaults: SRC (muzairkhattak/PromptSRC) configs/trainers/PromptSRC/vit_b16_c2_ep
 GPA mu 15, sigma 1.
 Where each setting comes from, with the source files: docs/methods/promptsrc.md.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +45,7 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     gpa_mean="GPA: mean of the Gaussian over epochs 1..E",
     gpa_std="GPA: standard deviation of that Gaussian",
 )
-CHOICES = dict(n_ctx=Range(1), n_ctx_vision=Range(1), depth=Range(1), gpa_std=Range(0, open_low=True),
-               lr=Range(0, open_low=True), batch_size=Range(1))
+CHOICES = dict(gpa_std=Range(0, open_low=True))  # + common.OPTION_CHOICES
 
 TEMPLATES = [  # the first 60 of CLIP's 80 ImageNet prompts, in CLIP's order (SRC trainers/imagenet_templates.py)
     "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
