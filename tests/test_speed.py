@@ -3,6 +3,7 @@ and class features computed once while the text side is frozen (PromptedCLIP). E
 full computation: features and gradients equal to float32 rounding (or exactly)."""
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import prompts
@@ -166,3 +167,69 @@ def test_frozen_text_cache_follows_the_stage_and_precision(clip3):
     with torch.no_grad():
         model.cached_text_features()  # no gradients at all: nothing to learn from, nothing cached
     assert len(calls) == 5
+
+
+
+def all_rows_text(clip_model, text, deep_prompts):
+    """encode_text with every row of the last block computed, then the end-of-text row read off."""
+    eot, n = text.argmax(-1), int(text.argmax(-1).max()) + 1
+    x = clip_model.token_embedding(text[:, :n]) + clip_model.positional_embedding[:n]
+    x = clip_model.transformer.forward_nld(x, deep_prompts, prompt_start=1)  # [B, n, width]: no keep
+    return clip_model.ln_final(x[torch.arange(len(x)), eot]) @ clip_model.text_projection
+
+
+def all_rows_image(clip_model, images, deep_prompts):
+    """encode_image with every row of the last block computed, then the CLS row read off."""
+    v = clip_model.visual
+    x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, grid ** 2, width]
+    x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], dim=1) + v.positional_embedding
+    deep_prompts = dict(deep_prompts)
+    if 0 in deep_prompts:
+        x = torch.cat([x, deep_prompts.pop(0).expand(len(x), -1, -1)], dim=1)  # layer 0's prompts, appended
+    x = v.transformer.forward_nld(v.ln_pre(x), deep_prompts, prompt_start=v.positional_embedding.shape[0])
+    return v.ln_post(x[:, 0]) @ v.proj
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_block_computes_only_the_rows_read(clip3, checkpointing):
+    """The last block of each encoder computes only the end-of-text (text) and CLS (image) rows: features
+    and the gradients of deep prompts in every layer, the last one included, equal those of the block run
+    on every row, to float32 rounding; and the FLOPs drop by exactly the other rows' share of that block."""
+    g = torch.Generator().manual_seed(0)
+    text = tokenize([f"a photo of a {name}." for name in CLASSNAMES])
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    text_prompts = torch.randn(3, 2, clip3.ln_final.weight.shape[0], generator=g).mul_(0.02).requires_grad_()
+    vision_prompts = torch.randn(3, 2, clip3.visual.conv1.out_channels, generator=g).mul_(0.02).requires_grad_()
+    for transformer in (clip3.transformer, clip3.visual.transformer):
+        transformer.grad_checkpointing = checkpointing
+
+    def features_and_grads(keep):
+        text_prompts.grad = vision_prompts.grad = None
+        deep_text, deep_vision = layer_dict(text_prompts[1:], 1), layer_dict(vision_prompts, 0)  # text: layers 1, 2
+        if keep:
+            features = (clip3.encode_text(text, deep_prompts=deep_text), clip3.encode_image(images, deep_vision))
+        else:
+            features = (all_rows_text(clip3, text, deep_text), all_rows_image(clip3, images, deep_vision))
+        sum(f.square().sum() for f in features).backward()
+        return features, (text_prompts.grad.clone(), vision_prompts.grad.clone())
+
+    try:
+        (kept, kept_grads), (every, every_grads) = features_and_grads(True), features_and_grads(False)
+    finally:
+        for transformer in (clip3.transformer, clip3.visual.transformer):
+            transformer.grad_checkpointing = False
+    for a, b in zip(kept, every):
+        assert rel_err(a.detach(), b.detach()) < 1e-6
+    for a, b in zip(kept_grads, every_grads):
+        assert b[-1].abs().sum() > 0  # the last layer's prompts reach the kept row through its keys and values
+        assert (a - b).norm() / b.norm() < 1e-5
+
+    flops = []
+    for encode in (clip3.encode_image, lambda x: all_rows_image(clip3, x, {})):
+        # the plain attention kernel: its matmuls are counted (the CPU's fused one is not counted at all)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            encode(images)
+        flops.append(counter.get_total_flops())
+    T, w = clip3.visual.positional_embedding.shape[0], clip3.visual.conv1.out_channels  # tokens, width
+    # per other row: q, out_proj and the MLP (1 + 1 + 8 width^2) and its attention scores and sum (2 T width)
+    assert flops[1] - flops[0] == len(images) * (T - 1) * 2 * (10 * w * w + 2 * T * w)
