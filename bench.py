@@ -61,36 +61,67 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup=3, repeat=10):
-    """Median seconds of fn() over `repeat` runs after `warmup`, and the peak GPU memory ("n/a" off a GPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+def timed(fns, device, repeat=10, warmup=None):
+    """[(median seconds, peak GPU memory), ...] of each fn in fns over `repeat` rounds.
+
+    The fns take turns within each round, so a slow spell of a shared machine falls on all of them
+    alike and a side-by-side ratio stays fair. warmup rounds first: 3 on a GPU (kernel choice, the
+    allocator's cache), 1 on a CPU (one call warms it, and a CPU call of the full table is long).
+    Peak memory comes from one more call of each fn alone; "n/a" off a GPU.
+    """
+    cuda = device.startswith("cuda")
+    for _ in range(min(3 if cuda else 1, repeat) if warmup is None else warmup):
+        for fn in fns:
+            fn()
+    peaks = []
+    for fn in fns:
+        if cuda:
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            sync(device)
+        peaks.append(f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a")
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else "n/a"
-    return statistics.median(times), peak
+        for fn, seconds in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            seconds.append(time.perf_counter() - t0)
+    return [(statistics.median(seconds), peak) for seconds, peak in zip(times, peaks)]
 
 
-def matmul_rates(device):
-    """Measured matrix-multiply rate in FLOP/s of each path's precision, {fast: rate}: the floors' denominators."""
-    n = 8192 if device.startswith("cuda") else 1024
+def matmul_rates(device, repeat=10):
+    """Matrix-multiply rate in FLOP/s of each path's precision, {fast: rate}: the floors' denominators.
+
+    The best median rate of three products, each into a preallocated output (the kernel alone): a
+    square one and the two MLP products of a ViT-B/16 block over 4,096 tokens ([4096, 768] x [768, 3072]
+    and back). A floor at the best rate the machine shows for products like the model's own is one
+    no row can beat; a rate measured on one small square product was beaten by the text encoder's own
+    matmuls on a CPU (0.9x floor).
+    """
+    n = 8192 if device.startswith("cuda") else 2048
     rates = {}
     for fast, dtype in ((False, torch.float32), (True, fast_dtype(device))):
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        seconds, _ = timed(lambda: a @ b, device)
-        rates[fast] = 2 * n ** 3 / seconds
+        if dtype == torch.float32 and rates:  # a CPU: both paths run float32, one rate
+            rates[fast] = rates[False]
+            continue
+        best = 0
+        for m, k, n_out in ((n, n, n), (4096, 768, 3072), (4096, 3072, 768)):
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n_out, device=device, dtype=dtype)
+            out = torch.empty(m, n_out, device=device, dtype=dtype)
+            [(seconds, _)] = timed([lambda: torch.mm(a, b, out=out)], device, repeat, warmup=3)
+            best = max(best, 2 * m * k * n_out / seconds)
+        rates[fast] = best
     return rates
 
 
 def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one fn() as torch.utils.flop_counter counts them, attention through the plain kernel: the
+    counter knows no CPU fused attention kernel, and would leave attention out of a CPU fast path's work."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -189,31 +220,31 @@ def text_rows(clip_model, device, rates, prompt_counts=(100, 1000), repeat=10):
                         for eot, k in zip(lengths, counts)) / rates[True]  # seconds
             mean = (lengths + 1).float().mul(counts).sum() / n
             row = [f"text forward, {n} class prompts ({mean:.1f} tokens on average, longest {int(lengths.max()) + 1})"]
-            for encode in (full_length_text_features, CLIP.encode_text, encode_by_length):
-                seconds, peak = timed(lambda: encode(clip_model, text), device, min(3, repeat), repeat)
-                row += [f"{n / seconds:,.0f} prompts/s", peak, f"{seconds / floor:.1f}x"]
+            encoders = (full_length_text_features, CLIP.encode_text, encode_by_length)
+            for seconds, peak in timed([lambda e=e: e(clip_model, text) for e in encoders], device, repeat):
+                row += [f"{n / seconds:,.0f} prompts/s", peak, f"{seconds / floor:.2f}x"]
         rows.append(row)
     return rows
 
 
 def augment_rows(device, n_px, images=16, batch=4, repeat=3):
     """Time to get one augmented training batch from decoded images: PIL vs on the device (the fast path
-    resizes on the device where train.py does: on a GPU)."""
+    resizes on the device where train.py does: on a GPU). Where the fast path crops with PIL too (a CPU),
+    it is the plain path's code, timed once and shown in both columns."""
     folder = tempfile.mkdtemp(prefix="bench_train_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, images)]
     n_batches = -(-images // batch)  # one pass over the images, the last batch possibly smaller
     row = [f"train batch of {batch}: crop + resize + flip, {n_batches} batches from {images} decoded 500x375 "
            f"images"]
-    for fast in (False, True):
-        on_device = fast and train.switch_on(train.DEFAULTS, "augment_on_device", device.startswith("cuda"))
-        trainset = TrainSet(items, n_px, seed=0, device=device if on_device else None)
+    on_device = train.switch_on(train.DEFAULTS, "augment_on_device", device.startswith("cuda"))
+    fetches = []
+    for crop_device in [None, device] if on_device else [None]:
+        trainset = TrainSet(items, n_px, seed=0, device=crop_device)
         loader = torch.utils.data.DataLoader(trainset, batch_size=batch, shuffle=True)
         assert len(loader) == n_batches
-
-        def fetch():
-            for x, _ in loader:
-                x.to(device)
-        seconds, _ = timed(fetch, device, warmup=1, repeat=repeat)
+        fetches.append(lambda loader=loader: [x.to(device) for x, _ in loader])
+    results = timed(fetches, device, repeat, warmup=1)
+    for seconds, _ in results * (3 - len(results)):  # plain, fast (the plain one again where they are the same)
         row += [f"{seconds / n_batches * 1e3:.2f} ms", "", ""]
     return [row]
 
@@ -232,16 +263,18 @@ def train_step_rows(clip_model, methods, class_counts, device, rates, repeat=10)
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
             row = [f"train step {method}, {n_cls} classes, batch 4"]
-            for fast in (False, True):
-                def step():
-                    with path_context(fast, device):
-                        loss = model.loss(images, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                seconds, peak = timed(step, device, warmup=min(3, repeat), repeat=repeat)
-                flops = count_flops(step)
-                row += [f"{seconds * 1e3:.1f} ms", peak, f"{seconds / (flops / rates[fast]):.1f}x"]
+
+            def step(fast):
+                with path_context(fast, device):
+                    loss = model.loss(images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            paths = (False, True)
+            results = timed([lambda fast=fast: step(fast) for fast in paths], device, repeat)
+            for fast, (seconds, peak) in zip(paths, results):
+                flops = count_flops(lambda: step(fast))
+                row += [f"{seconds * 1e3:.1f} ms", peak, f"{seconds / (flops / rates[fast]):.2f}x"]
             rows.append(row)
     return rows
 
@@ -254,24 +287,30 @@ def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=
     model = train.build_method(method, clip_model, bench_classnames(50), "a photo of a {}.", cfg)
     model.eval()
     row = [f"eval {method} from tensors, batch {batch}"]
-    for fast in (False, True):
+    paths = (False, True)
+    text_features = {}
+    for fast in paths:
         with torch.no_grad(), path_context(fast, device):
-            text_features = model.text_features()
-            seconds, peak = timed(lambda: model.logits(images, text_features), device, warmup=min(3, repeat),
-                                  repeat=repeat)
-            flops = count_flops(lambda: model.logits(images, text_features))
-        row += [f"{batch / seconds:,.0f} img/s", peak, f"{seconds / (flops / rates[fast]):.1f}x"]
+            text_features[fast] = model.text_features()
+
+    def logits(fast):
+        with torch.no_grad(), path_context(fast, device):
+            return model.logits(images, text_features[fast])
+    results = timed([lambda fast=fast: logits(fast) for fast in paths], device, repeat)
+    for fast, (seconds, peak) in zip(paths, results):
+        flops = count_flops(lambda: logits(fast))
+        row += [f"{batch / seconds:,.0f} img/s", peak, f"{seconds / (flops / rates[fast]):.2f}x"]
     rows = [row]
     folder = tempfile.mkdtemp(prefix="bench_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, jpegs)]
     row = [f"eval {method} from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
-    for fast in (False, True):
-        def run():
-            with torch.no_grad(), path_context(fast, device):
-                text_features = model.text_features()
-                for x, _ in test_loader(items, n_px, batch, workers):
-                    model.logits(x.to(device, non_blocking=True), text_features)
-        seconds, peak = timed(run, device, warmup=1, repeat=1)
+
+    def run(fast):
+        with torch.no_grad(), path_context(fast, device):
+            features = model.text_features()
+            for x, _ in test_loader(items, n_px, batch, workers):
+                model.logits(x.to(device, non_blocking=True), features)
+    for seconds, peak in timed([lambda fast=fast: run(fast) for fast in paths], device, repeat=1, warmup=1):
         row += [f"{jpegs / seconds:,.0f} img/s", peak, ""]
     rows.append(row)
     return rows
@@ -342,7 +381,7 @@ def main(argv=None):
     torch.manual_seed(0)
     config = TINY if args.tiny else B16
     clip_model = CLIP(**config).to(args.device).requires_grad_(False).eval()
-    rates = matmul_rates(args.device)
+    rates = matmul_rates(args.device, args.repeat)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {name}; measured matmul rate: float32 (plain) {rates[False] / 1e12:.3f} TFLOP/s, "
           f"{str(fast_dtype(args.device)).replace('torch.', '')} (fast) {rates[True] / 1e12:.3f} TFLOP/s; "
