@@ -102,20 +102,27 @@ def matmul_rates(device, repeat=10):
     matmuls on a CPU (0.9x floor).
     """
     n = 8192 if device.startswith("cuda") else 2048
-    rates = {}
-    for fast, dtype in ((False, torch.float32), (True, fast_dtype(device))):
-        if dtype == torch.float32 and rates:  # a CPU: both paths run float32, one rate
-            rates[fast] = rates[False]
-            continue
-        best = 0
+    rate = {}
+    for dtype in {torch.float32, fast_dtype(device)}:  # one dtype on a CPU, where both paths run float32
+        rate[dtype] = 0
         for m, k, n_out in ((n, n, n), (4096, 768, 3072), (4096, 3072, 768)):
             a = torch.randn(m, k, device=device, dtype=dtype)
             b = torch.randn(k, n_out, device=device, dtype=dtype)
             out = torch.empty(m, n_out, device=device, dtype=dtype)
             [(seconds, _)] = timed([lambda: torch.mm(a, b, out=out)], device, repeat, warmup=3)
-            best = max(best, 2 * m * k * n_out / seconds)
-        rates[fast] = best
-    return rates
+            rate[dtype] = max(rate[dtype], 2 * m * k * n_out / seconds)
+    return {False: rate[torch.float32], True: rate[fast_dtype(device)]}
+
+
+def side_by_side(fn, device, rates, repeat, show):
+    """fn(fast) on the plain and the fast path, timed in turn: [show(seconds), peak memory, x floor] of
+    plain, then of fast. The floor is fn's FLOPs at the matmul rate of that path's precision."""
+    paths = (False, True)
+    cells = []
+    for fast, (seconds, peak) in zip(paths, timed([lambda fast=fast: fn(fast) for fast in paths], device, repeat)):
+        flops = count_flops(lambda: fn(fast))
+        cells += [show(seconds), peak, f"{seconds / (flops / rates[fast]):.2f}x"]
+    return cells
 
 
 def count_flops(fn):
@@ -244,7 +251,9 @@ def augment_rows(device, n_px, images=16, batch=4, repeat=3):
         assert len(loader) == n_batches
         fetches.append(lambda loader=loader: [x.to(device) for x, _ in loader])
     results = timed(fetches, device, repeat, warmup=1)
-    for seconds, _ in results * (3 - len(results)):  # plain, fast (the plain one again where they are the same)
+    if len(results) == 1:  # the fast path is the plain one
+        results *= 2
+    for seconds, _ in results:
         row += [f"{seconds / n_batches * 1e3:.2f} ms", "", ""]
     return [row]
 
@@ -262,7 +271,6 @@ def train_step_rows(clip_model, methods, class_counts, device, rates, repeat=10)
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-            row = [f"train step {method}, {n_cls} classes, batch 4"]
 
             def step(fast):
                 with path_context(fast, device):
@@ -270,12 +278,8 @@ def train_step_rows(clip_model, methods, class_counts, device, rates, repeat=10)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            paths = (False, True)
-            results = timed([lambda fast=fast: step(fast) for fast in paths], device, repeat)
-            for fast, (seconds, peak) in zip(paths, results):
-                flops = count_flops(lambda: step(fast))
-                row += [f"{seconds * 1e3:.1f} ms", peak, f"{seconds / (flops / rates[fast]):.2f}x"]
-            rows.append(row)
+            rows.append([f"train step {method}, {n_cls} classes, batch 4",
+                         *side_by_side(step, device, rates, repeat, lambda seconds: f"{seconds * 1e3:.1f} ms")])
     return rows
 
 
@@ -286,21 +290,16 @@ def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=
     cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
     model = train.build_method(method, clip_model, bench_classnames(50), "a photo of a {}.", cfg)
     model.eval()
-    row = [f"eval {method} from tensors, batch {batch}"]
-    paths = (False, True)
     text_features = {}
-    for fast in paths:
+    for fast in (False, True):
         with torch.no_grad(), path_context(fast, device):
             text_features[fast] = model.text_features()
 
     def logits(fast):
         with torch.no_grad(), path_context(fast, device):
             return model.logits(images, text_features[fast])
-    results = timed([lambda fast=fast: logits(fast) for fast in paths], device, repeat)
-    for fast, (seconds, peak) in zip(paths, results):
-        flops = count_flops(lambda: logits(fast))
-        row += [f"{batch / seconds:,.0f} img/s", peak, f"{seconds / (flops / rates[fast]):.2f}x"]
-    rows = [row]
+    rows = [[f"eval {method} from tensors, batch {batch}",
+             *side_by_side(logits, device, rates, repeat, lambda seconds: f"{batch / seconds:,.0f} img/s")]]
     folder = tempfile.mkdtemp(prefix="bench_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, jpegs)]
     row = [f"eval {method} from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
@@ -310,7 +309,7 @@ def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=
             features = model.text_features()
             for x, _ in test_loader(items, n_px, batch, workers):
                 model.logits(x.to(device, non_blocking=True), features)
-    for seconds, peak in timed([lambda fast=fast: run(fast) for fast in paths], device, repeat=1, warmup=1):
+    for seconds, peak in timed([lambda fast=fast: run(fast) for fast in (False, True)], device, repeat=1, warmup=1):
         row += [f"{jpegs / seconds:,.0f} img/s", peak, ""]
     rows.append(row)
     return rows

@@ -122,17 +122,13 @@ class ResidualAttentionBlock(nn.Module):
         one per sequence: only those rows are computed (the attention's keys and values still come
         from every token before them), and the output is [B, 1, width]."""
         L = x.shape[1]
-        mask = None
-        if self.attn_mask is not None and not self.causal:
-            mask = self.attn_mask[:L, :L].to(x.device, x.dtype)
+        mask = None if self.attn_mask is None else self.attn_mask[:L, :L].to(x.device, x.dtype)  # [L, L]
         h = self.ln_1(x)
         if keep is None:
-            x = x + self.attn(h, causal=self.causal, mask=mask)
+            x = x + self.attn(h, causal=self.causal, mask=None if self.causal else mask)
         else:
             rows = torch.arange(len(x), device=x.device)
-            if self.causal:  # the causal mask's row `keep`: token keep sees tokens 0..keep
-                mask = causal_mask(L).to(x.device, x.dtype)
-            if mask is not None:
+            if mask is not None:  # the mask's row `keep` (causal: token keep sees tokens 0..keep)
                 mask = mask[keep][:, None, None, :]  # [B, 1, 1, L]: every head, the one query
             query = h[rows, keep].unsqueeze(1)  # [B, 1, width]
             x = x[rows, keep].unsqueeze(1) + self.attn(h, mask=mask, query=query)  # [B, 1, width]
