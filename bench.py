@@ -7,7 +7,8 @@ Plain = float32, attention through the plain softmax(QK^T)V kernel, crops resize
 train.py and eval.py use on that device: on a GPU bf16 autocast, the fused attention kernels and crops
 resized on the GPU; on a CPU float32 with the fused attention kernel. Both use the same random weights
 and images. FLOPs are counted by torch.utils.flop_counter for one step; a path's floor is FLOPs / (the
-measured matmul rate of the precision it runs in), and "x floor" says how far a row is from it.
+matmul rate of the precision it runs in, measured in the same timed rounds as the row), and "x floor" says
+how far a row is from it.
 Before the tables, a check that the fast path changes no result: feature cosines and top-1 agreement
 of fast vs plain, and the text cut and length buckets against full-length sequences in float32.
 Then the text encoder alone (class prompts, no gradient): all 77 positions, the batch cut after its
@@ -62,25 +63,15 @@ def sync(device):
 
 
 def timed(fns, device, repeat=10, warmup=None):
-    """[(median seconds, peak GPU memory), ...] of each fn in fns over `repeat` rounds.
+    """The median seconds of each fn in fns over `repeat` rounds.
 
     The fns take turns within each round, so a slow spell of a shared machine falls on all of them
     alike and a side-by-side ratio stays fair. warmup rounds first: 3 on a GPU (kernel choice, the
     allocator's cache), 1 on a CPU (one call warms it, and a CPU call of the full table is long).
-    Peak memory comes from one more call of each fn alone; "n/a" off a GPU.
     """
-    cuda = device.startswith("cuda")
-    for _ in range(min(3 if cuda else 1, repeat) if warmup is None else warmup):
+    for _ in range(min(3 if device.startswith("cuda") else 1, repeat) if warmup is None else warmup):
         for fn in fns:
             fn()
-    peaks = []
-    for fn in fns:
-        if cuda:
-            sync(device)
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            sync(device)
-        peaks.append(f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a")
     times = [[] for _ in fns]
     for _ in range(repeat):
         for fn, seconds in zip(fns, times):
@@ -89,39 +80,71 @@ def timed(fns, device, repeat=10, warmup=None):
             fn()
             sync(device)
             seconds.append(time.perf_counter() - t0)
-    return [(statistics.median(seconds), peak) for seconds, peak in zip(times, peaks)]
+    return [statistics.median(seconds) for seconds in times]
+
+
+def peak_memory(fns, device):
+    """Peak GPU memory of one call of each fn alone, as text; "n/a" off a GPU."""
+    if not device.startswith("cuda"):
+        return ["n/a"] * len(fns)
+    peaks = []
+    for fn in fns:
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        peaks.append(f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return peaks
+
+
+def matmul_probes(device, dtype):
+    """[(fn, FLOPs)]: the products a floor's matmul rate is measured on, each into a preallocated output (the
+    kernel alone): a square one and the two MLP products of a ViT-B/16 block over 4,096 tokens ([4096, 768] x
+    [768, 3072] and back). A floor at the best rate the machine shows for products like the model's own is
+    one no row can beat; a rate measured on one small square product was beaten by the text encoder's own
+    matmuls on a CPU (0.9x floor)."""
+    n = 8192 if device.startswith("cuda") else 2048
+    probes = []
+    for m, k, n_out in ((n, n, n), (4096, 768, 3072), (4096, 3072, 768)):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n_out, device=device, dtype=dtype)
+        out = torch.empty(m, n_out, device=device, dtype=dtype)
+        probes.append((lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 2 * m * k * n_out))  # out=: no autocast
+    return probes
+
+
+def rated(fns, device, repeat):
+    """timed(fns), with the matmul products of both paths' precisions taking turns in the same rounds:
+    (seconds of each fn, {fast: FLOP/s}), the rate being the best median rate of matmul_probes.
+
+    A floor needs the machine's rate while the row ran: on a shared CPU it drifted by a quarter within
+    minutes here (196 to 236 GFLOP/s) and by 2x between days, so a rate measured at the start of a
+    17-minute table would mis-state the rows run later.
+    """
+    dtypes = {False: torch.float32, True: fast_dtype(device)}
+    probes = [(dtype, fn, flops) for dtype in set(dtypes.values()) for fn, flops in matmul_probes(device, dtype)]
+    seconds = timed(list(fns) + [fn for _, fn, _ in probes], device, repeat)
+    rate = dict.fromkeys(dtypes.values(), 0.0)
+    for (dtype, _, flops), probe_seconds in zip(probes, seconds[len(fns):]):
+        rate[dtype] = max(rate[dtype], flops / probe_seconds)
+    return seconds[:len(fns)], {fast: rate[dtype] for fast, dtype in dtypes.items()}
 
 
 def matmul_rates(device, repeat=10):
-    """Matrix-multiply rate in FLOP/s of each path's precision, {fast: rate}: the floors' denominators.
-
-    The best median rate of three products, each into a preallocated output (the kernel alone): a
-    square one and the two MLP products of a ViT-B/16 block over 4,096 tokens ([4096, 768] x [768, 3072]
-    and back). A floor at the best rate the machine shows for products like the model's own is one
-    no row can beat; a rate measured on one small square product was beaten by the text encoder's own
-    matmuls on a CPU (0.9x floor).
-    """
-    n = 8192 if device.startswith("cuda") else 2048
-    rate = {}
-    for dtype in {torch.float32, fast_dtype(device)}:  # one dtype on a CPU, where both paths run float32
-        rate[dtype] = 0
-        for m, k, n_out in ((n, n, n), (4096, 768, 3072), (4096, 3072, 768)):
-            a = torch.randn(m, k, device=device, dtype=dtype)
-            b = torch.randn(k, n_out, device=device, dtype=dtype)
-            out = torch.empty(m, n_out, device=device, dtype=dtype)
-            [(seconds, _)] = timed([lambda: torch.mm(a, b, out=out)], device, repeat, warmup=3)
-            rate[dtype] = max(rate[dtype], 2 * m * k * n_out / seconds)
-    return {False: rate[torch.float32], True: rate[fast_dtype(device)]}
+    """{fast: FLOP/s} of each path's precision, measured alone (the header's figure; rows use rated)."""
+    return rated([], device, repeat)[1]
 
 
-def side_by_side(fn, device, rates, repeat, show):
+def side_by_side(fn, device, repeat, show):
     """fn(fast) on the plain and the fast path, timed in turn: [show(seconds), peak memory, x floor] of
-    plain, then of fast. The floor is fn's FLOPs at the matmul rate of that path's precision."""
-    paths = (False, True)
+    plain, then of fast. The floor is fn's FLOPs at the matmul rate of that path's precision, measured
+    in the same rounds."""
+    fns = [lambda fast=fast: fn(fast) for fast in (False, True)]
+    peaks = peak_memory(fns, device)
+    seconds, rates = rated(fns, device, repeat)
     cells = []
-    for fast, (seconds, peak) in zip(paths, timed([lambda fast=fast: fn(fast) for fast in paths], device, repeat)):
+    for fast, s, peak in zip((False, True), seconds, peaks):
         flops = count_flops(lambda: fn(fast))
-        cells += [show(seconds), peak, f"{seconds / (flops / rates[fast]):.2f}x"]
+        cells += [show(s), peak, f"{s / (flops / rates[fast]):.2f}x"]
     return cells
 
 
@@ -214,7 +237,7 @@ def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250)
 
 
 @torch.no_grad()
-def text_rows(clip_model, device, rates, prompt_counts=(100, 1000), repeat=10):
+def text_rows(clip_model, device, prompt_counts=(100, 1000), repeat=10):
     """Class prompts through the text encoder, in the fast path: prompts/s and x floor of all 77 positions
     (with the one extra row that keeps them), the batch cut after its longest prompt, and length buckets.
     The floor is the work of each prompt alone at its own length, at the fast path's matmul rate."""
@@ -223,13 +246,16 @@ def text_rows(clip_model, device, rates, prompt_counts=(100, 1000), repeat=10):
         text = tokenize([f"a photo of a {name}." for name in bench_classnames(n)]).to(device)  # [n, 77]
         lengths, counts = text.argmax(-1).unique(return_counts=True)
         with path_context(True, device):
-            floor = sum(count_flops(lambda: clip_model.encode_text(text[text.argmax(-1) == eot][:1])) * int(k)
-                        for eot, k in zip(lengths, counts)) / rates[True]  # seconds
+            flops = sum(count_flops(lambda: clip_model.encode_text(text[text.argmax(-1) == eot][:1])) * int(k)
+                        for eot, k in zip(lengths, counts))  # each prompt alone, at its own length
             mean = (lengths + 1).float().mul(counts).sum() / n
             row = [f"text forward, {n} class prompts ({mean:.1f} tokens on average, longest {int(lengths.max()) + 1})"]
             encoders = (full_length_text_features, CLIP.encode_text, encode_by_length)
-            for seconds, peak in timed([lambda e=e: e(clip_model, text) for e in encoders], device, repeat):
-                row += [f"{n / seconds:,.0f} prompts/s", peak, f"{seconds / floor:.2f}x"]
+            fns = [lambda e=e: e(clip_model, text) for e in encoders]
+            peaks = peak_memory(fns, device)
+            seconds, rates = rated(fns, device, repeat)
+            for s, peak in zip(seconds, peaks):
+                row += [f"{n / s:,.0f} prompts/s", peak, f"{s / (flops / rates[True]):.2f}x"]
         rows.append(row)
     return rows
 
@@ -253,12 +279,12 @@ def augment_rows(device, n_px, images=16, batch=4, repeat=3):
     results = timed(fetches, device, repeat, warmup=1)
     if len(results) == 1:  # the fast path is the plain one
         results *= 2
-    for seconds, _ in results:
+    for seconds in results:
         row += [f"{seconds / n_batches * 1e3:.2f} ms", "", ""]
     return [row]
 
 
-def train_step_rows(clip_model, methods, class_counts, device, rates, repeat=10):
+def train_step_rows(clip_model, methods, class_counts, device, repeat=10):
     """One SGD step of each method, in its last stage (where everything it defines learns), batch 4."""
     rows = []
     images = torch.randn(4, 3, clip_model.visual.input_resolution, clip_model.visual.input_resolution, device=device)
@@ -279,11 +305,11 @@ def train_step_rows(clip_model, methods, class_counts, device, rates, repeat=10)
                 loss.backward()
                 optimizer.step()
             rows.append([f"train step {method}, {n_cls} classes, batch 4",
-                         *side_by_side(step, device, rates, repeat, lambda seconds: f"{seconds * 1e3:.1f} ms")])
+                         *side_by_side(step, device, repeat, lambda seconds: f"{seconds * 1e3:.1f} ms")])
     return rows
 
 
-def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=8, repeat=10):
+def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repeat=10):
     """Evaluation of `method` (the first of --methods) at 50 classes: from tensors, and from JPEG files."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
@@ -299,7 +325,7 @@ def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=
         with torch.no_grad(), path_context(fast, device):
             return model.logits(images, text_features[fast])
     rows = [[f"eval {method} from tensors, batch {batch}",
-             *side_by_side(logits, device, rates, repeat, lambda seconds: f"{batch / seconds:,.0f} img/s")]]
+             *side_by_side(logits, device, repeat, lambda seconds: f"{batch / seconds:,.0f} img/s")]]
     folder = tempfile.mkdtemp(prefix="bench_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, jpegs)]
     row = [f"eval {method} from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
@@ -309,7 +335,8 @@ def eval_rows(clip_model, method, device, rates, batch=256, jpegs=2000, workers=
             features = model.text_features()
             for x, _ in test_loader(items, n_px, batch, workers):
                 model.logits(x.to(device, non_blocking=True), features)
-    for seconds, peak in timed([lambda fast=fast: run(fast) for fast in (False, True)], device, repeat=1, warmup=1):
+    runs = [lambda fast=fast: run(fast) for fast in (False, True)]
+    for peak, seconds in zip(peak_memory(runs, device), timed(runs, device, repeat=1, warmup=1)):
         row += [f"{jpegs / seconds:,.0f} img/s", peak, ""]
     rows.append(row)
     return rows
@@ -390,8 +417,8 @@ def main(argv=None):
     for check, result in checks:
         print(f"| {check} | {result} |", flush=True)
     rows = augment_rows(args.device, clip_model.visual.input_resolution, repeat=args.repeat)
-    rows += train_step_rows(clip_model, args.methods, args.classes, args.device, rates, args.repeat)
-    rows += eval_rows(clip_model, args.methods[0], args.device, rates, args.eval_batch, args.jpegs, args.workers,
+    rows += train_step_rows(clip_model, args.methods, args.classes, args.device, args.repeat)
+    rows += eval_rows(clip_model, args.methods[0], args.device, args.eval_batch, args.jpegs, args.workers,
                       args.repeat)
     # Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in all). ImageNet: 1,000 classes,
     # 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease small (say so when reporting).
@@ -399,7 +426,7 @@ def main(argv=None):
     rows += whole_run_rows(config, args.methods, [sizes[r] for r in args.runs], args.device, args.workers)
     print_table(["", "plain: time or rate", "plain: peak mem", "plain: x floor",
                  "fast: time or rate", "fast: peak mem", "fast: x floor"], rows)
-    text = text_rows(clip_model, args.device, rates, args.text_prompts, args.repeat)
+    text = text_rows(clip_model, args.device, args.text_prompts, args.repeat)
     print_table(["fast path, no gradient", "all 77 positions", "peak mem", "x floor", "batch cut", "peak mem",
                  "x floor", "length buckets", "peak mem", "x floor"], text)
     return dict(checks=checks, rows=rows, text=text)

@@ -51,22 +51,40 @@ def test_timed_paths_take_turns():
     assert calls == ["plain", "fast"] * 4 and len(results) == 2
 
 
+def fake_probes(rate_of):
+    """matmul_probes with one product per precision that does nothing and counts rate_of(dtype) FLOPs: under the
+    fake clock it lasts one second, so that precision's measured rate is rate_of(dtype) FLOP/s."""
+    return lambda device, dtype: [(lambda: None, rate_of(dtype))]
+
+
 def test_train_step_row_uses_each_paths_rate(one_second_per_call, monkeypatch, clip_model):
     monkeypatch.setattr(bench, "count_flops", lambda fn: 1e9)
-    (row,) = bench.train_step_rows(clip_model, ["coop"], [3], "cpu", {False: 1e9, True: 4e9}, repeat=1)
+    monkeypatch.setattr(bench, "fast_dtype", lambda device: torch.bfloat16)  # the two paths' precisions differ
+    monkeypatch.setattr(bench, "matmul_probes", fake_probes(lambda dtype: 4e9 if dtype == torch.bfloat16 else 1e9))
+    (row,) = bench.train_step_rows(clip_model, ["coop"], [3], "cpu", repeat=1)
     assert row[0] == "train step coop, 3 classes, batch 4"
     assert row[1] == row[4] == "1000.0 ms"
     assert (row[3], row[6]) == ("1.00x", "4.00x")  # floor: 1 s at the plain rate, 0.25 s at the fast one
 
 
-def test_text_rows_floor_is_each_prompts_own_length(one_second_per_call, clip_model):
+def test_rate_is_measured_in_the_rows_own_rounds(monkeypatch):
+    """The matmul products take their turn in each round of the row they rate, after the row's own fns."""
+    calls = []
+    monkeypatch.setattr(bench, "matmul_probes", lambda device, dtype: [(lambda: calls.append("probe"), 1.0)])
+    seconds, rates = bench.rated([lambda: calls.append("row")], "cpu", repeat=2)
+    assert calls == ["row", "probe"] * 3  # a warm-up round, then two timed ones
+    assert len(seconds) == 1 and rates[False] == rates[True] > 0  # a CPU runs both paths in float32
+
+
+def test_text_rows_floor_is_each_prompts_own_length(one_second_per_call, monkeypatch, clip_model):
     n = 9
     text = tokenize([f"a photo of a {name}." for name in bench.bench_classnames(n)])
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         for t in text:  # each prompt alone, cut at its own end-of-text token
             clip_model.encode_text(t[None])
     floor_flops = counter.get_total_flops()
-    (row,) = bench.text_rows(clip_model, "cpu", {False: 1.0, True: 2.5 * floor_flops}, prompt_counts=(n,), repeat=1)
+    monkeypatch.setattr(bench, "matmul_probes", fake_probes(lambda dtype: 2.5 * floor_flops))  # floor: 0.4 s
+    (row,) = bench.text_rows(clip_model, "cpu", prompt_counts=(n,), repeat=1)
     lengths = text.argmax(-1) + 1
     assert row[0] == (f"text forward, {n} class prompts ({lengths.float().mean():.1f} tokens on average, "
                       f"longest {lengths.max()})")

@@ -79,5 +79,5 @@ def test_readme_method_in_bench(vpt, tmp_path):
     import bench
 
     clip_model = train.load_frozen_clip(save_tiny_clip(tmp_path / "tiny.pt"), "cpu")
-    (row,) = bench.train_step_rows(clip_model, ["vpt"], [3], "cpu", {False: 1e9, True: 4e9}, repeat=1)
+    (row,) = bench.train_step_rows(clip_model, ["vpt"], [3], "cpu", repeat=1)
     assert row[0] == "train step vpt, 3 classes, batch 4"
