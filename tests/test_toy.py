@@ -124,7 +124,8 @@ def test_readme_clip_snippet_prints_what_the_readme_says(world, monkeypatch, cap
     """The README's first clip/ example, run as printed, prints the class the README shows, and a probability.
 
     The probability is the build's: another CPU builds another toy CLIP (its pre-training is chaotic in the last
-    bits), and ten builds on one CPU gave frog at 0.23 to 0.95. The class is what the example demonstrates."""
+    bits): nine of ten builds on one CPU gave frog, at 0.23 to 0.95 (the tenth is degenerate). The class is what
+    the example demonstrates."""
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     section = readme[readme.index("## Using `clip/` on its own"):]
