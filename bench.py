@@ -117,8 +117,8 @@ def rated(fns, device, repeat):
     (seconds of each fn, {fast: FLOP/s}), the rate being the best median rate of matmul_probes.
 
     A floor needs the machine's rate while the row ran: on a shared CPU it drifted by a quarter within
-    minutes here (196 to 236 GFLOP/s) and by 2x between days, so a rate measured at the start of a
-    17-minute table would mis-state the rows run later.
+    minutes (196 to 236 GFLOP/s), and two machines of one kind measured 111 and 257, so a rate measured at
+    the start of an 8- to 17-minute table would mis-state the rows run later.
     """
     dtypes = {False: torch.float32, True: fast_dtype(device)}
     probes = [(dtype, fn, flops) for dtype in set(dtypes.values()) for fn, flops in matmul_probes(device, dtype)]
