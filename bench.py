@@ -129,9 +129,9 @@ def rated(fns, device, repeat):
     return seconds[:len(fns)], {fast: rate[dtype] for fast, dtype in dtypes.items()}
 
 
-def matmul_rates(device, repeat=10):
-    """{fast: FLOP/s} of each path's precision, measured alone (the header's figure; rows use rated)."""
-    return rated([], device, repeat)[1]
+def x_floor(seconds, flops, rate):
+    """A row's "x floor": its time over the time of its FLOPs at the matmul rate (1.00x = the floor)."""
+    return f"{seconds / (flops / rate):.2f}x"
 
 
 def side_by_side(fn, device, repeat, show):
@@ -144,7 +144,7 @@ def side_by_side(fn, device, repeat, show):
     cells = []
     for fast, s, peak in zip((False, True), seconds, peaks):
         flops = count_flops(lambda: fn(fast))
-        cells += [show(s), peak, f"{s / (flops / rates[fast]):.2f}x"]
+        cells += [show(s), peak, x_floor(s, flops, rates[fast])]
     return cells
 
 
@@ -255,7 +255,7 @@ def text_rows(clip_model, device, prompt_counts=(100, 1000), repeat=10):
             peaks = peak_memory(fns, device)
             seconds, rates = rated(fns, device, repeat)
             for s, peak in zip(seconds, peaks):
-                row += [f"{n / s:,.0f} prompts/s", peak, f"{s / (flops / rates[True]):.2f}x"]
+                row += [f"{n / s:,.0f} prompts/s", peak, x_floor(s, flops, rates[True])]
         rows.append(row)
     return rows
 
@@ -407,7 +407,7 @@ def main(argv=None):
     torch.manual_seed(0)
     config = TINY if args.tiny else B16
     clip_model = CLIP(**config).to(args.device).requires_grad_(False).eval()
-    rates = matmul_rates(args.device, args.repeat)
+    rates = rated([], args.device, args.repeat)[1]  # the header's rates, measured alone (each row measures its own)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {name}; measured matmul rate: float32 (plain) {rates[False] / 1e12:.3f} TFLOP/s, "
           f"{str(fast_dtype(args.device)).replace('torch.', '')} (fast) {rates[True] / 1e12:.3f} TFLOP/s; "
