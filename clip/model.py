@@ -20,6 +20,7 @@ Inside the encoders, four things differ from openai/CLIP's model.py, none change
 - both encoders take `deep_prompts`, the hook the prompt-learning methods use to put learnable
   tokens into chosen layers (VPT / MaPLe / IVLP style) without forking the transformer blocks.
 """
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -110,7 +111,7 @@ class ResidualAttentionBlock(nn.Module):
     def attn_mask(self, mask):  # checked once here, not at every forward
         if mask is not None and mask.dtype == torch.bool:  # nn.MultiheadAttention's meaning: True = masked
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, float("-inf"))
-        self._attn_mask = mask
+        self._attn_mask = mask  # an attribute, as OpenAI's: not in the state_dict
         self.causal = mask is not None and mask.dim() == 2 and torch.equal(mask.cpu().float(), causal_mask(len(mask)))
 
     def forward(self, x):
@@ -122,7 +123,11 @@ class ResidualAttentionBlock(nn.Module):
         one per sequence: only those rows are computed (the attention's keys and values still come
         from every token before them), and the output is [B, 1, width]."""
         L = x.shape[1]
-        mask = None if self.attn_mask is None else self.attn_mask[:L, :L].to(x.device, x.dtype)  # [L, L]
+        mask = None
+        if self.attn_mask is not None and (keep is not None or not self.causal):  # else is_causal
+            if self._attn_mask.device != x.device:  # moved once: a copy from the CPU at every forward
+                self._attn_mask = self._attn_mask.to(x.device)  # would wait on the GPU's queue
+            mask = self._attn_mask[:L, :L].to(x.dtype)  # [L, L]
         h = self.ln_1(x)
         if keep is None:
             x = x + self.attn(h, causal=self.causal, mask=None if self.causal else mask)
@@ -263,10 +268,18 @@ class CLIP(nn.Module):
     def dtype(self):
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, image, deep_prompts=None):
-        return self.visual(image, deep_prompts=deep_prompts)
+    def compute_precision(self, device_type):
+        """Autocast to the matrices' dtype if cast_matrices made them bf16/fp16 and the caller has not
+        entered autocast itself (a float32 CLIP: a no-op), so a cast CLIP works wherever a float32 one does."""
+        if self.dtype == torch.float32 or torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()  # (an autocast with enabled=False would turn the caller's off)
+        return torch.autocast(device_type, dtype=self.dtype)
 
-    def encode_text(self, text, embeddings=None, deep_prompts=None):
+    def encode_image(self, image, deep_prompts=None):
+        with self.compute_precision(image.device.type):
+            return self.visual(image, deep_prompts=deep_prompts)
+
+    def encode_text(self, text, embeddings=None, deep_prompts=None, length=None):
         """text: token ids [B, 77] (from clip.tokenize). Returns features [B, embed_dim].
 
         embeddings: optional [B, 77, width] input embeddings to use instead of token_embedding(text);
@@ -279,23 +292,51 @@ class CLIP(nn.Module):
         token before it can see the padding behind it, so the features are the same (to float32
         rounding: the attention sums run over fewer keys), and short class-name prompts (~15 tokens
         of 77) cost a fifth of the compute.
+
+        length: every text's end-of-text token is at position length - 1, as a caller that knew it
+        when it tokenized says (prompts.common.encode_by_length's buckets). Then no position is read
+        back from the device: on a GPU each read-back waits for all queued work (a host sync).
         """
         eot = text.argmax(dim=-1)  # end-of-text has the highest id (49407) in every sequence
-        n = int(eot.max()) + 1
+        n = length or int(eot.max()) + 1
         longest = max((t.shape[-2] for t in (deep_prompts or {}).values()), default=0)
-        if longest and longest >= int(eot.min()):
-            raise ValueError(f"a deep text prompt of {longest} tokens would overwrite the end-of-text token "
-                             f"(position {int(eot.min())} of the shortest text)")
-        x = self.token_embedding(text[:, :n]) if embeddings is None else embeddings[:, :n]  # [B, n, width]
-        x = x + self.positional_embedding[:n].to(x.dtype)
-        x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=1, keep=eot)  # [B, 1, width]
-        return self.ln_final(x[:, 0]) @ self.text_projection  # the end-of-text token's features: [B, embed_dim]
+        if longest:
+            shortest = length - 1 if length else int(eot.min())  # the first end-of-text position
+            if longest >= shortest:
+                raise ValueError(f"a deep text prompt of {longest} tokens would overwrite the end-of-text "
+                                 f"token (position {shortest} of the shortest text)")
+        with self.compute_precision(text.device.type):
+            x = self.token_embedding(text[:, :n]) if embeddings is None else embeddings[:, :n]  # [B, n, width]
+            x = x + self.positional_embedding[:n].to(x.dtype)
+            x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=1, keep=eot)  # [B, 1, width]
+            return self.ln_final(x[:, 0]) @ self.text_projection  # the end-of-text token's features: [B, embed_dim]
 
     def forward(self, image, text):
         image_features = F.normalize(self.encode_image(image), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # [B_img, B_txt]
         return logits_per_image, logits_per_image.t()
+
+
+def cast_matrices(model, dtype):
+    """Keep a frozen CLIP's matrices in `dtype` (bf16 or fp16, for a GPU), as OpenAI's clip.load keeps
+    fp16 weights on CUDA. Under autocast a float32 weight is cast again at every call (autocast caches
+    the casts of weights that learn, not of frozen ones): a copy of all of CLIP per step.
+
+    Cast: exactly the parameters autocast would cast where they are used (every linear and conv
+    weight and bias, the projections, the vision class and position embeddings, which meet the conv's
+    bf16 output), so under autocast the results are the same bits. Kept float32: LayerNorms, the
+    token embedding and text positions (looked up and added in float32) and logit_scale. Run a cast
+    CLIP under torch.autocast(dtype); encode_text and encode_image enter it themselves.
+    """
+    for module in model.modules():
+        if isinstance(module, (LayerNorm, nn.Embedding)):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if module is model and name != "text_projection":  # text positions, logit_scale
+                continue
+            p.data = p.data.to(dtype)
+    return model
 
 
 # Keys of OpenAI's TorchScript archives that are not parameters.
