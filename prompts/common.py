@@ -14,6 +14,7 @@
 
 The frozen CLIP is a submodule named `clip`; everything else a method defines is learned.
 """
+import itertools
 import math
 
 import torch
@@ -138,10 +139,12 @@ class PromptLearner(nn.Module):
                     text_before_name = ctx_init  # its first n_ctx tokens are replaced by ctx, the rest stay
                 else:
                     ctx[0, n_ctx - T:] = init
-            tokenized = tokenize([f"{text_before_name} {name}." for name in classnames]).to(device)  # [n_cls,77]
-            tokenized = tokenized[:, :int(tokenized.argmax(-1).max()) + 1]  # drop the padding after the last EOT
+            tokenized = tokenize([f"{text_before_name} {name}." for name in classnames])  # [n_cls, 77]
+            self.eot = tokenized.argmax(dim=-1).tolist()  # each class's end-of-text position (length_buckets)
+            tokenized = tokenized[:, :max(self.eot) + 1].to(device)  # drop the padding after the last EOT
             embedded = embedding(tokenized)  # [n_cls, L, width]
         self.n_ctx, self.ctx_init = n_ctx, ctx_init
+        self.plans = {}  # (N, device) -> encode_by_length's plan for N prompts of every class
         self.ctx = nn.Parameter(ctx.to(device))  # [n_prompts, M, width]
         self.register_buffer("tokenized_prompts", tokenized, persistent=False)
         self.register_buffer("token_prefix", embedded[:, :1], persistent=False)  # SOS: [n_cls, 1, width]
@@ -171,7 +174,10 @@ class PromptLearner(nn.Module):
         emb = self(ctx)  # [N, n_cls, L, width]
         N, C = emb.shape[:2]
         text = self.tokenized_prompts.repeat(N, 1)  # [N * n_cls, L]
-        features = encode_by_length(clip_model, text, emb.flatten(0, 1), deep_prompts)  # [N * n_cls, D]
+        key = (N, text.device)  # N: n_prompts, or CoCoOp's images; made once each
+        if key not in self.plans:
+            self.plans[key] = length_buckets(self.eot * N, text.device)
+        features = encode_by_length(clip_model, text, emb.flatten(0, 1), deep_prompts, plan=self.plans[key])
         return F.normalize(features, dim=-1).view(N, C, -1)  # [N, n_cls, embed_dim]
 
 
@@ -230,12 +236,13 @@ def zeroshot_classifier(clip_model, classnames, template, chunk=256):
     device = clip_model.token_embedding.weight.device
     features = 0
     for t in [template] if isinstance(template, str) else template:
-        text = tokenize([t.format(name) for name in classnames]).to(device)  # [n_cls, 77]
-        features = features + encode_by_length(clip_model, text, chunk=chunk).float()  # [n_cls, D]
+        text = tokenize([t.format(name) for name in classnames])  # [n_cls, 77]
+        plan = length_buckets(text.argmax(dim=-1).tolist(), device, chunk)
+        features = features + encode_by_length(clip_model, text.to(device), plan=plan).float()  # [n_cls, D]
     return F.normalize(features, dim=-1)  # the mean's direction: dividing by the count changes nothing
 
 
-def encode_by_length(clip_model, text, embeddings=None, deep_prompts=None, chunk=None):
+def encode_by_length(clip_model, text, embeddings=None, deep_prompts=None, chunk=None, plan=None):
     """clip_model.encode_text(text, embeddings, deep_prompts) in length buckets: features [B, embed_dim].
 
     encode_text cuts the whole batch after its longest prompt; every shorter prompt then still runs
@@ -245,17 +252,33 @@ def encode_by_length(clip_model, text, embeddings=None, deep_prompts=None, chunk
     Exact in exact arithmetic, like the cut (equal to float32 rounding). Differentiable: the features
     come back in the prompts' order by indexing. deep_prompts of shape [B, n, width] are bucketed
     with their prompts. chunk: at most this many prompts per encode_text call (memory).
+    plan: length_buckets(...) of these prompts, made when they were tokenized; without it the
+    lengths are read back from text (on a GPU, one host sync).
     """
-    eot = text.argmax(dim=-1)  # [B], end-of-text has the highest id
-    order = eot.argsort(stable=True)  # [B], prompts sorted by length
-    _, counts = torch.unique_consecutive(eot[order], return_counts=True)
+    buckets, restore = plan or length_buckets(text.argmax(dim=-1).tolist(), text.device, chunk)
     features = []
-    for bucket in order.split(counts.tolist()):  # one bucket per length
-        for rows in bucket.split(chunk or len(bucket)):
-            prompts = {layer: t[rows] if t.dim() == 3 else t for layer, t in (deep_prompts or {}).items()}
-            x = None if embeddings is None else embeddings[rows]  # [b, L, width]
-            features.append(clip_model.encode_text(text[rows], embeddings=x, deep_prompts=prompts))
-    return torch.cat(features)[order.argsort()]  # [B, embed_dim], back in the prompts' order
+    for rows, length in buckets:
+        prompts = {layer: t[rows] if t.dim() == 3 else t for layer, t in (deep_prompts or {}).items()}
+        x = None if embeddings is None else embeddings[rows]  # [b, L, width]
+        features.append(clip_model.encode_text(text[rows], embeddings=x, deep_prompts=prompts, length=length))
+    return torch.cat(features)[restore]  # [B, embed_dim], back in the prompts' order
+
+
+def length_buckets(eot, device, chunk=None):
+    """encode_by_length's plan for prompts whose end-of-text tokens sit at `eot` (a list of ints, known
+    when they were tokenized): ([(rows [b] on device, length)], one per length, split into chunks of at
+    most `chunk` rows; restore [B] on device, the permutation back to the prompts' order). Made once
+    per class list, so no forward reads a length back from the device."""
+    order = sorted(range(len(eot)), key=eot.__getitem__)  # prompts sorted by length (a stable sort)
+    buckets = []
+    for length, rows in itertools.groupby(order, key=eot.__getitem__):  # one bucket per length
+        rows = list(rows)
+        for start in range(0, len(rows), chunk or len(rows)):
+            buckets.append((torch.tensor(rows[start:start + (chunk or len(rows))], device=device), length + 1))
+    restore = [0] * len(order)
+    for position, row in enumerate(order):
+        restore[row] = position
+    return buckets, torch.tensor(restore, device=device)
 
 
 def cosine_logits(clip_model, image_features, text_features):
