@@ -118,7 +118,7 @@ def main(argv=None):
     for names in data.duplicate_classnames(test):
         print(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
               f"{', '.join(names)}")
-    clip_model = train.load_frozen_clip(model_name, args.device)
+    clip_model = train.keep_in_precision(train.load_frozen_clip(model_name, args.device), args)
     if ckpt:
         model = build_from_checkpoint(ckpt, clip_model, args.dataset, args.subsample, classnames, ds.template)
     else:
@@ -162,7 +162,7 @@ def benchmark(args):
 def zeroshot_run(folder, args):
     """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json), so it joins the summary."""
     ds = train.read_dataset("toy", args.root)
-    clip_model = train.load_frozen_clip("toy", args.device)
+    clip_model = train.keep_in_precision(train.load_frozen_clip("toy", args.device), args)
     cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
                eval_batch_size=train.DEFAULTS["eval_batch_size"], workers=args.workers)
     metrics = {}

@@ -31,6 +31,7 @@ import clip
 import data
 import prompts
 from clip.files import atomic_write
+from clip.model import cast_matrices
 from prompts import METHODS, clip_architecture
 from prompts.common import OPTION_CHOICES, OPTION_HELP, Range, check_settings, learned_state
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
@@ -48,7 +49,7 @@ DEFAULTS = dict(
     threads=0,
     # Speed and memory switches (bench.py measures them). None changes what is learned beyond
     # float rounding.
-    precision="auto", augment_on_device="auto", text_checkpointing="auto",
+    precision="auto", augment_on_device="auto", text_checkpointing="auto", cuda_graphs="auto",
 )
 HELP = dict(
     model="an OpenAI CLIP name (downloaded once, sha256-checked) or a checkpoint path",
@@ -66,10 +67,11 @@ HELP = dict(
     augment_on_device="resize the random crops on the device instead of with PIL (auto: on a GPU)",
     text_checkpointing="recompute text-encoder activations in backward (auto: >= 4,000 prompts "
                        "a step)",
+    cuda_graphs="replay each train step as one CUDA graph (auto: on a GPU, unless fp16)",
 )
 CHOICES = dict(protocol=PROTOCOLS, shots=Range(1), momentum=Range(0, 1), eval_batch_size=Range(1),
                precision=("auto", "fp32", "bf16", "fp16"), augment_on_device=SWITCH,
-               text_checkpointing=SWITCH)
+               text_checkpointing=SWITCH, cuda_graphs=SWITCH)
 # On the built-in toy world (--dataset toy) these replace the DEFAULTS above, and
 # prompts.TOY_DEFAULTS the method's own. Its CLIP is tiny: its matrices are too small to share out
 # between cores, and a 600-image test set is read faster in this process than by worker processes
@@ -101,7 +103,7 @@ def run(args, cfg):
 
     # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
     ds = read_dataset(args.dataset, args.root)
-    clip_model = load_frozen_clip(cfg["model"], args.device)
+    clip_model = keep_in_precision(load_frozen_clip(cfg["model"], args.device), args)
     set_seed(cfg["seed"])  # before the shots and the prompts' init, as CoOp's train.py
     fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
     out = args.out or os.path.join("runs", safe_name(args.dataset), method,
@@ -183,6 +185,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
     loader = torch.utils.data.DataLoader(
         trainset, batch_size=cfg["batch_size"],
         shuffle=True, drop_last=len(train_items) >= cfg["batch_size"],
+        pin_memory=device.startswith("cuda") and not on_device,  # copied to the GPU without a sync
         generator=torch.Generator().manual_seed(cfg["seed"]))
     # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
     # then stage II jointly. CoOp and PMPO have one stage.
@@ -191,14 +194,15 @@ def train(model, train_items, args, cfg, out, log, state=None):
     done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
     for stage_index, (stage, epochs) in enumerate(stages):
         model.set_stage(stage)
+        model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
                                     weight_decay=cfg["weight_decay"])
-        scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
         if state and state["stage"] == stage_index:
             optimizer.load_state_dict(state["optimizer"])
+        step = train_step(model, optimizer, args, cfg)  # eager, or replayed as a CUDA graph
         log(f"stage {stage!r}: {epochs} epochs, learning {sum(p.numel() for p in params):,} "
-            f"values")
+            f"values{', the step replayed as a CUDA graph' if isinstance(step, GraphedStep) else ''}")
         for epoch in range(epochs):
             if [stage_index, epoch] in done:
                 continue
@@ -206,37 +210,21 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 restore_rng(state, loader)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, cfg), cfg)
-            model.train()
-            start, losses, terms = time.time(), [], {}  # terms: each loss term's epoch sum
+            start = time.time()
+            where = f"stage {stage!r}, epoch {epoch + 1}"
+            sums = LossSums(where, out, params)  # the loss and its terms, summed on the device
             progress = Progress(f"stage {stage} epoch {epoch + 1}/{epochs}", len(loader))
-            for step, (images, labels) in enumerate(loader):
-                # forward: the method's loss (cross-entropy and its own terms) on a batch
-                with autocast(args):
-                    loss = model.loss(images.to(device), labels.to(device))
-                # a NaN loss would spread into every prompt: stop while the last checkpoint is good
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"error: the loss is {loss.item()} at stage {stage!r}, epoch "
-                                     f"{epoch + 1}, step {step + 1}. Training stopped; "
-                                     f"{last_good(out)}. "
-                                     f"Try a lower --lr or --precision fp32.")
-                # backward and SGD step; the scaler only scales under fp16 (bf16, fp32 need none)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                # a finite loss can still give an infinite gradient: check what was learned, too
-                if not torch.stack([p.detach().isfinite().all() for p in params]).all():
-                    raise SystemExit(f"error: step {step + 1} of stage {stage!r}, epoch "
-                                     f"{epoch + 1} made the learned tensors NaN or infinite "
-                                     f"(the loss was {loss.item():.4g}). Training stopped; "
-                                     f"{last_good(out)}. Try a lower --lr or --precision fp32.")
-                # bookkeeping for the epoch's log line: the loss and each of its terms
-                losses.append(loss.item())
-                for k, v in model.loss_terms.items():
-                    terms[k] = terms.get(k, 0.0) + v
-                progress(step + 1, len(labels))
+            for i, (images, labels) in enumerate(loader):
+                # forward (the method's loss), backward and the SGD step; nothing read back
+                losses = step(images.to(device, non_blocking=True),
+                              labels.to(device, non_blocking=True))
+                sums.add(losses)
+                # the loss so far, read back only when a progress line is shown: a NaN stops the
+                # run there, and a checkpoint below is never written from NaN prompts
+                progress(i + 1, len(labels), note=lambda i=i: sums.read(i + 1))
             progress.close()
             state = None  # a resumed run's optimizer and random state are used once
+            means = sums.read(len(loader))  # before the checkpoint: all finite, or stop
             model.on_epoch_end(epoch, epochs)  # e.g. PromptSRC's prompt averaging (GPA)
             done.append([stage_index, epoch])
             save_checkpoint(out, model, cfg, len(done))
@@ -246,12 +234,125 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 learned=learned_state(model, buffers=True)))  # buffers: PromptSRC's GPA sum
             seconds = time.time() - start
             left = sum(e for _, e in stages) - len(done)
-            # "ce 0.9, kl 0.1"
-            means = ", ".join(f"{k} {float(v) / len(losses):.4f}" for k, v in terms.items())
-            log(f"stage {stage} epoch {epoch + 1}/{epochs}  loss {np.mean(losses):.4f} ({means})  "
+            log(f"stage {stage} epoch {epoch + 1}/{epochs}  {means}  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f}s  "
                 f"ETA {left * seconds / 60:.1f} min")
     return len(done)
+
+
+def train_step(model, optimizer, args, cfg):
+    """step(images, labels) -> {"loss": ..., each loss term: ...}, detached and left on the device:
+    one SGD step on the method's loss. Replayed as a CUDA graph where --cuda_graphs allows."""
+    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")  # scales only under fp16
+
+    def step(images, labels):
+        with autocast(args):
+            loss = model.loss(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return {"loss": loss.detach(), **model.loss_terms}
+    return GraphedStep(step, optimizer, args.cuda_graphs == "on") if graphs_on(args) else step
+
+
+class LossSums:
+    """The loss and its terms summed over an epoch's steps on the device, so no step waits for a
+    read-back. read() reads them back, and whether the learned tensors are all finite, at once (one
+    host sync), and stops the run on NaN or infinity, saying between which steps it happened."""
+
+    def __init__(self, where, out, params):
+        self.where, self.out, self.params = where, out, params
+        self.sums, self.checked, self.text = {}, 0, None
+
+    def add(self, losses):
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.text = None
+
+    def read(self, steps):
+        """"loss 0.9 (ce 0.9, kl 0.1)": the means over the `steps` steps added so far."""
+        if self.text is not None:  # nothing added since the last read
+            return self.text
+        finite = [p.detach().isfinite().all() for p in self.params]
+        values = torch.stack([*self.sums.values(), *finite]).tolist() if self.sums or finite else []
+        sums = dict(zip(self.sums, values))
+        bad = [k for k, v in sums.items() if not math.isfinite(v)]
+        window = f"between steps {self.checked + 1} and {steps} of {self.where}"
+        if bad:
+            raise SystemExit(f"error: the loss became NaN or infinite {window} ({bad[0]} summed to "
+                             f"{sums[bad[0]]}). Training stopped; "
+                             f"{last_good(self.out)}. Try a lower --lr or --precision fp32.")
+        if not all(values[len(sums):]):  # a finite loss can still give an infinite gradient
+            raise SystemExit(f"error: a step {window} made the learned tensors NaN or infinite "
+                             f"(the loss stayed finite). Training stopped; {last_good(self.out)}. "
+                             f"Try a lower --lr or --precision fp32.")
+        self.checked = steps
+        means = {k: v / max(steps, 1) for k, v in sums.items()}
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        self.text = f"loss {means.get('loss', math.nan):.4f}" + (f" ({terms})" if terms else "")
+        return self.text
+
+
+class GraphedStep:
+    """A training step captured once as a CUDA graph and replayed: one launch for the thousands of
+    kernels of a forward, backward and SGD step, which on a GPU otherwise cost more host time than
+    the GPU spends on them (a prompt-learning step is small). PyTorch's whole-network capture:
+    - the first `warmup` steps run eagerly on a side stream: CUDA's lazy set-up, the allocator's
+      cache and what a method makes on first use (PromptSRC's teacher features) stay out of the graph;
+    - the next step is captured on static input tensors (capturing computes nothing) and replayed;
+      each later step copies its batch into those tensors and replays the graph;
+    - SGD reads the lr as a number, so a new lr (each epoch) is captured anew; a batch of another
+      shape (a last partial batch) runs eagerly.
+    The outputs are the graph's own tensors, overwritten by the next replay: read or add them first.
+    required=False (--cuda_graphs auto): a step that cannot be captured runs eagerly from then on,
+    with a warning; required=True raises.
+    """
+
+    def __init__(self, step, optimizer, required=False, warmup=2):
+        self.step, self.optimizer, self.required, self.warmup = step, optimizer, required, warmup
+        self.graph = self.key = None
+        self.eager = False  # set when a capture failed (auto)
+
+    def __call__(self, images, labels):
+        key = (images.shape, labels.shape, [g["lr"] for g in self.optimizer.param_groups])
+        if self.eager or (self.key is not None and key[:2] != self.key[:2]):
+            return self.step(images, labels)  # not capturable, or another shape than captured
+        if self.warmup:
+            self.warmup -= 1
+            return self.side_stream(images, labels)
+        if key != self.key:
+            try:
+                self.capture(images, labels)
+            except Exception as e:  # e.g. an op that syncs: torch refuses to capture it
+                if self.required:
+                    raise
+                print(f"warning: the step could not be captured as a CUDA graph ({e}); it runs "
+                      f"eagerly (--cuda_graphs off says so up front)", file=sys.stderr)
+                self.eager, self.graph = True, None
+                return self.step(images, labels)
+            self.key = key
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.outputs
+
+    def side_stream(self, images, labels):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs = self.step(images, labels)
+        torch.cuda.current_stream().wait_stream(stream)
+        return outputs
+
+    def capture(self, images, labels):
+        self.graph = self.outputs = None  # the last graph's memory goes back first
+        self.images, self.labels = images.clone(), labels.clone()
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward makes its own .grad
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self.step(self.images, self.labels)
+        self.graph = graph
 
 
 @torch.no_grad()
@@ -268,12 +369,12 @@ def evaluate(model, items, args, cfg):
     with autocast(args), clear_errors():  # an unreadable test image: its name, not a traceback
         text_features = model.text_features()
         for step, (images, labels) in enumerate(loader):
-            logits = model.logits(images.to(device), text_features)
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+            logits = model.logits(images.to(device, non_blocking=True), text_features)
+            correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()  # on the device
             total += len(labels)
             progress(step + 1, len(labels))
     progress.close()
-    return 100.0 * correct / total
+    return 100.0 * int(correct) / total  # the one read-back
 
 
 def last_good(out):
@@ -445,6 +546,11 @@ def check_device(parser, args):
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         parser.error("--precision fp16 needs a CUDA device (its loss scaling runs there); "
                      "use bf16 or fp32")
+    if getattr(args, "cuda_graphs", "off") == "on" and not args.device.startswith("cuda"):
+        parser.error("--cuda_graphs on needs a CUDA device; use auto or off")
+    if getattr(args, "cuda_graphs", "off") == "on" and args.precision == "fp16":
+        parser.error("--cuda_graphs on does not go with --precision fp16 (its loss scaler reads a "
+                     "value back at every step); use bf16, or --cuda_graphs off")
 
 
 def device_error(device):
@@ -520,11 +626,28 @@ def build_method(method, clip_model, classnames, template, cfg):
         return prompts.build(method, clip_model, classnames, template, cfg)
 
 
+DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+
+
 def autocast(args):
     if args.precision == "fp32":
         return nullcontext()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=args.device.split(":")[0], dtype=dtype)
+    return torch.autocast(device_type=args.device.split(":")[0], dtype=DTYPES[args.precision])
+
+
+def keep_in_precision(clip_model, args):
+    """On a GPU in bf16 or fp16, the frozen CLIP's matrices are cast to it once here
+    (clip.model.cast_matrices: the same results as autocast casting them at every step, without
+    that copy). The CPU path keeps float32 weights."""
+    if args.device.startswith("cuda") and args.precision in ("bf16", "fp16"):
+        cast_matrices(clip_model, DTYPES[args.precision])
+    return clip_model
+
+
+def graphs_on(args):
+    """--cuda_graphs: auto is on on a GPU, except under fp16 (GradScaler reads back every step)."""
+    auto = args.device.startswith("cuda") and args.precision != "fp16"
+    return auto if args.cuda_graphs == "auto" else args.cuda_graphs == "on"
 
 
 def switch_on(cfg, key, auto):
@@ -694,7 +817,7 @@ def prepare_run_folder(out, cfg, stages):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json). "
                          f"Pick another --out, or delete that folder to run again.")
     old = recorded_config(out)
-    speed = ("device", "workers", "threads")  # may change between a run and its resume
+    speed = ("device", "workers", "threads", "cuda_graphs")  # may change between a run and its resume
     changed = {k: (old.get(k), v) for k, v in cfg.items()
                if old.get(k) != v and k not in speed} if old is not None else {}
     if changed and trained_in(out):
@@ -819,8 +942,9 @@ class Progress:
         self.every = 0.2 if self.tty else every
         self.start = self.shown = time.time()
 
-    def __call__(self, step, images):
-        """After `step` of `steps` batches, the last one of `images` images."""
+    def __call__(self, step, images, note=None):
+        """After `step` of `steps` batches, the last one of `images` images. note: a function whose
+        text ends the line, called only when a line is shown (train: the loss, read back then)."""
         self.images += images
         now = time.time()
         if now - self.shown < self.every and step < self.steps:
@@ -828,7 +952,7 @@ class Progress:
         self.shown, seconds = now, max(now - self.start, 1e-9)
         eta = (self.steps - step) * seconds / step
         line = (f"{self.what}  step {step}/{self.steps}  {self.images / seconds:.1f} img/s  "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}" + (f"  {note()}" if note else ""))
         sys.stderr.write(f"\r{line}\033[K" if self.tty else line + "\n")
         sys.stderr.flush()
 

@@ -68,7 +68,7 @@ def train_transform_on_device(img, n_px, device, generator=None):
     its two passes); tests/test_data.py checks this.
     """
     (left, top, w, h), flip = random_crop_and_flip(img.shape[2], img.shape[1], generator)
-    crop = img[:, top:top + h, left:left + w].to(device).float()  # [3, h, w], 0..255
+    crop = img[:, top:top + h, left:left + w].to(device, non_blocking=True).float()  # [3, h, w], 0..255
     x = F.interpolate(crop[None], size=(n_px, n_px), mode="bicubic", antialias=True, align_corners=False)[0]
     x = x.round().clamp(0, 255).div(255)  # [3, n_px, n_px]; PIL stores uint8, so round as it does
     if flip:
