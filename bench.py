@@ -16,7 +16,10 @@ longest prompt, and length buckets; there the floor is each prompt's work at its
 Not a test: the numbers depend on the machine.
 """
 import argparse
+import collections
 import contextlib
+import copy
+import itertools
 import json
 import os
 import statistics
@@ -26,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import prompts
 import train
@@ -40,6 +44,37 @@ B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=7
            context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 TINY = dict(B16, image_resolution=32, vision_width=64, vision_patch_size=8,  # 12 narrow layers: every method fits
             embed_dim=64, transformer_width=64, transformer_heads=1)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, while active, the ops after which the host waits for the device: on a GPU each one
+    drains the launch queue, so the CPU's launch time and the GPU's work add up instead of overlapping.
+    A value read back (.item(), int(t), float(t), bool(t), `if t:`) dispatches _local_scalar_dense;
+    ops whose output size depends on the values (nonzero, unique, masked_select, boolean-mask
+    indexing, repeat_interleave without output_size) wait for them too. On a CPU nothing waits, but
+    the same ops are counted, so a CPU test finds what would stall a GPU. Not seen here: .tolist()
+    and copies between devices, which do not dispatch as ops on a CPU. ops: Counter of op names."""
+
+    WAIT = {"_local_scalar_dense", "nonzero", "unique_consecutive", "_unique", "_unique2",
+            "unique_dim", "masked_select", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    @property
+    def count(self):
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        masks = name == "index" and any(torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)
+        sized = (name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor")
+                 and kwargs.get("output_size") is None)
+        if name in self.WAIT or masks or sized:
+            self.ops[name] += 1
+        return func(*args, **kwargs)
 
 
 def fast_dtype(device):
@@ -134,26 +169,45 @@ def x_floor(seconds, flops, rate):
     return f"{seconds / (flops / rate):.2f}x"
 
 
-def side_by_side(fn, device, repeat, show):
+def side_by_side(fn, device, repeat, show, flops=None):
     """fn(fast) on the plain and the fast path, timed in turn: [show(seconds), peak memory, x floor] of
-    plain, then of fast. The floor is fn's FLOPs at the matmul rate of that path's precision, measured
-    in the same rounds."""
+    plain, then of fast. The floor is fn's FLOPs (counted on each path, or `flops` for both) at the
+    matmul rate of that path's precision, measured in the same rounds."""
     fns = [lambda fast=fast: fn(fast) for fast in (False, True)]
     peaks = peak_memory(fns, device)
     seconds, rates = rated(fns, device, repeat)
     cells = []
     for fast, s, peak in zip((False, True), seconds, peaks):
-        flops = count_flops(lambda: fn(fast))
-        cells += [show(s), peak, x_floor(s, flops, rates[fast])]
+        count = flops if flops is not None else count_flops(lambda: fn(fast))
+        cells += [show(s), peak, x_floor(s, count, rates[fast])]
     return cells
 
 
+class Flops(TorchDispatchMode):
+    """FLOPs of the ops dispatched while active, by torch.utils.flop_counter's formulas (matmuls,
+    convolutions, attention), backward included. Not its FlopCounterMode: that one also tracks modules,
+    and on torch 2.11 failed on a module called under no_grad inside a step that learns (PMPO's
+    projections: "Expected gradient function to be set")."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 def count_flops(fn):
-    """FLOPs of one fn() as torch.utils.flop_counter counts them, attention through the plain kernel: the
-    counter knows no CPU fused attention kernel, and would leave attention out of a CPU fast path's work."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    """FLOPs of one fn(), attention through the plain kernel: the formulas know no CPU fused attention
+    kernel, and would leave attention out of a CPU fast path's work."""
+    with sdpa_kernel(SDPBackend.MATH), Flops() as counter:
         fn()
-    return counter.get_total_flops()
+    return counter.total
 
 
 def bench_classnames(n):
@@ -214,7 +268,7 @@ def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250)
     cos_p, cos_f = img_p @ txt_p.t(), img_f @ txt_f.t()  # [n_images, n_cls]
     top1 = (cos_p.argmax(-1) == cos_f.argmax(-1)).float().mean().item()
     top2 = cos_p.topk(2, dim=-1).values  # random weights give near-ties; the gap says how near
-    rows = [(f"fast vs plain, {len(img_p)} images: image features, min cosine",
+    yield from [(f"fast vs plain, {len(img_p)} images: image features, min cosine",
              f"{(img_p * img_f).sum(-1).min():.5f}"),
             (f"fast vs plain, {len(txt_p)} prompts: text features, min cosine",
              f"{(txt_p * txt_f).sum(-1).min():.5f}"),
@@ -230,10 +284,9 @@ def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250)
         cut_at = int(text.argmax(-1).max()) + 1
         for name, features in ((f"text cut at {cut_at}", cut), ("length buckets", buckets)):
             rel = ((features - full).norm(dim=-1) / full.norm(dim=-1)).max().item()
-            rows.append((f"{name} vs all 77 positions, {len(text)} prompts, float32, "
-                         f"{'math' if kernel else 'default'} attention kernel: max relative difference, bit-identical",
-                         f"{rel:.1e}, {torch.equal(features, full)}"))
-    return rows
+            yield (f"{name} vs all 77 positions, {len(text)} prompts, float32, "
+                   f"{'math' if kernel else 'default'} attention kernel: max relative difference, bit-identical",
+                   f"{rel:.1e}, {torch.equal(features, full)}")
 
 
 @torch.no_grad()
@@ -241,7 +294,6 @@ def text_rows(clip_model, device, prompt_counts=(100, 1000), repeat=10):
     """Class prompts through the text encoder, in the fast path: prompts/s and x floor of all 77 positions
     (with the one extra row that keeps them), the batch cut after its longest prompt, and length buckets.
     The floor is the work of each prompt alone at its own length, at the fast path's matmul rate."""
-    rows = []
     for n in prompt_counts:
         text = tokenize([f"a photo of a {name}." for name in bench_classnames(n)]).to(device)  # [n, 77]
         lengths, counts = text.argmax(-1).unique(return_counts=True)
@@ -256,8 +308,7 @@ def text_rows(clip_model, device, prompt_counts=(100, 1000), repeat=10):
             seconds, rates = rated(fns, device, repeat)
             for s, peak in zip(seconds, peaks):
                 row += [f"{n / s:,.0f} prompts/s", peak, x_floor(s, flops, rates[True])]
-        rows.append(row)
-    return rows
+        yield row
 
 
 def augment_rows(device, n_px, images=16, batch=4, repeat=3):
@@ -281,65 +332,120 @@ def augment_rows(device, n_px, images=16, batch=4, repeat=3):
         results *= 2
     for seconds in results:
         row += [f"{seconds / n_batches * 1e3:.2f} ms", "", ""]
-    return [row]
+    yield row
 
 
-def train_step_rows(clip_model, methods, class_counts, device, repeat=10):
-    """One SGD step of each method, in its last stage (where everything it defines learns), batch 4."""
-    rows = []
-    images = torch.randn(4, 3, clip_model.visual.input_resolution, clip_model.visual.input_resolution, device=device)
+def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=None):
+    """One SGD step of each method through train.py's own step (train.train_step), in the method's last
+    stage (where everything it defines learns), at its own batch size (CoOp 32, MaPLe 4, ...) unless
+    `batch` is given. Plain: float32 weights, the math attention kernel, eager. Fast: what train.py
+    runs on this device: on a GPU bf16 with the frozen matrices cast once (train.keep_in_precision)
+    and the step replayed as a CUDA graph; on a CPU float32 and eager. Then the fast step's host syncs
+    (counted on its eager form: a replay dispatches nothing), and on a GPU the share of the step the GPU
+    is busy and the kernel launches per step (torch.profiler)."""
+    fast_clip = fast_copy(clip_model, device)
+    n_px = clip_model.visual.input_resolution
     for method in methods:
+        cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
+        b = batch or cfg["batch_size"]
+        images = torch.randn(b, 3, n_px, n_px, generator=torch.Generator().manual_seed(0)).to(device)
         for n_cls in class_counts:
-            labels = torch.randint(0, n_cls, (4,), generator=torch.Generator().manual_seed(n_cls)).to(device)
-            cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
-            model = train.build_method(method, clip_model, bench_classnames(n_cls), "a photo of a {}.", cfg)
-            model.set_stage(model.stages(cfg)[-1][0])
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+            labels = torch.randint(0, n_cls, (b,), generator=torch.Generator().manual_seed(n_cls)).to(device)
+            steps = {fast: make_step(method, fast_clip if fast else clip_model, n_cls, device, fast, cfg)
+                     for fast in (False, True)}
 
             def step(fast):
-                with path_context(fast, device):
-                    loss = model.loss(images, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            rows.append([f"train step {method}, {n_cls} classes, batch 4",
-                         *side_by_side(step, device, repeat, lambda seconds: f"{seconds * 1e3:.1f} ms")])
-    return rows
+                with contextlib.nullcontext() if fast else sdpa_kernel(SDPBackend.MATH):
+                    return steps[fast](images, labels)
+            row = [f"train step {method}, {n_cls} classes, batch {b}",
+                   *side_by_side(step, device, repeat, lambda seconds: f"{seconds * 1e3:.1f} ms",
+                                 flops=count_flops(lambda: step(False)))]
+            eager = make_step(method, fast_clip, n_cls, device, True, cfg, graphs=False)
+            eager(images, labels)  # what a method makes on its first step is not a step's cost
+            with HostSyncs() as syncs:
+                eager(images, labels)
+            fast_seconds = timed([lambda: step(True)], device, repeat)[0]
+            yield row + [str(syncs.count), *gpu_profile(lambda: step(True), device, fast_seconds)]
+
+
+def fast_copy(clip_model, device):
+    """The frozen CLIP as train.py keeps it on this device: on a GPU in bf16, its matrices cast once."""
+    args = argparse.Namespace(device=device, precision=train.default_precision(device))
+    return train.keep_in_precision(copy.deepcopy(clip_model), args) if device.startswith("cuda") else clip_model
+
+
+def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
+    """train.train_step for `method` on n_cls classes, in its last stage, on the plain or fast path."""
+    model = train.build_method(method, clip_model, bench_classnames(n_cls), "a photo of a {}.", cfg)
+    model.set_stage(model.stages(cfg)[-1][0])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    args = argparse.Namespace(device=device, precision=train.default_precision(device) if fast else "fp32",
+                              cuda_graphs="auto" if fast and graphs else "off")
+    return train.train_step(model, optimizer, args, cfg)
+
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def gpu_profile(fn, device, step_seconds, steps=5):
+    """[GPU busy %, kernel launches per step] of fn, by torch.profiler over `steps` calls: busy is the
+    GPU's kernel time (overlaps merged) over the step's unprofiled time. "n/a" off a GPU."""
+    if not device.startswith("cuda"):
+        return ["n/a", "n/a"]
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn()
+            sync(device)
+        events = prof.events()
+        kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                         if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy, end = 0.0, float("-inf")  # microseconds covered by at least one kernel
+        for a, b in kernels:
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        launches = sum(e.name in LAUNCHES for e in events)
+        return [f"{100 * busy / steps / (step_seconds * 1e6):.0f} %", f"{launches / steps:,.0f}"]
+    except Exception as e:  # the profiler differs between torch versions: a cell, not a crash
+        return [f"profiler error: {type(e).__name__}: {e}"[:80], ""]
 
 
 def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repeat=10):
-    """Evaluation of `method` (the first of --methods) at 50 classes: from tensors, and from JPEG files."""
+    """Evaluation of `method` (the first of --methods) at 50 classes: from tensors, and from JPEG files.
+    Fast: the frozen CLIP as train.py keeps it on this device (fast_copy)."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
     cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
-    model = train.build_method(method, clip_model, bench_classnames(50), "a photo of a {}.", cfg)
-    model.eval()
+    models = {fast: train.build_method(method, c, bench_classnames(50), "a photo of a {}.", cfg).eval()
+              for fast, c in ((False, clip_model), (True, fast_copy(clip_model, device)))}
     text_features = {}
     for fast in (False, True):
         with torch.no_grad(), path_context(fast, device):
-            text_features[fast] = model.text_features()
+            text_features[fast] = models[fast].text_features()
 
     def logits(fast):
         with torch.no_grad(), path_context(fast, device):
-            return model.logits(images, text_features[fast])
-    rows = [[f"eval {method} from tensors, batch {batch}",
-             *side_by_side(logits, device, repeat, lambda seconds: f"{batch / seconds:,.0f} img/s")]]
+            return models[fast].logits(images, text_features[fast])
+    yield [f"eval {method} from tensors, batch {batch}",
+           *side_by_side(logits, device, repeat, lambda seconds: f"{batch / seconds:,.0f} img/s")]
     folder = tempfile.mkdtemp(prefix="bench_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, jpegs)]
     row = [f"eval {method} from {jpegs} JPEGs 500x375, batch {batch}, {workers} workers"]
 
     def run(fast):
         with torch.no_grad(), path_context(fast, device):
-            features = model.text_features()
+            features = models[fast].text_features()
             for x, _ in test_loader(items, n_px, batch, workers):
-                model.logits(x.to(device, non_blocking=True), features)
+                models[fast].logits(x.to(device, non_blocking=True), features)
     runs = [lambda fast=fast: run(fast) for fast in (False, True)]
     for peak, seconds in zip(peak_memory(runs, device), timed(runs, device, repeat=1, warmup=1)):
         row += [f"{jpegs / seconds:,.0f} img/s", peak, ""]
-    rows.append(row)
-    return rows
+    yield row
 
 
 def write_split_dataset(folder, n_classes, per_class, size=(500, 375)):
@@ -356,52 +462,86 @@ def write_split_dataset(folder, n_classes, per_class, size=(500, 375)):
 
 
 def whole_run_rows(config, methods, sizes, device, workers):
-    """Wall time of one base2novel run per method (train at the paper defaults, test base and novel)."""
+    """Wall time of one base2novel run per method through train.py (its defaults, test base and novel):
+    on the toy world (its tiny CLIP), or on synthetic JPEG data sets of a real one's size with random
+    weights of `config`."""
     workdir = tempfile.mkdtemp(prefix="bench_runs_")
     weights = os.path.join(workdir, "clip.pt")
     torch.save(CLIP(**config).state_dict(), weights)
-    rows = []
     for name, n_classes, per_class in sizes:
         folder = os.path.join(workdir, name)
-        t0 = time.time()
-        write_split_dataset(folder, n_classes, per_class)
-        print(f"{name}: wrote {n_classes} x {sum(per_class)} JPEGs in {time.time() - t0:.0f} s")
+        if name == "toy":
+            dataset = ["--dataset", "toy", "--root", os.path.join(workdir, "data")]
+            what = "the toy world (its tiny CLIP)"
+        else:
+            t0 = time.time()
+            write_split_dataset(folder, n_classes, per_class)
+            print(f"{name}: wrote {n_classes} x {sum(per_class)} JPEGs in {time.time() - t0:.0f} s", flush=True)
+            dataset = ["--dataset", f"folder:{folder}", "--model", weights, "--workers", str(workers)]
+            what = f"{name}: {n_classes} classes, {per_class} per class"
         for method in methods:
             t0 = time.time()
-            metrics = train.main(["--method", method, "--dataset", f"folder:{folder}", "--model", weights,
-                                  "--device", device, "--workers", str(workers),
+            metrics = train.main(["--method", method, *dataset, "--device", device,
                                   "--out", os.path.join(workdir, f"run_{name}_{method}")])
-            rows.append([f"base2novel run {method}, {name}: {n_classes} classes, {per_class} per class",
-                         "", "", "", f"{time.time() - t0:.1f} s wall", "", f"hm {metrics['hm']:.1f}"])
-    return rows
+            yield [f"base2novel run {method}, {what}", "", "", "", f"{time.time() - t0:.1f} s wall", "",
+                   f"hm {metrics['hm']:.1f}"]
+
+
+# Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in all). ImageNet: 1,000 classes,
+# 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease small (say so when reporting).
+RUN_SIZES = {"toy": ("toy", 24, None), "caltech101": ("caltech101", 100, (16, 4, 25)),
+             "imagenet": ("imagenet", 1000, (16, 4, 10))}
+# Each preset's values of the options left unset: the full table, a one-minute smoke run with a tiny CLIP,
+# and --quick, which a 10-minute GPU lease runs whole (the steps people compare, a toy run, a Caltech101-size
+# PMPO run).
+PRESETS = dict(
+    full=dict(classes=[50, 500], text_prompts=[100, 1000], jpegs=2000, eval_batch=256, images=2000,
+              agreement_classes=1000, repeat=10, runs=[]),
+    tiny=dict(classes=[50], text_prompts=[100], jpegs=50, eval_batch=32, images=250, agreement_classes=100,
+              repeat=1, runs=[]),
+    quick=dict(methods=["coop", "maple", "pmpo"], run_methods=["pmpo"], classes=[50], text_prompts=[100],
+               jpegs=500, eval_batch=256, images=500, agreement_classes=200, repeat=5,
+               runs=["toy", "caltech101"]),
+)
+TRAIN_HEADER = ["", "plain: time or rate", "plain: peak mem", "plain: x floor", "fast: time or rate",
+                "fast: peak mem", "fast: x floor", "fast: host syncs/step", "fast: GPU busy",
+                "fast: launches/step"]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="a tiny CLIP, small counts: checks that the script runs")
-    p.add_argument("--methods", nargs="+", default=list(prompts.METHODS), choices=list(prompts.METHODS))
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--tiny", action="store_true", help="a tiny CLIP, small counts: checks that the script runs")
+    preset.add_argument("--quick", action="store_true", help="coop, maple, pmpo at 50 classes, a toy run and a "
+                        "Caltech101-size PMPO run: under 8 minutes on one GPU")
+    p.add_argument("--methods", nargs="+", choices=list(prompts.METHODS), help="of the train steps (default: all)")
+    p.add_argument("--run_methods", nargs="+", choices=list(prompts.METHODS),
+                   help="of the whole runs (default: --methods)")
+    p.add_argument("--batch", type=int, help="of the train steps (default: each method's own batch_size)")
     p.add_argument("--classes", nargs="+", type=int, help="of the train steps (default 50 500: Caltech101 base, "
-                   "ImageNet base; --tiny: 50)")
-    p.add_argument("--text_prompts", nargs="+", type=int, help="of the text rows (default 100 1000; --tiny: 100)")
-    p.add_argument("--jpegs", type=int, help="JPEGs of the eval row (default 2000; --tiny: 50)")
-    p.add_argument("--eval_batch", type=int, help="batch of the eval rows (default 256; --tiny: 32)")
-    p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 5000; --tiny: 250)")
-    p.add_argument("--agreement_classes", type=int, help="prompts of that check (default 1000; --tiny: 100)")
-    p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10; --tiny: 1)")
+                   "ImageNet base; --tiny, --quick: 50)")
+    p.add_argument("--text_prompts", nargs="+", type=int, help="of the text rows (default 100 1000)")
+    p.add_argument("--jpegs", type=int, help="JPEGs of the eval row (default 2000)")
+    p.add_argument("--eval_batch", type=int, help="batch of the eval rows (default 256)")
+    p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 2000)")
+    p.add_argument("--agreement_classes", type=int, help="prompts of that check (default 1000)")
+    p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10)")
     p.add_argument("--workers", type=int, default=train.DEFAULTS["workers"])
-    p.add_argument("--runs", nargs="*", default=[], choices=["caltech101", "imagenet"],
-                   help="also time whole base2novel runs on synthetic data sets of these sizes")
+    p.add_argument("--runs", nargs="*", choices=list(RUN_SIZES),
+                   help="also time whole base2novel runs: the toy world, or synthetic data sets of these sizes")
     args = p.parse_args(argv)
-    for key, full, tiny in (("classes", [50, 500], [50]), ("text_prompts", [100, 1000], [100]), ("jpegs", 2000, 50),
-                            ("eval_batch", 256, 32), ("images", 5000, 250), ("agreement_classes", 1000, 100),
-                            ("repeat", 10, 1)):
+    check_device(p, args.device)
+    values = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    for key, value in {**values, "methods": values.get("methods", list(prompts.METHODS))}.items():
         if getattr(args, key) is None:
-            setattr(args, key, tiny if args.tiny else full)
-    for key in ("jpegs", "eval_batch", "images", "agreement_classes", "repeat", "workers", "classes", "text_prompts"):
+            setattr(args, key, value)
+    args.run_methods = args.run_methods or args.methods
+    for key in ("jpegs", "eval_batch", "images", "agreement_classes", "repeat", "workers", "classes",
+                "text_prompts", "batch"):
         values = getattr(args, key)
-        if min(values if isinstance(values, list) else [values]) < (0 if key == "workers" else 1):
-            p.error(f"--{key} must be at least {0 if key == 'workers' else 1} (got {values})")
+        if values is not None and min(values if isinstance(values, list) else [values]) < (key != "workers"):
+            p.error(f"--{key} must be at least {int(key != 'workers')} (got {values})")
     if args.tiny:  # its ops are far too small for threads to pay off; with other jobs on the CPU they wait on each other
         torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -409,33 +549,44 @@ def main(argv=None):
     clip_model = CLIP(**config).to(args.device).requires_grad_(False).eval()
     rates = rated([], args.device, args.repeat)[1]  # the header's rates, measured alone (each row measures its own)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device: {name}; measured matmul rate: float32 (plain) {rates[False] / 1e12:.3f} TFLOP/s, "
-          f"{str(fast_dtype(args.device)).replace('torch.', '')} (fast) {rates[True] / 1e12:.3f} TFLOP/s; "
-          f"{'tiny CLIP' if args.tiny else 'ViT-B/16-sized random weights'}\n")
-    print("| check | result |\n|---|---|")
-    checks = agreement_rows(clip_model, args.device, args.images, args.agreement_classes)
-    for check, result in checks:
-        print(f"| {check} | {result} |", flush=True)
-    rows = augment_rows(args.device, clip_model.visual.input_resolution, repeat=args.repeat)
-    rows += train_step_rows(clip_model, args.methods, args.classes, args.device, args.repeat)
-    rows += eval_rows(clip_model, args.methods[0], args.device, args.eval_batch, args.jpegs, args.workers,
-                      args.repeat)
-    # Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in all). ImageNet: 1,000 classes,
-    # 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease small (say so when reporting).
-    sizes = {"caltech101": ("caltech101", 100, (16, 4, 25)), "imagenet": ("imagenet", 1000, (16, 4, 10))}
-    rows += whole_run_rows(config, args.methods, [sizes[r] for r in args.runs], args.device, args.workers)
-    print_table(["", "plain: time or rate", "plain: peak mem", "plain: x floor",
-                 "fast: time or rate", "fast: peak mem", "fast: x floor"], rows)
-    text = text_rows(clip_model, args.device, args.text_prompts, args.repeat)
-    print_table(["fast path, no gradient", "all 77 positions", "peak mem", "x floor", "batch cut", "peak mem",
-                 "x floor", "length buckets", "peak mem", "x floor"], text)
+    print(f"device: {name}; torch {torch.__version__}; measured matmul rate: float32 (plain) "
+          f"{rates[False] / 1e12:.3f} TFLOP/s, {str(fast_dtype(args.device)).replace('torch.', '')} (fast) "
+          f"{rates[True] / 1e12:.3f} TFLOP/s; {'tiny CLIP' if args.tiny else 'ViT-B/16-sized random weights'}\n")
+    # Every row is printed the moment it is measured: a run cut short keeps what it had.
+    checks = print_rows(["check", "result"],
+                        agreement_rows(clip_model, args.device, args.images, args.agreement_classes))
+    rows = print_rows(TRAIN_HEADER, itertools.chain(
+        augment_rows(args.device, clip_model.visual.input_resolution, repeat=args.repeat),
+        train_step_rows(clip_model, args.methods, args.classes, args.device, args.repeat, args.batch),
+        eval_rows(clip_model, args.methods[0], args.device, args.eval_batch, args.jpegs, args.workers,
+                  args.repeat),
+        whole_run_rows(config, args.run_methods, [RUN_SIZES[r] for r in args.runs], args.device,
+                       args.workers)))
+    text = print_rows(["fast path, no gradient", "all 77 positions", "peak mem", "x floor", "batch cut",
+                       "peak mem", "x floor", "length buckets", "peak mem", "x floor"],
+                      text_rows(clip_model, args.device, args.text_prompts, args.repeat))
     return dict(checks=checks, rows=rows, text=text)
 
 
-def print_table(header, rows):
-    print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+def check_device(parser, device):
+    """A device this machine has, before anything runs."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        parser.error(f"--device {device!r} cannot be used here ({str(e).splitlines()[0]}); "
+                     f"use cpu{', or cuda' if torch.cuda.is_available() else ''}")
+
+
+def print_rows(header, rows):
+    """Prints a markdown table's header, then each row of the iterable as it comes; returns the rows."""
+    print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|", flush=True)
+    done = []
     for row in rows:
+        row = list(row) + [""] * (len(header) - len(row))
         print("| " + " | ".join(row) + " |", flush=True)
+        done.append(row)
+    return done
+
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):

@@ -9,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import prompts
 from clip.tokenizer import tokenize
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
 from tests.tiny import tiny_clip
@@ -62,9 +63,11 @@ def test_train_step_row_uses_each_paths_rate(one_second_per_call, monkeypatch, c
     monkeypatch.setattr(bench, "fast_dtype", lambda device: torch.bfloat16)  # the two paths' precisions differ
     monkeypatch.setattr(bench, "matmul_probes", fake_probes(lambda dtype: 4e9 if dtype == torch.bfloat16 else 1e9))
     (row,) = bench.train_step_rows(clip_model, ["coop"], [3], "cpu", repeat=1)
-    assert row[0] == "train step coop, 3 classes, batch 4"
+    batch = prompts.METHODS["coop"].DEFAULTS["batch_size"]  # each method at its own batch
+    assert row[0] == f"train step coop, 3 classes, batch {batch}"
     assert row[1] == row[4] == "1000.0 ms"
     assert (row[3], row[6]) == ("1.00x", "4.00x")  # floor: 1 s at the plain rate, 0.25 s at the fast one
+    assert row[7:] == ["0", "n/a", "n/a"]  # no host sync in the step; no GPU to profile
 
 
 def test_rate_is_measured_in_the_rows_own_rounds(monkeypatch):
@@ -90,3 +93,29 @@ def test_text_rows_floor_is_each_prompts_own_length(one_second_per_call, monkeyp
                       f"longest {lengths.max()})")
     assert row[1::3] == [f"{n} prompts/s"] * 3  # all 77 positions, batch cut, length buckets: 1 s each
     assert row[3::3] == ["2.50x"] * 3
+
+
+def test_flops_count_forward_and_backward_like_torchs_counter(clip_model):
+    """bench.Flops (train steps that learn, no module tracker) against torch's FlopCounterMode."""
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+
+    def step():
+        clip_model.encode_image(x).sum().backward()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    assert bench.count_flops(step) == counter.get_total_flops() > 0
+
+
+def test_the_rows_are_printed_as_they_are_measured(capsys):
+    def rows():
+        yield ["a", "1"]
+        assert "| a | 1 |" in capsys.readouterr().out  # printed before the next one is measured
+        yield ["b"]
+    assert bench.print_rows(["name", "value"], rows()) == [["a", "1"], ["b", ""]]
+
+
+def test_a_device_this_machine_lacks_is_refused(capsys):
+    for device in ("cuda", "tpu", ""):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", "--device", device])
+        assert "--device" in capsys.readouterr().err
