@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import prompts
+import options
+import speed
 import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize
@@ -79,7 +81,7 @@ class HostSyncs(TorchDispatchMode):
 
 def fast_dtype(device):
     """The precision train.py runs in on this device (bf16 on a GPU, float32 on a CPU)."""
-    return dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[train.default_precision(device)]
+    return dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[options.default_precision(device)]
 
 
 def path_context(fast, device):
@@ -320,7 +322,7 @@ def augment_rows(device, n_px, images=16, batch=4, repeat=3):
     n_batches = -(-images // batch)  # one pass over the images, the last batch possibly smaller
     row = [f"train batch of {batch}: crop + resize + flip, {n_batches} batches from {images} decoded 500x375 "
            f"images"]
-    on_device = train.switch_on(train.DEFAULTS, "augment_on_device", device.startswith("cuda"))
+    on_device = speed.switch_on(options.DEFAULTS, "augment_on_device", device.startswith("cuda"))
     fetches = []
     for crop_device in [None, device] if on_device else [None]:
         trainset = TrainSet(items, n_px, seed=0, device=crop_device)
@@ -339,14 +341,14 @@ def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=
     """One SGD step of each method through train.py's own step (train.train_step), in the method's last
     stage (where everything it defines learns), at its own batch size (CoOp 32, MaPLe 4, ...) unless
     `batch` is given. Plain: float32 weights, the math attention kernel, eager. Fast: what train.py
-    runs on this device: on a GPU bf16 with the frozen matrices cast once (train.keep_in_precision)
+    runs on this device: on a GPU bf16 with the frozen matrices cast once (speed.keep_in_precision)
     and the step replayed as a CUDA graph; on a CPU float32 and eager. Then the fast step's host syncs
     (counted on its eager form: a replay dispatches nothing), and on a GPU the share of the step the GPU
     is busy and the kernel launches per step (torch.profiler)."""
     fast_clip = fast_copy(clip_model, device)
     n_px = clip_model.visual.input_resolution
     for method in methods:
-        cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
+        cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
         b = batch or cfg["batch_size"]
         images = torch.randn(b, 3, n_px, n_px, generator=torch.Generator().manual_seed(0)).to(device)
         for n_cls in class_counts:
@@ -370,8 +372,8 @@ def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=
 
 def fast_copy(clip_model, device):
     """The frozen CLIP as train.py keeps it on this device: on a GPU in bf16, its matrices cast once."""
-    args = argparse.Namespace(device=device, precision=train.default_precision(device))
-    return train.keep_in_precision(copy.deepcopy(clip_model), args) if device.startswith("cuda") else clip_model
+    args = argparse.Namespace(device=device, precision=options.default_precision(device))
+    return speed.keep_in_precision(copy.deepcopy(clip_model), args) if device.startswith("cuda") else clip_model
 
 
 def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
@@ -381,7 +383,7 @@ def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    args = argparse.Namespace(device=device, precision=train.default_precision(device) if fast else "fp32",
+    args = argparse.Namespace(device=device, precision=options.default_precision(device) if fast else "fp32",
                               cuda_graphs="auto" if fast and graphs else "off")
     return train.train_step(model, optimizer, args, cfg)
 
@@ -420,7 +422,7 @@ def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repe
     Fast: the frozen CLIP as train.py keeps it on this device (fast_copy)."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
-    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
     models = {fast: train.build_method(method, c, bench_classnames(50), "a photo of a {}.", cfg).eval()
               for fast, c in ((False, clip_model), (True, fast_copy(clip_model, device)))}
     text_features = {}
@@ -527,7 +529,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 2000)")
     p.add_argument("--agreement_classes", type=int, help="prompts of that check (default 1000)")
     p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10)")
-    p.add_argument("--workers", type=int, default=train.DEFAULTS["workers"])
+    p.add_argument("--workers", type=int, default=options.DEFAULTS["workers"])
     p.add_argument("--runs", nargs="*", choices=list(RUN_SIZES),
                    help="also time whole base2novel runs: the toy world, or synthetic data sets of these sizes")
     args = p.parse_args(argv)

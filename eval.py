@@ -22,13 +22,16 @@ import torch
 
 import data
 import prompts
+import options
+import runfolder
+import speed
 import train
 from prompts import zeroshot
 from prompts.common import learned_state
 
 
 def parse_args(argv=None):
-    argv = [train.flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    argv = [options.flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Flags take - or _ alike (--eval-batch-size = --eval_batch_size).")
     p.add_argument("--ckpt", help="a prompt_learner.pt written by train.py")
@@ -40,21 +43,21 @@ def parse_args(argv=None):
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or runs/zeroshot/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, mps")
-    options = {k: train.DEFAULTS[k] for k in ("precision", "eval_batch_size", "workers")}
-    train.add_options(p, options, train.HELP, train.CHOICES)
+    shared = {k: options.DEFAULTS[k] for k in ("precision", "eval_batch_size", "workers")}
+    options.add_options(p, shared, options.HELP, options.CHOICES)
     p.add_argument("--summary", nargs="+", metavar="DIR", help="print the Markdown tables of the runs under DIR")
     p.add_argument("--benchmark", choices=("toy",), help="run zero-shot CLIP and every method on the toy world, "
                    "seeds 1 to 3, into --out (default runs/toy_benchmark), then print the summary")
     args = p.parse_args(argv)
-    defaults = train.shared_defaults(args.dataset or args.benchmark)  # the toy world's differ
-    vars(args).update({k: defaults[k] for k in options if getattr(args, k) is None})  # not given
+    defaults = options.shared_defaults(args.dataset or args.benchmark)  # the toy world's differ
+    vars(args).update({k: defaults[k] for k in shared if getattr(args, k) is None})  # not given
     if not args.summary and not args.benchmark:
         if not args.dataset:
             p.error("--dataset is required")
         if not args.ckpt and args.method != "zeroshot":
             p.error("give --ckpt PATH (prompts from train.py) or --method zeroshot")
-    train.check_values(p, args, options, train.CHOICES)
-    train.check_device(p, args)
+    options.check_values(p, args, shared, options.CHOICES)
+    options.check_device(p, args)
     return args
 
 
@@ -71,7 +74,7 @@ def load_checkpoint(path, method=None):
                          f"(a CLIP checkpoint goes to --model instead)")
     if method and method != ckpt["method"]:
         raise SystemExit(f"error: {path} holds {ckpt['method']} prompts, not {method}")
-    train.check_finite(ckpt["state_dict"], path)
+    runfolder.check_finite(ckpt["state_dict"], path)
     return ckpt
 
 
@@ -102,14 +105,14 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args)
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
-    model_name = args.model or (ckpt["config"]["model"] if ckpt else train.shared_defaults(args.dataset)["model"])
-    name = f"{train.safe_name(args.dataset)}_{args.subsample}.json"
+    model_name = args.model or (ckpt["config"]["model"] if ckpt else options.shared_defaults(args.dataset)["model"])
+    name = f"{runfolder.safe_name(args.dataset)}_{args.subsample}.json"
     out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_" + name) if ckpt
-                       else os.path.join("runs", "zeroshot", train.safe_name(model_name), name))
+                       else os.path.join("runs", "zeroshot", runfolder.safe_name(model_name), name))
     if os.path.exists(out):
         raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
-    if train.unwritable(out):
-        raise SystemExit(f"error: --out {out} cannot be written: {train.unwritable(out)}")
+    if runfolder.unwritable(out):
+        raise SystemExit(f"error: --out {out} cannot be written: {runfolder.unwritable(out)}")
 
     ds = train.read_dataset(args.dataset, args.root)
     (_, _, test), classnames = data.subsample_classes(args.subsample, ds.train, ds.val, ds.test)
@@ -118,7 +121,7 @@ def main(argv=None):
     for names in data.duplicate_classnames(test):
         print(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
               f"{', '.join(names)}")
-    clip_model = train.keep_in_precision(train.load_frozen_clip(model_name, args.device), args)
+    clip_model = speed.keep_in_precision(train.load_frozen_clip(model_name, args.device), args)
     if ckpt:
         model = build_from_checkpoint(ckpt, clip_model, args.dataset, args.subsample, classnames, ds.template)
     else:
@@ -128,9 +131,9 @@ def main(argv=None):
                   dataset=args.dataset, subsample=args.subsample, classes=len(classnames), images=len(test),
                   accuracy=train.evaluate(model, test, args, cfg))
     print(json.dumps(result, indent=2))
-    with train.write_errors(out):
+    with runfolder.write_errors(out):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    train.save_json(out, result)
+    runfolder.save_json(out, result)
     return result
 
 
@@ -162,9 +165,9 @@ def benchmark(args):
 def zeroshot_run(folder, args):
     """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json), so it joins the summary."""
     ds = train.read_dataset("toy", args.root)
-    clip_model = train.keep_in_precision(train.load_frozen_clip("toy", args.device), args)
+    clip_model = speed.keep_in_precision(train.load_frozen_clip("toy", args.device), args)
     cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
-               eval_batch_size=train.DEFAULTS["eval_batch_size"], workers=args.workers)
+               eval_batch_size=options.DEFAULTS["eval_batch_size"], workers=args.workers)
     metrics = {}
     for subsample, key in (("base", "base_acc"), ("new", "novel_acc")):
         (_, _, test), classnames = data.subsample_classes(subsample, ds.train, ds.val, ds.test)
@@ -174,7 +177,7 @@ def zeroshot_run(folder, args):
     print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     os.makedirs(folder, exist_ok=True)
     for name, content in (("config.json", cfg), ("metrics.json", metrics)):
-        train.save_json(os.path.join(folder, name), content)
+        runfolder.save_json(os.path.join(folder, name), content)
 
 
 # -- the papers' tables ------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ def summary(dirs):
     tables, notes = {}, []  # settings (JSON) -> dataset -> column -> [value per seed]
     for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**", "metrics.json"), recursive=True)):
         folder = os.path.dirname(metrics_path)
-        cfg, values = train.read_json(os.path.join(folder, "config.json")), train.read_json(metrics_path)
+        cfg, values = runfolder.read_json(os.path.join(folder, "config.json")), runfolder.read_json(metrics_path)
         if not isinstance(cfg, dict) or not {"method", "protocol", "dataset", "shots", "seed"} <= set(cfg):
             notes.append(f"skipped {folder}: its config.json is damaged")
             continue
@@ -203,7 +206,7 @@ def summary(dirs):
             notes.append(f"skipped {folder}: its metrics.json is damaged")
             continue
         for path in sorted(glob.glob(os.path.join(folder, "eval_*.json"))):
-            e = train.read_json(path)
+            e = runfolder.read_json(path)
             if not isinstance(e, dict) or not isinstance(e.get("accuracy"), (int, float)):
                 notes.append(f"skipped {path}: damaged")
                 continue

@@ -13,16 +13,12 @@ method defines in prompts/<method>.py is learned, and only that is saved.
 Everything a run used goes into its folder: config.json, fewshot.json (the exact shots),
 log.txt, metrics.json and prompt_learner.pt (the learned tensors, config and class names).
 """
-import argparse
 import collections
-import fcntl
-import json
 import math
 import os
 import random
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -30,54 +26,13 @@ import torch
 import clip
 import data
 import prompts
-from clip.files import atomic_write
-from clip.model import cast_matrices
-from prompts import METHODS, clip_architecture
-from prompts.common import OPTION_CHOICES, OPTION_HELP, Range, check_settings, learned_state
-PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
-SWITCH = ("auto", "on", "off")
-
-# -----------------------------------------------------------------------------
-# Defaults shared by every method (the CoOp-family protocol). A method's own hyper-parameters
-# (lr, batch size, epochs, prompt sizes) are DEFAULTS in prompts/<method>.py; every key of either
-# can be set on the command line (--lr 0.001, --n_ctx 8, ...), with HELP as its help and CHOICES
-# as its allowed values (numbers not listed there: >= 0), checked before a run folder exists.
-DEFAULTS = dict(
-    model="ViT-B/16", protocol="base2novel", shots=16, seed=1,
-    momentum=0.9, weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5,
-    eval_batch_size=100, workers=min(8, os.cpu_count() or 1),
-    threads=0,
-    # Speed and memory switches (bench.py measures them). None changes what is learned beyond
-    # float rounding.
-    precision="auto", augment_on_device="auto", text_checkpointing="auto", cuda_graphs="auto",
-)
-HELP = dict(
-    model="an OpenAI CLIP name (downloaded once, sha256-checked) or a checkpoint path",
-    protocol="base2novel: train on the base classes, test on base and novel (CoCoOp Sec. 4.1); "
-             "fewshot: all classes; crossdataset: all classes, then eval.py on other data sets",
-    shots="K training images per class (the papers use 16)",
-    seed="the shots' draw and the prompts' init (the papers average seeds 1, 2, 3)",
-    momentum="SGD momentum", weight_decay="SGD weight decay",
-    warmup_epochs="epochs at the constant warmup_lr before the cosine schedule starts (Dassl's)",
-    warmup_lr="learning rate of the warm-up epochs",
-    eval_batch_size="test images per batch",
-    workers="processes decoding test images (0: in this one)",
-    threads="CPU threads of torch's kernels; 0: torch's default (one per core)",
-    precision="auto: bf16 on a GPU, fp32 on the CPU (fp16 needs a GPU for its loss scaling)",
-    augment_on_device="resize the random crops on the device instead of with PIL (auto: on a GPU)",
-    text_checkpointing="recompute text-encoder activations in backward (auto: >= 4,000 prompts "
-                       "a step)",
-    cuda_graphs="replay each train step as one CUDA graph (auto: on a GPU, unless fp16)",
-)
-CHOICES = dict(protocol=PROTOCOLS, shots=Range(1), momentum=Range(0, 1), eval_batch_size=Range(1),
-               precision=("auto", "fp32", "bf16", "fp16"), augment_on_device=SWITCH,
-               text_checkpointing=SWITCH, cuda_graphs=SWITCH)
-# On the built-in toy world (--dataset toy) these replace the DEFAULTS above, and
-# prompts.TOY_DEFAULTS the method's own. Its CLIP is tiny: its matrices are too small to share out
-# between cores, and a 600-image test set is read faster in this process than by worker processes
-# that have to start first.
-TOY = dict(model="toy", threads=1, workers=0)
-# -----------------------------------------------------------------------------
+from options import DEFAULTS, parse_args
+from prompts import METHODS
+from prompts.common import learned_state
+from runfolder import (Log, Progress, check_finite, clear_errors, last_good, prepare_run_folder,
+                       recorded_shots, restore_rng, rng_state, safe_name, save_checkpoint,
+                       save_json, save_torch, unlock_run_folder, write_errors)
+from speed import GraphedStep, autocast, keep_in_precision, graphs_on, switch_on
 
 
 # -- one run, from the command line to metrics.json ---------------------------------------------
@@ -163,7 +118,7 @@ def run(args, cfg):
     return metrics
 
 
-# -- train and evaluate ---------------------------------------------------------------------------
+# -- train and evaluate ----------------------------------------------------------------------------
 
 def train(model, train_items, args, cfg, out, log, state=None):
     """SGD over the learned tensors, stage by stage, a checkpoint after every epoch; returns the
@@ -190,7 +145,8 @@ def train(model, train_items, args, cfg, out, log, state=None):
     # APLe tunes its branches in sequence: stage I-a, stage I-b (each with KL to zero-shot CLIP),
     # then stage II jointly. CoOp and PMPO have one stage.
     stages = model.stages(cfg)
-    warn_warmup_only_stages(stages, cfg, log)
+    restart = model.schedule_restarts(cfg)  # each stage its own warm-up and cosine (APLe's option)
+    warn_warmup_only_stages(stages, cfg, restart, log)
     done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
     for stage_index, (stage, epochs) in enumerate(stages):
         model.set_stage(stage)
@@ -209,7 +165,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
             if state:  # first epoch of a resumed run: the random streams go on where they stopped
                 restore_rng(state, loader)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, cfg), cfg)
+                group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, restart), cfg)
             start = time.time()
             where = f"stage {stage!r}, epoch {epoch + 1}"
             sums = LossSums(where, out, params)  # the loss and its terms, summed on the device
@@ -294,67 +250,6 @@ class LossSums:
         return self.text
 
 
-class GraphedStep:
-    """A training step captured once as a CUDA graph and replayed: one launch for the thousands of
-    kernels of a forward, backward and SGD step, which on a GPU otherwise cost more host time than
-    the GPU spends on them (a prompt-learning step is small). PyTorch's whole-network capture:
-    - the first `warmup` steps run eagerly on a side stream: CUDA's lazy set-up, the allocator's
-      cache and what a method makes on first use (PromptSRC's teacher features) stay out of the graph;
-    - the next step is captured on static input tensors (capturing computes nothing) and replayed;
-      each later step copies its batch into those tensors and replays the graph;
-    - SGD reads the lr as a number, so a new lr (each epoch) is captured anew; a batch of another
-      shape (a last partial batch) runs eagerly.
-    The outputs are the graph's own tensors, overwritten by the next replay: read or add them first.
-    required=False (--cuda_graphs auto): a step that cannot be captured runs eagerly from then on,
-    with a warning; required=True raises.
-    """
-
-    def __init__(self, step, optimizer, required=False, warmup=2):
-        self.step, self.optimizer, self.required, self.warmup = step, optimizer, required, warmup
-        self.graph = self.key = None
-        self.eager = False  # set when a capture failed (auto)
-
-    def __call__(self, images, labels):
-        key = (images.shape, labels.shape, [g["lr"] for g in self.optimizer.param_groups])
-        if self.eager or (self.key is not None and key[:2] != self.key[:2]):
-            return self.step(images, labels)  # not capturable, or another shape than captured
-        if self.warmup:
-            self.warmup -= 1
-            return self.side_stream(images, labels)
-        if key != self.key:
-            try:
-                self.capture(images, labels)
-            except Exception as e:  # e.g. an op that syncs: torch refuses to capture it
-                if self.required:
-                    raise
-                print(f"warning: the step could not be captured as a CUDA graph ({e}); it runs "
-                      f"eagerly (--cuda_graphs off says so up front)", file=sys.stderr)
-                self.eager, self.graph = True, None
-                return self.step(images, labels)
-            self.key = key
-        self.images.copy_(images)
-        self.labels.copy_(labels)
-        self.graph.replay()
-        return self.outputs
-
-    def side_stream(self, images, labels):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            outputs = self.step(images, labels)
-        torch.cuda.current_stream().wait_stream(stream)
-        return outputs
-
-    def capture(self, images, labels):
-        self.graph = self.outputs = None  # the last graph's memory goes back first
-        self.images, self.labels = images.clone(), labels.clone()
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward makes its own .grad
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.step(self.images, self.labels)
-        self.graph = graph
-
-
 @torch.no_grad()
 def evaluate(model, items, args, cfg):
     """Top-1 accuracy (%) on items; the class features are computed once, then images stream by."""
@@ -377,282 +272,9 @@ def evaluate(model, items, args, cfg):
     return 100.0 * int(correct) / total  # the one read-back
 
 
-def last_good(out):
-    if trained_in(out):
-        return f"the last good checkpoint is in {out}"
-    return f"no epoch had finished, so the same command with other settings starts {out} over"
-
-
 def harmonic_mean(base, novel):
     """HM = 2BN / (B + N), the base-to-novel summary number (CoCoOp, Sec. 4.1)."""
     return 2 * base * novel / (base + novel) if base + novel else 0.0
-
-
-def rng_state(loader):
-    """The random streams training draws from (numpy draws nothing after the shots are sampled)."""
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                loader=loader.generator.get_state(), crops=loader.dataset.generator.get_state())
-
-
-def restore_rng(state, loader):
-    rng = state["rng"]
-    if rng is None:  # resumed from a checkpoint (train_state.pt was damaged): streams start afresh
-        return
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    loader.generator.set_state(rng["loader"])
-    loader.dataset.generator.set_state(rng["crops"])
-
-
-# -- the command line ----------------------------------------------------------------------------
-
-def parse_args(argv=None):
-    """--method decides which method's options exist; --help without it describes every method."""
-    argv = [flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--method")
-    pre.add_argument("-h", "--help", action="store_true")
-    known, _ = pre.parse_known_args(argv)
-    if known.help and known.method not in METHODS:  # every method's options, one section each
-        p = build_parser()
-        p.epilog, flags_note = None, p.epilog
-        methods = "".join("\n" + method_help(name) for name in METHODS)
-        print(p.format_help() + methods + "\n" + flags_note)
-        raise SystemExit(0)
-    if known.method not in METHODS:
-        given = "" if known.method is None else f" (got {known.method!r})"
-        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}{given}; "
-                         f"`python train.py --help` describes them")
-    p = build_parser(known.method)
-    args = p.parse_args(argv)
-    method = METHODS[known.method]
-    keys = {**DEFAULTS, **method.DEFAULTS}
-    given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
-    vars(args).update(settings(args.method, args.dataset, given), given=set(given))
-    check_values(p, args, DEFAULTS, CHOICES)
-    check_values(p, args, method.DEFAULTS, {**OPTION_CHOICES, **getattr(method, "CHOICES", {})})
-    check_device(p, args)
-    if args.out == "":
-        p.error("--out is empty; leave it out for the default run folder")
-    return args
-
-
-def shared_defaults(dataset):
-    """The DEFAULTS above, with TOY's on the toy world (eval.py's defaults too)."""
-    return {**DEFAULTS, **(TOY if dataset == "toy" else {})}
-
-
-def settings(method, dataset, given):
-    """A run's settings, each from the first of: the flags given; what the method's family uses for
-    this
-    protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); on the
-    built-in toy world, its tiny CLIP and the method's prompts.TOY_DEFAULTS; the method's DEFAULTS;
-    the DEFAULTS above."""
-    toy = prompts.TOY_DEFAULTS.get(method, {}) if dataset == "toy" else {}
-    cfg = {**shared_defaults(dataset), **METHODS[method].DEFAULTS, **toy, **given}
-    protocol = prompts.protocol_defaults(method, cfg["protocol"], dataset, cfg["shots"])
-    return {**cfg, **protocol, **given}
-
-
-def flag_style(arg):
-    """--batch-size -> --batch_size: a flag may be spelled with - or _ (values are left alone)."""
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg.partition("=")
-    return "--" + name[2:].replace("-", "_") + eq + value
-
-
-def build_parser(method=None):
-    """train.py's flags: the run's, the protocol's (DEFAULTS) and `method`'s (its DEFAULTS)."""
-    epilog = ("Defaults are base-to-novel's; other protocols and data sets change some "
-              "(prompts.protocol_defaults), and a flag given wins. Flags take - or _ alike "
-              "(--batch-size = --batch_size). `--method NAME --help` shows one method's options.")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
-                                allow_abbrev=False)
-    p.add_argument("--method", required=True, choices=list(METHODS), help="the prompt learner")
-    p.add_argument("--dataset", required=True,
-                   help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
-    p.add_argument("--root", default=os.environ.get("DATA", "data_root"),
-                   help="data sets folder ($DATA)")
-    p.add_argument("--out",
-                   help="run folder (default runs/<dataset>/<method>/<protocol>/shots<K>_seed<S>)")
-    p.add_argument("--fewshot_file", help="a fewshot.json to train on instead of sampling shots")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, mps")
-    add_options(p.add_argument_group("protocol options (every method)"), DEFAULTS, HELP, CHOICES)
-    if method:
-        add_method_options(p, method)
-    return p
-
-
-def add_method_options(parser, method):
-    module = METHODS[method]
-    summary = (module.__doc__ or "").strip().split("\n")[0]
-    group = parser.add_argument_group(f"--method {method}", summary)
-    helps = {**OPTION_HELP, **getattr(module, "HELP", {})}
-    choices = {**OPTION_CHOICES, **getattr(module, "CHOICES", {})}  # CHOICES: optional
-    add_options(group, module.DEFAULTS, helps, choices)
-
-
-def method_help(method):
-    """The help of one method's options alone (train.py --help lists every method's)."""
-    p = argparse.ArgumentParser(usage=argparse.SUPPRESS, add_help=False)
-    add_method_options(p, method)
-    return p.format_help()
-
-
-def add_options(group, defaults, helps, choices):
-    """One flag per key of defaults; its type, and a tuple's number of values, from the default.
-    Parsed as None when not given, so that a flag given wins over the protocol's settings."""
-    for key, default in defaults.items():
-        allowed = choices.get(key)
-        shown = (" ".join(map(str, default)) if isinstance(default, tuple)
-                 else "''" if default == ""
-                 else ("yes" if default else "no") if isinstance(default, bool) else str(default))
-        shown += f"; {allowed}" if isinstance(allowed, Range) else ""
-        text = f"{helps.get(key, '')} (default: {shown})"
-        kwargs = dict(default=None, help=text.replace("%", "%%"))
-        if isinstance(default, bool):
-            kwargs.update(type=yes_no, metavar="yes|no")
-        elif isinstance(default, tuple):
-            kwargs.update(type=type(default[0]), nargs=len(default))
-        else:
-            metavar = "|".join(allowed) if isinstance(allowed, tuple) else None
-            kwargs.update(type=type(default), metavar=metavar)
-        group.add_argument(f"--{key}", **kwargs)
-
-
-def yes_no(text):
-    answer = dict(yes=True, true=True, on=True, no=False, false=False, off=False).get(text.lower())
-    answer = {"1": True, "0": False}.get(text, answer)
-    if answer is None:
-        raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
-    return answer
-
-
-def check_values(parser, args, defaults, choices):
-    """Every value in its CHOICES; a number not listed there must be >= 0 (and finite)."""
-    try:
-        check_settings(vars(args), defaults, choices)
-    except ValueError as e:
-        parser.error(str(e))
-
-
-def check_device(parser, args):
-    """--device must exist here; --precision auto becomes bf16 on a GPU, fp32 on the CPU."""
-    if device_error(args.device):
-        parser.error(device_error(args.device))
-    args.precision = default_precision(args.device) if args.precision == "auto" else args.precision
-    if args.precision == "fp16" and not args.device.startswith("cuda"):
-        parser.error("--precision fp16 needs a CUDA device (its loss scaling runs there); "
-                     "use bf16 or fp32")
-    if getattr(args, "cuda_graphs", "off") == "on" and not args.device.startswith("cuda"):
-        parser.error("--cuda_graphs on needs a CUDA device; use auto or off")
-    if getattr(args, "cuda_graphs", "off") == "on" and args.precision == "fp16":
-        parser.error("--cuda_graphs on does not go with --precision fp16 (its loss scaler reads a "
-                     "value back at every step); use bf16, or --cuda_graphs off")
-
-
-def device_error(device):
-    """Why torch cannot compute on `device` here, or None."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        return f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps)"
-    if d.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {device}: no CUDA GPU is available here; use --device cpu"
-    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-        return f"--device {device}: there are {torch.cuda.device_count()} GPUs (cuda:0 ...)"
-    if d.type == "mps" and not torch.backends.mps.is_available():
-        return f"--device {device}: MPS is not available here; use --device cpu"
-    if d.type not in ("cpu", "cuda", "mps"):
-        return f"--device {device}: only cpu, cuda[:N] and mps are supported"
-    return None
-
-
-# -- setup ---------------------------------------------------------------------------------------
-
-def safe_name(name):
-    """A data set or model name as one folder name: "folder:/data/x" -> "folder__data_x",
-    "ViT-B/16" -> "ViT-B_16"."""
-    return name.replace(":", "_").replace("/", "_")
-
-
-def default_precision(device):
-    return "bf16" if device.startswith("cuda") else "fp32"
-
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@contextmanager
-def clear_errors():
-    """Bad input (no data set where it should be, a damaged checkpoint, an unreadable image) ends
-    the run with the message that says what to do, not with a traceback. Wraps only the calls that
-    read input."""
-    try:
-        yield
-    except (ValueError, RuntimeError, OSError) as e:
-        message = str(e).strip()
-        if "Original Traceback" in message:  # from a DataLoader worker: the last line is the error
-            message = message.splitlines()[-1]
-        if len(message) > 1000:  # e.g. a 5,000-letter --ctx_init quoted back
-            message = message[:600] + " [...] " + message[-300:]
-        raise SystemExit(f"error: {message}") from None
-
-
-def load_frozen_clip(name, device):
-    with clear_errors():
-        model, _ = clip.load(name, device=device)
-    check_finite(model.state_dict(), f"the CLIP weights {name}")
-    return model.requires_grad_(False).eval()  # frozen by construction: CLIP gets no gradient
-
-
-def check_finite(tensors, source):
-    """Stop, naming them, if loaded tensors hold NaN or infinity (chance-level results)."""
-    bad = [k for k, t in tensors.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
-    if bad:
-        raise SystemExit(f"error: {source}: NaN or infinite values in {', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}; the file is damaged or was trained "
-                         f"with a too-high lr")
-
-
-def build_method(method, clip_model, classnames, template, cfg):
-    with clear_errors():  # settings that do not fit this CLIP (e.g. PMPO prompts > vision layers)
-        return prompts.build(method, clip_model, classnames, template, cfg)
-
-
-DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
-
-
-def autocast(args):
-    if args.precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=args.device.split(":")[0], dtype=DTYPES[args.precision])
-
-
-def keep_in_precision(clip_model, args):
-    """On a GPU in bf16 or fp16, the frozen CLIP's matrices are cast to it once here
-    (clip.model.cast_matrices: the same results as autocast casting them at every step, without
-    that copy). The CPU path keeps float32 weights."""
-    if args.device.startswith("cuda") and args.precision in ("bf16", "fp16"):
-        cast_matrices(clip_model, DTYPES[args.precision])
-    return clip_model
-
-
-def graphs_on(args):
-    """--cuda_graphs: auto is on on a GPU, except under fp16 (GradScaler reads back every step)."""
-    auto = args.device.startswith("cuda") and args.precision != "fp16"
-    return auto if args.cuda_graphs == "auto" else args.cuda_graphs == "on"
-
-
-def switch_on(cfg, key, auto):
-    """A switch's setting as a bool; `auto` is what "auto" means for this run."""
-    return auto if cfg[key] == "auto" else cfg[key] == "on"
 
 
 def lr_at(epoch, epochs, cfg):
@@ -664,28 +286,45 @@ def lr_at(epoch, epochs, cfg):
     return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - cfg["warmup_epochs"]) / epochs))
 
 
-def schedule_position(stages, stage_index, epoch, cfg):
+def schedule_position(stages, stage_index, epoch, restart):
     """(epoch, epochs) of lr_at for `epoch` of stage `stage_index`. With several stages (APLe),
-    either one warm-up and one cosine run over all of them ("one"), or each stage restarts its own
-    ("restart"); `stage_schedule` decides. With one stage the two are the same."""
-    if cfg.get("stage_schedule", "one") == "restart":
+    either one warm-up and one cosine run over all of them, or each stage restarts its own
+    (`restart`: the method's model.schedule_restarts(cfg)). With one stage the two are the same."""
+    if restart:
         return epoch, stages[stage_index][1]
     return sum(e for _, e in stages[:stage_index]) + epoch, sum(e for _, e in stages)
 
 
-def warn_warmup_only_stages(stages, cfg, log):
+def warn_warmup_only_stages(stages, cfg, restart, log):
     """A stage whose every epoch runs at warmup_lr learns next to nothing: say so."""
-    restart = cfg.get("stage_schedule") == "restart"
-    fix = "--stage_schedule one" if restart else "fewer --warmup_epochs"
+    fix = "one schedule over all stages" if restart else "fewer --warmup_epochs"
     for i, (stage, epochs) in enumerate(stages):
-        last = schedule_position(stages, i, epochs - 1, cfg)[0]  # its last epoch's place
+        last = schedule_position(stages, i, epochs - 1, restart)[0]  # its last epoch's place
         if epochs and last < cfg["warmup_epochs"]:
             log(f"warning: stage {stage!r} has no epoch after the warm-up: all its {epochs} "
                 f"epoch(s) run at --warmup_lr {cfg['warmup_lr']:g} and learn next to nothing. "
                 f"Give it more epochs, or {fix}.")
 
 
-# -- data ----------------------------------------------------------------------------------------
+# -- what a run reads: the CLIP, the data set, the shots -------------------------------------------
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_frozen_clip(name, device):
+    with clear_errors():
+        model, _ = clip.load(name, device=device)
+    check_finite(model.state_dict(), f"the CLIP weights {name}")
+    return model.requires_grad_(False).eval()  # frozen by construction: CLIP gets no gradient
+
+
+def build_method(method, clip_model, classnames, template, cfg):
+    with clear_errors():  # settings that do not fit this CLIP (e.g. PMPO prompts > vision layers)
+        return prompts.build(method, clip_model, classnames, template, cfg)
+
 
 def read_dataset(name, root):
     with clear_errors():
@@ -715,31 +354,6 @@ def few_shot_data(ds, args, cfg):
     return train, val
 
 
-def recorded_shots(out, ds, train, val):
-    """On resume, the shots the run started with (its fewshot.json), even if the data changed."""
-    path = os.path.join(out, "fewshot.json")
-    if not trained_in(out) or not os.path.isfile(path) or finished(out):  # today's draw
-        return train, val
-    try:
-        recorded = data.load_fewshot(path, ds.image_dir)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}). Delete that file "
-                         f"and run the same command again to draw the shots from --seed anew (the "
-                         f"same draw if the data set is unchanged), or delete {out} to start "
-                         f"over.") from None
-    for item in recorded[0] + recorded[1]:
-        now = ds.classnames[item.label] if 0 <= item.label < len(ds.classnames) else None
-        if now != data.prompt_name(item.classname):
-            raise SystemExit(f"error: {path} records label {item.label} as "
-                             f"{item.classname!r}, but {ds.name} now has {now!r} there: the data "
-                             f"set changed since this run started. Restore it, or delete {out} "
-                             f"to start over.")
-    if [(d.impath, d.label) for d in recorded[0]] != [(d.impath, d.label) for d in train]:
-        print(f"note: training on the shots recorded in {path}, not on today's draw "
-              f"(the data set changed)")
-    return recorded
-
-
 def warn_short_classes(train_items, shots, log):
     """CoOp keeps every image of a class smaller than K without a word; say so."""
     counts = collections.Counter(item.classname for item in train_items)
@@ -749,237 +363,6 @@ def warn_short_classes(train_items, shots, log):
             f"use "
             f"all they "
             f"have: " + ", ".join(f"{name} ({n})" for name, n in list(short.items())[:10]))
-
-
-# -- the run folder: resume or refuse, never overwrite ------------------------------------------
-# Every file goes through clip.files.atomic_write: a kill or a full disk leaves the previous
-# version of each, so the same command resumes after the last finished epoch. log.txt is appended.
-
-RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt",
-             "train_state.pt", ".lock")
-
-
-@contextmanager
-def write_errors(path):
-    """A full disk or a folder that cannot be written: a message, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        raise SystemExit(f"error: could not write {path}: {e.strerror or e}. The files written "
-                         f"before are intact: make room (or fix the folder) and run the same "
-                         f"command again to continue.") from None
-
-
-def save_json(path, obj):
-    with write_errors(path), atomic_write(path) as f:
-        json.dump(obj, f, indent=2)
-
-
-def save_torch(path, obj):
-    with write_errors(path), atomic_write(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def read_json(path):
-    """The JSON at path, or None if it is missing or damaged (e.g. 0 bytes after a full disk)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def check_out_folder(out):
-    """--out must be (or become) a folder this process can write in; checked before it is made."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} is a file; give a folder for the run")
-    if unwritable(out):
-        raise SystemExit(f"error: --out {out} cannot be made: {unwritable(out)}")
-
-
-def unwritable(path):
-    """Why `path` (a folder, or a file or folder to be made) cannot be written here, or None."""
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is a file"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{parent} cannot be written (read-only?)"
-    return None
-
-
-def prepare_run_folder(out, cfg, stages):
-    """Create `out`, or resume the unfinished run with the same settings in it; hold its lock.
-    Returns the saved training state (None for a new run)."""
-    check_out_folder(out)
-    if finished(out):
-        raise SystemExit(f"error: {out} already holds a finished run (metrics.json). "
-                         f"Pick another --out, or delete that folder to run again.")
-    old = recorded_config(out)
-    speed = ("device", "workers", "threads", "cuda_graphs")  # may change between a run and its resume
-    changed = {k: (old.get(k), v) for k, v in cfg.items()
-               if old.get(k) != v and k not in speed} if old is not None else {}
-    if changed and trained_in(out):
-        differences = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise SystemExit(f"error: {out} holds an unfinished run with other settings "
-                         f"({differences}). Pick another --out, or delete that folder.")
-    foreign = [name for name in (os.listdir(out) if os.path.isdir(out) else [])
-               if name not in RUN_FILES and not name.endswith(".tmp")]
-    if old is None and foreign:
-        raise SystemExit(f"error: {out} exists and is not a run folder of this script; "
-                         f"pick another --out.")
-    with write_errors(out):
-        os.makedirs(out, exist_ok=True)
-    lock_run_folder(out)
-    for name in os.listdir(out):  # what a killed process was writing (atomic_write's temp names)
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.remove(os.path.join(out, name))
-    if changed:  # a run stopped before its first epoch ended (bad image, NaN): nothing to keep
-        print(f"note: {out} holds no finished epoch of its earlier settings; starting it over")
-    if changed or read_json(os.path.join(out, "config.json")) is None:  # or new, or restored above
-        save_json(os.path.join(out, "config.json"), cfg)
-    return load_train_state(out, stages)
-
-
-def finished(out):
-    """metrics.json is written last; a damaged one (a disk error) means: evaluate again."""
-    return isinstance(read_json(os.path.join(out, "metrics.json")), dict)
-
-
-def trained_in(out):
-    """Whether the run in `out` has finished an epoch (or its --epochs 0): then it keeps its
-    settings and its shots."""
-    return any(os.path.exists(os.path.join(out, name))
-               for name in ("prompt_learner.pt", "train_state.pt"))
-
-
-def recorded_config(out):
-    """The settings of the run in `out`: config.json, or the checkpoint's copy if it is damaged."""
-    path = os.path.join(out, "config.json")
-    config = read_json(path)
-    if config is not None or not os.path.exists(path):
-        return config
-    try:
-        ckpt_path = os.path.join(out, "prompt_learner.pt")
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
-    except Exception:  # no readable checkpoint: only a run without a finished epoch restarts
-        if os.path.exists(os.path.join(out, "train_state.pt")):
-            raise SystemExit(f"error: {path} is damaged and no checkpoint holds the run's "
-                             f"settings; delete the folder {out} to start the run over") from None
-        return None
-
-
-def load_train_state(out, stages):
-    path = os.path.join(out, "train_state.pt")
-    if not os.path.exists(path):
-        return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:
-        return checkpoint_state(out, stages, f"{path} is damaged ({type(e).__name__})")
-    check_finite(state["learned"], path)
-    return state
-
-
-def checkpoint_state(out, stages, damage):
-    """A damaged train_state.pt: go on from the last checkpoint's prompts, so no more than the
-    interrupted epoch is lost. Only the SGD momentum and the random streams start afresh."""
-    path = os.path.join(out, "prompt_learner.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        learned, epochs_done = ckpt["state_dict"], ckpt["epoch"]
-    except Exception:
-        raise SystemExit(f"error: {damage}, and {path} cannot be read either. Delete both and "
-                         f"run the same command again: the run restarts from its first epoch, "
-                         f"with its settings and shots kept.") from None
-    check_finite(learned, path)
-    epochs = [[i, epoch] for i, (_, n) in enumerate(stages) for epoch in range(n)]
-    return dict(done=epochs[:epochs_done], stage=None, rng=None, learned=learned,
-                note=f"warning: {damage}; going on from prompt_learner.pt with a fresh SGD "
-                     f"momentum and random stream, so the prompts will differ slightly from an "
-                     f"uninterrupted run's")
-
-
-RUN_LOCKS = {}  # run folder -> its open .lock file, held until the run ends (a kill drops it)
-
-
-def lock_run_folder(out):
-    """One process per run folder: a second train.py on the same --out is refused."""
-    key = os.path.abspath(out)
-    if key in RUN_LOCKS:  # an earlier run of this process ended in an exception: still ours
-        return
-    f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise SystemExit(f"error: another process (pid {pid}) is running in {out}; wait for it "
-                         f"to end, or pick another --out") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    RUN_LOCKS[key] = f
-
-
-def unlock_run_folder(out):
-    f = RUN_LOCKS.pop(os.path.abspath(out), None)
-    if f:
-        os.remove(f.name)
-        f.close()
-
-
-class Progress:
-    """Progress inside a loop over batches: step, images/s and ETA on stderr (not in log.txt).
-    On a terminal one line rewrites itself (at most 5 times a second); otherwise a plain line
-    every minute."""
-
-    def __init__(self, what, steps, every=60.0):
-        self.what, self.steps, self.images = what, steps, 0
-        self.tty = sys.stderr.isatty()
-        self.every = 0.2 if self.tty else every
-        self.start = self.shown = time.time()
-
-    def __call__(self, step, images, note=None):
-        """After `step` of `steps` batches, the last one of `images` images. note: a function whose
-        text ends the line, called only when a line is shown (train: the loss, read back then)."""
-        self.images += images
-        now = time.time()
-        if now - self.shown < self.every and step < self.steps:
-            return
-        self.shown, seconds = now, max(now - self.start, 1e-9)
-        eta = (self.steps - step) * seconds / step
-        line = (f"{self.what}  step {step}/{self.steps}  {self.images / seconds:.1f} img/s  "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}" + (f"  {note()}" if note else ""))
-        sys.stderr.write(f"\r{line}\033[K" if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.tty:  # the line goes; the loop logs its own summary
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
-class Log:
-    def __init__(self, path):
-        self.path = path
-        with write_errors(path):
-            self.file = open(path, "a")
-
-    def __call__(self, msg):
-        print(msg, flush=True)
-        with write_errors(self.path):
-            self.file.write(msg + "\n")
-            self.file.flush()
-
-
-def save_checkpoint(out, model, cfg, epochs_done):
-    """Only the learned tensors (KB to a few MB), never CLIP, and what is needed to use them."""
-    save_torch(os.path.join(out, "prompt_learner.pt"), dict(
-        method=cfg["method"], config=cfg, classnames=model.classnames, epoch=epochs_done,
-        clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)))
 
 
 if __name__ == "__main__":

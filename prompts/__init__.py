@@ -11,6 +11,9 @@ A method is one module in prompts/ that defines
                  not listed must be >= 0; a True/False default takes yes/no. train.py refuses anything
                  else before it creates a run folder.
     CustomCLIP   CustomCLIP(clip_model, classnames, template, cfg), a prompts.common.PromptedCLIP
+and, where it needs them,
+    TOY          its settings on the built-in toy world (toy_defaults below)
+    protocol_defaults(protocol, dataset, shots)  what its family's configs change per protocol
 and one line in METHODS below. That is the whole fork: nothing else in the repository names a method.
 For example (prompts/coop.py):
     DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", lr=0.002, batch_size=32, epochs=200)
@@ -19,57 +22,35 @@ For example (prompts/coop.py):
 Each method file's header marks its choices: [paper] stated by the paper or by its authors' public code
 and configs (named by path, quoted in docs/methods/<method>.md), [ours] our choice, with the reason.
 """
-from prompts import aple, cocoop, coop, ivlp, kgcoop, maple, pmpo, promptsrc
+import importlib
 
-METHODS = {  # name -> module; the order is the order of tables and --help
-    "coop": coop,
-    "cocoop": cocoop,
-    "kgcoop": kgcoop,
-    "ivlp": ivlp,
-    "maple": maple,
-    "promptsrc": promptsrc,
-    "aple": aple,
-    "pmpo": pmpo,
-}
+# name -> module prompts/<name>.py; the order is the order of tables and --help. A new method: one line.
+METHODS = {name: importlib.import_module(f"prompts.{name}") for name in [
+    "coop",
+    "cocoop",
+    "kgcoop",
+    "ivlp",
+    "maple",
+    "promptsrc",
+    "aple",
+    "pmpo",
+]}
 
-# The built-in toy world (`--dataset toy`, clip/toy.py), where every method must run in well under a
-# minute on a laptop CPU: what differs there from each method's DEFAULTS, in this one place. The toy CLIP
-# has 4 + 4 layers (ViT-B/16: 12 + 12), so depths scale by a third; its few-shot set is 12 classes x 16
-# shots, so a batch of 16 gives 12 steps an epoch, and a few epochs do. Everything else is the method's own.
-TOY_DEFAULTS = {
-    "coop": dict(epochs=10, batch_size=16),
-    "cocoop": dict(epochs=10, batch_size=16),  # its batch of 1 would be 192 steps an epoch
-    "kgcoop": dict(epochs=10, batch_size=16),
-    "ivlp": dict(epochs=10, batch_size=16, depth=3),
-    "maple": dict(epochs=10, batch_size=16, depth=3),
-    "promptsrc": dict(epochs=10, batch_size=16, depth=3, gpa_mean=7.5),  # GPA's mean at 15 of 20 -> 7.5 of 10
-    "aple": dict(stage_epochs=(3, 3, 4), depth=3, batch_size=16),  # depth 9 of 12 -> 3 of 4
-    "pmpo": dict(epochs=10, batch_size=16, depth=4),  # 4 prompts over all 4 vision layers: one layer each
-}
+
+def toy_defaults(method):
+    """What differs from the method's DEFAULTS on the built-in toy world (`--dataset toy`), where every
+    method must run in well under a minute on a laptop CPU: its module's TOY. The toy CLIP has 4 + 4
+    layers (ViT-B/16: 12 + 12), so depths scale by a third; its few-shot set is 12 classes x 16
+    shots, so a batch of 16 gives 12 steps an epoch, and a few epochs do. [ours]"""
+    return dict(getattr(METHODS[method], "TOY", {}))
 
 
 def protocol_defaults(method, protocol, dataset, shots):
-    """What a method's own scripts, or its family's configs, change for this protocol, data set and K: on top of
-    its DEFAULTS (base-to-novel) and under any flag given (train.settings). Sources: docs/methods/<method>.md."""
-    imagenet = dataset == "imagenet"
-    if method == "coop":  # [paper] CoOp's configs vit_b16 (200 epochs), vit_b16_ep100, vit_b16_ep50
-        if protocol == "fewshot":  # [paper] COOP.md: "CLIP + CoOp (M=16, end)", ImageNet *_ep50 "for all settings"
-            return dict(n_ctx=16, ctx_init="", epochs=50 if imagenet or shots <= 1 else 100 if shots <= 4 else 200)
-        return dict(epochs=50) if imagenet else {}  # [paper] base-to-novel on ImageNet: vit_b16_ep50_ctxv1
-    if method == "promptsrc":  # [code] PromptSRC's configs/trainers/PromptSRC/*.yaml: GPA's Gaussian per protocol
-        if protocol == "crossdataset":  # vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml
-            return dict(depth=3, gpa_mean=6.0, gpa_std=10.0)
-        if protocol == "fewshot":  # vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml, whose comments split the data sets
-            broad = dataset in ("imagenet", "caltech101", "oxford_pets", "food101", "ucf101", "sun397")
-            return dict(epochs=50, gpa_mean=30.0 if broad else 45.0, gpa_std=30.0 if broad else 5.0)
-    if method == "maple" and protocol == "crossdataset":  # [code] MaPLe: vit_b16_c2_ep5_batch4_2ctx_cross_datasets
-        return dict(depth=3, lr=0.0026, epochs=2)
-    if protocol == "crossdataset":  # and domain generalisation: the same ImageNet-trained prompts
-        if method == "aple":  # [ours] PromptSRC's cross-dataset config: depth 3/3 (20 epochs, lr 0.0025: as here)
-            return dict(depth=3)
-        if method == "pmpo":  # [ours] MaPLe's cross-dataset config: depth 3, lr 0.0026, 2 epochs; 3 prompts, 3 layers
-            return dict(depth=3, n_prompts=3, lr=0.0026, epochs=2)
-    return {}
+    """What a method's own scripts, or its family's configs, change for this protocol, data set and K:
+    on top of its DEFAULTS (base-to-novel) and under any flag given (options.settings). Its module's
+    protocol_defaults(protocol, dataset, shots), if it has one. Sources: docs/methods/<method>.md."""
+    own = getattr(METHODS[method], "protocol_defaults", None)
+    return own(protocol, dataset, shots) if own else {}
 
 
 def build(method, clip_model, classnames, template, cfg):

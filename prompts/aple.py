@@ -71,6 +71,14 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
 CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),  # + common.OPTION_CHOICES
                kl_temperature=Range(0, open_low=True), teacher_input=("raw", "filtered"),
                stage_schedule=("one", "restart"), sigma=Range(0, open_low=True), alpha=Range(0, 1))
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+TOY = dict(stage_epochs=(3, 3, 4), depth=3, batch_size=16)  # depth 9 of 12 -> 3 of 4
+
+
+def protocol_defaults(protocol, dataset, shots):
+    """Cross-dataset and domain generalisation train ImageNet's prompts once for every target:
+    [ours] PromptSRC's cross-dataset config, depth 3/3 (20 epochs, lr 0.0025: as here)."""
+    return dict(depth=3) if protocol == "crossdataset" else {}
 
 
 def gaussian_adapter(images, sigma=0.05, alpha=0.9):
@@ -90,6 +98,7 @@ def gaussian_adapter(images, sigma=0.05, alpha=0.9):
 class CustomCLIP(IndependentDeepPrompts):
     def __init__(self, clip_model, classnames, template, cfg):
         check_settings(cfg, DEFAULTS, {**OPTION_CHOICES, **CHOICES})  # as train.py does; for direct use
+        self.stages(cfg)  # a stage_epochs of the wrong length: refused here, before any run folder
         super().__init__(clip_model, classnames, cfg)  # prompt_learner, text_prompts, vision_prompts
         self.register_buffer("zs_text_features", zeroshot_classifier(clip_model, classnames, template),
                              persistent=False)  # p_zs's class side, [n_cls, D]
@@ -98,8 +107,14 @@ class CustomCLIP(IndependentDeepPrompts):
 
     # -- the stage schedule (Sec. "sequential token-wise knowledge training") -------------------
     def stages(self, cfg):
-        second = "vision" if cfg["first"] == "language" else "language"
-        return list(zip((cfg["first"], second, "joint"), cfg["stage_epochs"]))
+        names = (cfg["first"], "vision" if cfg["first"] == "language" else "language", "joint")
+        if len(cfg["stage_epochs"]) != len(names):  # never a dropped (or an invented) stage
+            raise ValueError(f"stage_epochs must give the epochs of {len(names)} stages "
+                             f"({', '.join(names)}), got {tuple(cfg['stage_epochs'])}")
+        return list(zip(names, cfg["stage_epochs"], strict=True))
+
+    def schedule_restarts(self, cfg):
+        return cfg["stage_schedule"] == "restart"  # [ours; default "one"], see the header
 
     def set_stage(self, stage):
         """Train only `stage`'s branch; stages "language"/"vision" add the KL to zero-shot CLIP."""

@@ -34,6 +34,8 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     prompts_per_chunk="text-encoder sequences sent at once (images x classes); memory only",
 )
 CHOICES = dict(prompts_per_chunk=Range(1))  # + common.OPTION_CHOICES
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+TOY = dict(epochs=10, batch_size=16)  # its batch of 1 would be 192 steps an epoch
 
 
 class CustomCLIP(PromptedCLIP):

@@ -57,6 +57,10 @@ class PromptedCLIP(nn.Module):
         """Training as [(stage, epochs), ...]: one stage here; APLe overrides it with its three."""
         return [("all", cfg["epochs"])]
 
+    def schedule_restarts(self, cfg):
+        """Whether each stage restarts the warm-up and cosine lr schedule (else one runs over all)."""
+        return False
+
     def set_stage(self, stage):
         """Called as each stage starts; with one stage, everything the method defines stays trainable."""
 

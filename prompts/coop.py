@@ -25,6 +25,17 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     ctx_init="words the context starts from; '' for a random N(0, 0.02) start",
 )
 CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+TOY = dict(epochs=10, batch_size=16)
+
+
+def protocol_defaults(protocol, dataset, shots):
+    """What CoOp's configs change for this protocol, data set and K [paper: its configs vit_b16
+    (200 epochs), vit_b16_ep100, vit_b16_ep50]."""
+    imagenet = dataset == "imagenet"
+    if protocol == "fewshot":  # [paper] COOP.md: "CLIP + CoOp (M=16, end)", ImageNet *_ep50 "for all settings"
+        return dict(n_ctx=16, ctx_init="", epochs=50 if imagenet or shots <= 1 else 100 if shots <= 4 else 200)
+    return dict(epochs=50) if imagenet else {}  # [paper] base-to-novel on ImageNet: vit_b16_ep50_ctxv1
 
 
 class CustomCLIP(PromptedCLIP):

@@ -33,6 +33,13 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     depth="layers 0..depth-1 carry text prompts and their coupled vision tokens",
 )
 CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+TOY = dict(epochs=10, batch_size=16, depth=3)
+
+
+def protocol_defaults(protocol, dataset, shots):
+    """[code] MaPLe's vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml (and domain generalisation)."""
+    return dict(depth=3, lr=0.0026, epochs=2) if protocol == "crossdataset" else {}
 
 
 class CustomCLIP(PromptedCLIP):

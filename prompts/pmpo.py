@@ -48,6 +48,14 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     epochs="training epochs",
 )
 CHOICES = dict(n_prompts=Range(1), inject=("every", "first"), fusion=("feature", "logit"))  # + OPTION_CHOICES
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+TOY = dict(epochs=10, batch_size=16, depth=4)  # 4 prompts over all 4 vision layers: one layer each
+
+
+def protocol_defaults(protocol, dataset, shots):
+    """Cross-dataset and domain generalisation: [ours] MaPLe's cross-dataset config, depth 3,
+    lr 0.0026, 2 epochs; 3 prompts over the 3 prompted layers."""
+    return dict(depth=3, n_prompts=3, lr=0.0026, epochs=2) if protocol == "crossdataset" else {}
 
 
 def partitions(n_layers, n):

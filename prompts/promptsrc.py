@@ -46,6 +46,18 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     gpa_std="GPA: standard deviation of that Gaussian",
 )
 CHOICES = dict(gpa_std=Range(0, open_low=True))  # + common.OPTION_CHOICES
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+TOY = dict(epochs=10, batch_size=16, depth=3, gpa_mean=7.5)  # GPA's mean at 15 of 20 -> 7.5 of 10
+
+
+def protocol_defaults(protocol, dataset, shots):
+    """[code] PromptSRC's configs/trainers/PromptSRC/*.yaml: GPA's Gaussian per protocol."""
+    if protocol == "crossdataset":  # vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml
+        return dict(depth=3, gpa_mean=6.0, gpa_std=10.0)
+    if protocol == "fewshot":  # vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml, whose comments split the data sets
+        broad = dataset in ("imagenet", "caltech101", "oxford_pets", "food101", "ucf101", "sun397")
+        return dict(epochs=50, gpa_mean=30.0 if broad else 45.0, gpa_std=30.0 if broad else 5.0)
+    return {}
 
 TEMPLATES = [  # the first 60 of CLIP's 80 ImageNet prompts, in CLIP's order (SRC trainers/imagenet_templates.py)
     "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",

@@ -27,6 +27,8 @@ from PIL import Image
 
 import data
 import eval as eval_py
+import options
+import prompts
 import train
 from prompts.common import OPTION_HELP
 from tests import synthetic
@@ -225,8 +227,8 @@ def test_help_lists_every_method(capsys):
 
 
 def test_every_option_has_help_and_its_choices_are_its_own():
-    for module in [train, *train.METHODS.values()]:
-        helps = module.HELP if module is train else {**OPTION_HELP, **module.HELP}  # shared help + own
+    for module in [options, *prompts.METHODS.values()]:
+        helps = module.HELP if module is options else {**OPTION_HELP, **module.HELP}  # shared help + own
         assert set(module.DEFAULTS) <= set(helps), module.__name__
         assert set(module.HELP) <= set(module.DEFAULTS), module.__name__
         assert set(module.CHOICES) <= set(module.DEFAULTS), module.__name__
@@ -236,7 +238,7 @@ def test_every_option_has_help_and_its_choices_are_its_own():
 
 
 def test_dash_and_underscore_flags_are_one(world, tmp_path):
-    a = train.parse_args(argv(world, tmp_path, "pmpo", "--n-prompts", "2", "--eval-batch-size=7"))
+    a = options.parse_args(argv(world, tmp_path, "pmpo", "--n-prompts", "2", "--eval-batch-size=7"))
     assert (a.n_prompts, a.eval_batch_size) == (2, 7)
 
 
@@ -609,9 +611,9 @@ def test_duplicate_class_names_are_warned_about(world, tmp_path):
 LOCK_HOLDER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, os.getcwd())
-    import train
+    import runfolder
     os.makedirs(sys.argv[1], exist_ok=True)
-    train.lock_run_folder(sys.argv[1])
+    runfolder.lock_run_folder(sys.argv[1])
     print("locked", flush=True)
     time.sleep(60)
 """)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import prompts
+import options
 import train
 from clip.tokenizer import tokenize
 from prompts import aple, pmpo, zeroshot
@@ -208,8 +209,9 @@ def test_aple_one_schedule_over_all_stages(folder):
 @pytest.mark.parametrize("schedule, warned", [("one", ["language"]), ("restart", ["language", "vision", "joint"])])
 def test_a_stage_with_only_warmup_epochs_is_warned_about(schedule, warned):
     logs = []
-    cfg = {**train.DEFAULTS, "stage_schedule": schedule}
-    train.warn_warmup_only_stages([("language", 1), ("vision", 1), ("joint", 1)], cfg, logs.append)
+    cfg = {**options.DEFAULTS, "stage_schedule": schedule}
+    train.warn_warmup_only_stages([("language", 1), ("vision", 1), ("joint", 1)], cfg,
+                                 schedule == "restart", logs.append)
     assert [re.search(r"stage '(\w+)'", line).group(1) for line in logs] == warned
     assert all("no epoch after the warm-up" in line for line in logs)
 
@@ -217,7 +219,7 @@ def test_a_stage_with_only_warmup_epochs_is_warned_about(schedule, warned):
 # -- 5. each protocol's settings; a flag given wins -------------------------------------------------------
 
 def parsed(*argv):
-    return vars(train.parse_args(["--dataset", "caltech101", *argv]))
+    return vars(options.parse_args(["--dataset", "caltech101", *argv]))
 
 
 @pytest.mark.parametrize("argv, expected", [

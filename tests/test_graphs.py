@@ -7,15 +7,17 @@ import pytest
 import torch
 
 import prompts
+import options
+import speed
 import train
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.tiny import TINY_SETTINGS, tiny_clip
+from tests.tiny import tiny_clip, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSNAMES = ["cat", "dog", "sea lion", "hot air balloon"]
 
 
-class ReplayedInPython(train.GraphedStep):
+class ReplayedInPython(speed.GraphedStep):
     """GraphedStep with the CUDA parts replaced: 'capturing' records nothing and computes nothing, as a
     real capture, and a 'replay' runs the step on the static inputs and writes into the same outputs."""
     captures = 0
@@ -44,7 +46,7 @@ def learned_after(graphs, method="maple", fail=False, required=False):
     """The learned tensors after two epochs of 3 batches (4, 4, then a partial 2) at two lrs; with
     graphs, the step is ReplayedInPython. Returns (learned state, the step, the losses seen)."""
     torch.manual_seed(0)
-    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **TINY_SETTINGS[method],
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
            "method": method}
     model = prompts.build(method, tiny_clip().requires_grad_(False), CLASSNAMES, "a photo of a {}.",
                           cfg)
@@ -105,17 +107,17 @@ def test_the_cuda_graph_learns_what_eager_bf16_does(method):
     results = []
     for graphs in ("off", "on"):
         torch.manual_seed(0)
-        cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **TINY_SETTINGS[method],
+        cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
                "method": method}
         args = types.SimpleNamespace(device="cuda", precision="bf16", cuda_graphs=graphs)
-        clip_model = train.keep_in_precision(tiny_clip().requires_grad_(False).cuda(), args)
+        clip_model = speed.keep_in_precision(tiny_clip().requires_grad_(False).cuda(), args)
         model = prompts.build(method, clip_model, CLASSNAMES, "a photo of a {}.", cfg)
         model.set_stage(model.stages(cfg)[-1][0])
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         step = train.train_step(model, optimizer, args, cfg)
-        assert isinstance(step, train.GraphedStep) == (graphs == "on")
+        assert isinstance(step, speed.GraphedStep) == (graphs == "on")
         g = torch.Generator().manual_seed(1)
         for _ in range(6):
             step(torch.randn(4, 3, 32, 32, generator=g).cuda(),

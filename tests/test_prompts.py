@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import prompts
+import options
 import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize
 from prompts import aple, pmpo, promptsrc, zeroshot
 from prompts.common import PromptLearner, learned_state, zeroshot_classifier
 from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401 (one_thread is a fixture)
-from tests.tiny import TINY_SETTINGS, tiny_flags
+from tests.tiny import stage_count, tiny_flags, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,7 +86,7 @@ def test_trainable_parameters_vit_b16(vit_b16, method, expected, parts):
     ("pmpo", 2 * 4 * 64 + 2 * (64 * 64 + 64)),
 ])
 def test_train_prints_trainable_parameters(tmp_path, capsys, method, expected):
-    extra = tiny_flags(method, 3 if method == "aple" else 1)
+    extra = tiny_flags(method, stage_count(method))  # one epoch a stage
     model = save_tiny_clip(tmp_path / "tiny.pt")
     folder = write_folder(tmp_path / "images", ["cat", "dog"], per_class=4)
     train.main(["--method", method, "--dataset", f"folder:{folder}", "--model", model, "--out", str(tmp_path / "run"),
@@ -98,12 +99,8 @@ def test_train_prints_trainable_parameters(tmp_path, capsys, method, expected):
 
 # -- only the prompts learn -----------------------------------------------------------------------------
 
-def test_every_method_has_tiny_settings():
-    assert set(TINY_SETTINGS) == set(prompts.METHODS)
-
-
 def tiny_method(method, clip_model, **overrides):
-    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **TINY_SETTINGS[method], **overrides, "method": method}
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method), **overrides, "method": method}
     return train.build_method(method, clip_model, CLASSNAMES, TEMPLATE, cfg)
 
 

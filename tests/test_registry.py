@@ -13,6 +13,7 @@ import torch
 
 import eval as eval_py
 import prompts
+import options
 import train
 from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401 (one_thread is a fixture)
 
@@ -70,7 +71,7 @@ def test_readme_method_learns_only_its_prompts(vpt, tmp_path):
 
 def test_readme_method_in_help(vpt, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--method", "vpt", "--help"])
+        options.parse_args(["--method", "vpt", "--help"])
     assert "--n_ctx_vision" in capsys.readouterr().out
 
 

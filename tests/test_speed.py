@@ -7,6 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import prompts
+import options
 import train
 from bench import full_length_text_features
 from clip.tokenizer import tokenize
@@ -31,7 +32,7 @@ def rel_err(a, b):
 
 
 def aple(clip_model, classnames=CLASSNAMES):
-    cfg = {**train.DEFAULTS, **prompts.METHODS["aple"].DEFAULTS, "depth": 3, "method": "aple"}
+    cfg = {**options.DEFAULTS, **prompts.METHODS["aple"].DEFAULTS, "depth": 3, "method": "aple"}
     return train.build_method("aple", clip_model, classnames, "a photo of a {}.", cfg)
 
 

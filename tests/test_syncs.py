@@ -9,10 +9,11 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 import prompts
+import options
 import train
 from bench import HostSyncs
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.tiny import TINY_SETTINGS, tiny_clip
+from tests.tiny import tiny_clip, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSNAMES = ["cat", "dog", "sea lion", "hot air balloon", "a"]  # several prompt lengths: several buckets
@@ -30,7 +31,7 @@ def test_a_train_step_reads_nothing_back(method):
     """Batch 4 in the method's last stage (everything it defines learns), after one warm-up step (what a method
     makes once, e.g. PromptSRC's teacher features, may read back then)."""
     clip_model = tiny_clip().requires_grad_(False)
-    cfg = {**train.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **TINY_SETTINGS[method], "method": method}
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method), "method": method}
     model = prompts.build(method, clip_model, CLASSNAMES, "a photo of a {}.", cfg)
     model.set_stage(model.stages(cfg)[-1][0])
     model.train()
@@ -78,7 +79,7 @@ def test_the_training_loop_reads_back_once_an_epoch(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(train, "train_step", counting_step)
     train.main(["--method", "pmpo", "--dataset", "toy", "--root", str(tmp_path / "data"),
                 "--out", str(tmp_path / "run")])
-    epochs = train.settings("pmpo", "toy", {})["epochs"]
+    epochs = options.settings("pmpo", "toy", {})["epochs"]
     print(f"{syncs.count} read-backs over {len(steps)} steps: {dict(syncs.ops)}")
     assert len(steps) >= 10 * epochs  # an epoch is long enough for the figure to mean something
     assert syncs.count <= 0.1 * len(steps)

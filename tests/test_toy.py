@@ -15,6 +15,7 @@ import torch
 
 import data
 import eval as eval_py
+import options
 import train
 from clip import toy
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
@@ -105,8 +106,8 @@ def test_toy_clip_is_the_same_file_when_built_again(world):
 def test_real_data_path_untouched():
     """--dataset caltech101 gets the ViT-B/16 defaults, not the toy's."""
     for method in train.METHODS:
-        assert train.settings(method, "caltech101", {}) == train.settings(method, "folder:/x", {})
-    args = train.parse_args(["--method", "pmpo", "--dataset", "caltech101"])
+        assert options.settings(method, "caltech101", {}) == options.settings(method, "folder:/x", {})
+    args = options.parse_args(["--method", "pmpo", "--dataset", "caltech101"])
     assert args.model == "ViT-B/16" and args.epochs == train.METHODS["pmpo"].DEFAULTS["epochs"]
 
 

@@ -18,6 +18,8 @@ from PIL import Image
 
 import data
 import eval as eval_py
+import runfolder
+import options
 import train
 from clip.tokenizer import tokenize
 from clip.transform import Preprocess
@@ -25,21 +27,15 @@ import prompts
 from prompts import coop
 from tests import synthetic
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.tiny import tiny_flags
+from tests.tiny import stage_count, tiny_clip, tiny_flags, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ["cat", "dog", "fish", "bird", "horse", "frog"]  # base: cat, dog, fish; novel: bird, horse, frog
 BASE, NOVEL = CLASSES[:3], CLASSES[3:]
 METHODS = tuple(prompts.METHODS)
-FAST = {m: tiny_flags(m, 3 if m == "aple" else 2) for m in METHODS}  # fit the tiny CLIP, keep a run short
-DEEP = {"prompt_learner.ctx", "text_prompts", "vision_prompts"}  # IVLP's and its descendants' tensors
-LEARNED = {"coop": {"prompt_learner.ctx"}, "kgcoop": {"prompt_learner.ctx"},
-           "cocoop": {"prompt_learner.ctx", *(f"meta_net.linear{i}.{t}" for i in (1, 2) for t in ("weight", "bias"))},
-           "ivlp": DEEP, "promptsrc": DEEP, "aple": DEEP,
-           "maple": {"prompt_learner.ctx", "text_prompts",
-                     *(f"proj.{i}.{t}" for i in (0, 1) for t in ("weight", "bias"))},
-           "pmpo": {"prompt_learner.ctx", "proj.0.weight", "proj.0.bias", "proj.1.weight", "proj.1.bias"}}
+EPOCHS = {m: max(2, stage_count(m)) for m in METHODS}  # at least one a stage: a run stays short
+FAST = {m: tiny_flags(m, EPOCHS[m]) for m in METHODS}  # fit the tiny CLIP
 RUN_FILES = ["config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt"]
 
 
@@ -59,6 +55,15 @@ def argv(world, out, method="coop", *extra, dataset="caltech101", root=None):
 
 def evaluate(world, out, *args, root=None):
     return eval_py.main([*args, "--root", root or world.root, "--workers", "0", "--out", str(out)])
+
+
+def learned_names(method):
+    """The names of the tensors `method` learns, from the model: its parameters outside the frozen CLIP."""
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method), "method": method}
+    model = prompts.build(method, tiny_clip(), BASE, "a photo of a {}.", cfg)
+    names = {n for n, p in model.named_parameters() if not n.startswith("clip.")}
+    assert names and all(p.requires_grad for n, p in model.named_parameters() if n in names)
+    return names
 
 
 def load_ckpt(folder):
@@ -239,10 +244,10 @@ def test_run_folder(b2n, method):
     assert sorted(os.listdir(out)) == RUN_FILES  # train_state.pt is removed once the run is complete
     assert os.path.getsize(os.path.join(out, "prompt_learner.pt")) < 1_000_000  # the tiny CLIP alone is ~14 MB
     ckpt = load_ckpt(out)  # weights_only=True: plain tensors and containers
-    assert set(ckpt["state_dict"]) == LEARNED[method]
+    assert set(ckpt["state_dict"]) == learned_names(method)  # exactly what the method learns, no CLIP
     assert not any(k.startswith("clip.") for k in ckpt["state_dict"])
     assert (ckpt["method"], ckpt["classnames"]) == (method, BASE)
-    assert ckpt["epoch"] == (3 if method == "aple" else 2)
+    assert ckpt["epoch"] == EPOCHS[method]
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     assert ckpt["config"] == config
@@ -562,9 +567,9 @@ def test_progress_line(monkeypatch, capsys, tty):
     """Step, images/s and ETA: a plain line a minute when stderr is a file, one line rewritten in place on a
     terminal (cleared at the end, the loop logs its own summary). Nothing goes to stdout or log.txt."""
     clock = iter([0.0, 30.0, 61.0, 61.1, 130.0])  # created, then after steps 1-4 of 4
-    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(runfolder, "time", SimpleNamespace(time=lambda: next(clock)))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
-    progress = train.Progress("stage all epoch 1/5", 4)
+    progress = runfolder.Progress("stage all epoch 1/5", 4)
     for step in range(1, 5):
         progress(step, 4)
     progress.close()

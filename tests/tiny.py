@@ -1,8 +1,11 @@
 """A tiny random CLIP for fast CPU tests: same layout and names as OpenAI's, a few MB instead of 350."""
+import functools
 import math
 
 import torch
 
+import options
+import prompts
 from clip.model import CLIP
 
 TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
@@ -35,21 +38,32 @@ def tiny_clip(seed=0, **overrides):
     return model.eval()
 
 
-# What each method needs to fit the tiny CLIP (2 + 2 layers): every test that builds or trains a method
-# reads it from here, as cfg overrides or as train.py flags (tiny_flags).
-TINY_SETTINGS = {
-    "coop": {}, "cocoop": {}, "kgcoop": {},
-    "ivlp": dict(depth=2), "maple": dict(depth=2), "promptsrc": dict(depth=2), "aple": dict(depth=2),
-    "pmpo": dict(n_prompts=2, depth=2),
-}
+def tiny_settings(method):
+    """What `method` needs to fit the tiny CLIP (2 + 2 layers), read from its DEFAULTS: each option counted
+    in layers (depth; n_prompts, PMPO's one partition of the prompted layers per prompt) at most 2. Every
+    test that builds or trains a method reads it from here, so a new method needs no test edit."""
+    defaults = prompts.METHODS[method].DEFAULTS
+    layers = TINY_CONFIG["vision_layers"]
+    return {k: min(defaults[k], layers) for k in ("depth", "n_prompts") if k in defaults}
+
+
+@functools.lru_cache(maxsize=None)
+def stage_count(method):
+    """How many stages `method` trains in (APLe: 3), from the model itself."""
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method), "method": method}
+    return len(prompts.build(method, tiny_clip(), ["cat", "dog"], "a photo of a {}.", cfg).stages(cfg))
 
 
 def tiny_flags(method, epochs):
-    """train.py flags for `method` on the tiny CLIP, trained `epochs` epochs in all (APLe: split over its
-    three stages, the last taking the remainder; PromptSRC: GPA's Gaussian at the paper's 15/20 of the run)."""
-    flags = [f for key, value in TINY_SETTINGS[method].items() for f in (f"--{key}", str(value))]
-    if method == "aple":
-        return flags + ["--stage_epochs", *map(str, (epochs // 3, epochs // 3, epochs - 2 * (epochs // 3)))]
-    if method == "promptsrc":
+    """train.py flags for `method` on the tiny CLIP, trained `epochs` epochs in all (at least one per
+    stage: see stage_count). A method with stage_epochs (APLe) gets them split over its stages, the last
+    taking the remainder; one with a GPA Gaussian (PromptSRC) gets its mean at the paper's 15/20 of the run."""
+    defaults = prompts.METHODS[method].DEFAULTS
+    flags = [f for key, value in tiny_settings(method).items() for f in (f"--{key}", str(value))]
+    if "gpa_mean" in defaults:
         flags += ["--gpa_mean", str(0.75 * epochs)]
+    if "stage_epochs" in defaults:
+        n = len(defaults["stage_epochs"])
+        split = [epochs // n] * (n - 1) + [epochs - (n - 1) * (epochs // n)]
+        return flags + ["--stage_epochs", *map(str, split)]
     return flags + ["--epochs", str(epochs)]
