@@ -122,18 +122,18 @@ def test_picture(tmp_path):
 
 
 def test_readme_clip_snippet_prints_what_the_readme_says(world, monkeypatch, capsys):
-    """The README's first clip/ example, run as printed, prints the class the README shows, and a probability.
+    """docs/clip.md's first example (linked from the README), run as printed, prints the class it shows, and a
+    probability.
 
     The probability is the build's: another CPU builds another toy CLIP (its pre-training is chaotic in the last
     bits): nine of ten builds on one CPU gave frog, at 0.23 to 0.95 (the tenth is degenerate). The class is what
     the example demonstrates."""
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    section = readme[readme.index("## Using `clip/` on its own"):]
+    with open(os.path.join(REPO, "docs", "clip.md")) as f:
+        section = f.read()
     code = section[section.index("```python\n") + 10:section.index("```\n\nIt prints")]
     printed = section[section.index("It prints `") + 11:].split("`")[0]
     monkeypatch.setenv("CLIP_CACHE", str(world.cache))
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/clip.md", "exec"), {})
     name, probability = capsys.readouterr().out.strip().split(": ")
     assert name == printed.split(": ")[0] == "frog"
     assert 1 / len(toy.CLASSNAMES) < float(probability) <= 1 and len(probability) == 4  # e.g. 0.64
