@@ -67,19 +67,20 @@ def parse_args(argv=None):
     argv = [flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--method")
+    pre.add_argument("--dataset")  # --help with --dataset toy shows the toy world's defaults
     pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)
     if known.help and known.method not in METHODS:  # every method's options, one section each
-        p = build_parser()
+        p = build_parser(dataset=known.dataset)
         p.epilog, flags_note = None, p.epilog
-        methods = "".join("\n" + method_help(name) for name in METHODS)
+        methods = "".join("\n" + method_help(name, known.dataset) for name in METHODS)
         print(p.format_help() + methods + "\n" + flags_note)
         raise SystemExit(0)
     if known.method not in METHODS:
         given = "" if known.method is None else f" (got {known.method!r})"
         raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}{given}; "
                          f"`python train.py --help` describes them")
-    p = build_parser(known.method)
+    p = build_parser(known.method, known.dataset)
     args = p.parse_args(argv)
     method = METHODS[known.method]
     keys = {**DEFAULTS, **method.DEFAULTS}
@@ -118,8 +119,9 @@ def flag_style(arg):
     return "--" + name[2:].replace("-", "_") + eq + value
 
 
-def build_parser(method=None):
-    """train.py's flags: the run's, the protocol's (DEFAULTS) and `method`'s (its DEFAULTS)."""
+def build_parser(method=None, dataset=None):
+    """train.py's flags: the run's, the protocol's (DEFAULTS) and `method`'s (its DEFAULTS); the
+    defaults shown are the toy world's where `dataset` is toy."""
     epilog = ("Defaults are base-to-novel's; other protocols and data sets change some "
               "(prompts.protocol_defaults), and a flag given wins. Flags take - or _ alike "
               "(--batch-size = --batch_size). `--method NAME --help` shows one method's options.")
@@ -133,27 +135,31 @@ def build_parser(method=None):
     p.add_argument("--out",
                    help="run folder (default runs/<dataset>/<method>/<protocol>/shots<K>_seed<S>)")
     p.add_argument("--fewshot_file", help="a fewshot.json to train on instead of sampling shots")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, mps")
-    add_options(p.add_argument_group("protocol options (every method)"), DEFAULTS, HELP, CHOICES)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=device,
+                   help=f"cpu, cuda, cuda:1, mps (default: cuda if a GPU is seen, else cpu; "
+                        f"here: {device})")
+    add_options(p.add_argument_group("protocol options (every method)"), shared_defaults(dataset),
+                HELP, CHOICES)
     if method:
-        add_method_options(p, method)
+        add_method_options(p, method, dataset)
     return p
 
 
-def add_method_options(parser, method):
+def add_method_options(parser, method, dataset=None):
     module = METHODS[method]
+    toy = prompts.toy_defaults(method) if dataset == "toy" else {}
     summary = (module.__doc__ or "").strip().split("\n")[0]
     group = parser.add_argument_group(f"--method {method}", summary)
     helps = {**OPTION_HELP, **getattr(module, "HELP", {})}
     choices = {**OPTION_CHOICES, **getattr(module, "CHOICES", {})}  # CHOICES: optional
-    add_options(group, module.DEFAULTS, helps, choices)
+    add_options(group, {**module.DEFAULTS, **toy}, helps, choices)
 
 
-def method_help(method):
+def method_help(method, dataset=None):
     """The help of one method's options alone (train.py --help lists every method's)."""
     p = argparse.ArgumentParser(usage=argparse.SUPPRESS, add_help=False)
-    add_method_options(p, method)
+    add_method_options(p, method, dataset)
     return p.format_help()
 
 

@@ -118,7 +118,7 @@ def test_text_cut_is_exact():
 
     Under the causal mask no kept token attends to a cut position, so the cut is exact in exact
     arithmetic. In float32 the softmax and attention sums run over n instead of 77 keys, grouped
-    differently, so the last bits may move (README's Performance section gives the figure bench.py
+    differently, so the last bits may move (docs/performance.md gives the figure bench.py
     measured; some shapes come out bit-identical). A cut in the wrong place or a leaking mask is off by far more.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel

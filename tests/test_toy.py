@@ -16,6 +16,7 @@ import torch
 import data
 import eval as eval_py
 import options
+import prompts
 import train
 from clip import toy
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
@@ -137,3 +138,14 @@ def test_readme_clip_snippet_prints_what_the_readme_says(world, monkeypatch, cap
     name, probability = capsys.readouterr().out.strip().split(": ")
     assert name == printed.split(": ")[0] == "frog"
     assert 1 / len(toy.CLASSNAMES) < float(probability) <= 1 and len(probability) == 4  # e.g. 0.64
+
+
+def test_help_on_the_toy_world_shows_its_values(capsys):
+    """`train.py --method M --dataset toy --help` shows the values a toy run uses, not ViT-B/16's."""
+    with pytest.raises(SystemExit):
+        options.parse_args(["--method", "pmpo", "--dataset", "toy", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    toy = {**options.TOY, **prompts.toy_defaults("pmpo")}
+    assert f"--epochs EPOCHS training epochs (default: {toy['epochs']})" in text
+    assert f"(default: {toy['model']})" in text and f"(default: {toy['threads']})" in text
+    assert "--device DEVICE cpu, cuda, cuda:1, mps (default: cuda if a GPU is seen, else cpu; here: cpu)" in text
