@@ -31,7 +31,7 @@ import clip
 import data
 import prompts
 from clip.files import atomic_write
-from prompts import METHODS, clip_architecture
+from prompts import METHODS, clip_architecture, zeroshot
 from prompts.common import OPTION_CHOICES, OPTION_HELP, Range, check_settings, learned_state
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
 SWITCH = ("auto", "on", "off")
@@ -102,6 +102,7 @@ def run(args, cfg):
     # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
     ds = read_dataset(args.dataset, args.root)
     clip_model = load_frozen_clip(cfg["model"], args.device)
+    cfg["clip_sha256"] = clip.clip.sha256(cfg["model"])  # a rerun with another CLIP is refused
     set_seed(cfg["seed"])  # before the shots and the prompts' init, as CoOp's train.py
     fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
     out = args.out or os.path.join("runs", safe_name(args.dataset), method,
@@ -154,10 +155,15 @@ def run(args, cfg):
     else:
         metrics["accuracy"] = evaluate(model, test_items, args, cfg)
     log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    if args.dataset == "toy" and cfg["protocol"] == "base2novel":  # seconds on the toy: a yardstick
+        zs = zeroshot_metrics(clip_model, ds, args, cfg)
+        log("zero-shot CLIP on the same test images: "
+            + "  ".join(f"{k} {v:.2f}" for k, v in zs.items()))
     save_json(os.path.join(out, "metrics.json"), metrics)
     if os.path.exists(os.path.join(out, "train_state.pt")):
         os.remove(os.path.join(out, "train_state.pt"))  # complete: only the prompts are kept
     unlock_run_folder(out)
+    log(f"run folder: {out}")
     return metrics
 
 
@@ -274,6 +280,17 @@ def evaluate(model, items, args, cfg):
             progress(step + 1, len(labels))
     progress.close()
     return 100.0 * correct / total
+
+
+def zeroshot_metrics(clip_model, ds, args, cfg):
+    """Zero-shot CLIP on a data set's base and novel test images: base_acc, novel_acc, hm."""
+    metrics = {}
+    for subsample, key in (("base", "base_acc"), ("new", "novel_acc")):
+        (_, _, test), classnames = data.subsample_classes(subsample, ds.train, ds.val, ds.test)
+        model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
+        metrics[key] = evaluate(model, test, args, cfg)
+    metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
+    return metrics
 
 
 def last_good(out):
@@ -690,10 +707,10 @@ def prepare_run_folder(out, cfg, stages):
     """Create `out`, or resume the unfinished run with the same settings in it; hold its lock.
     Returns the saved training state (None for a new run)."""
     check_out_folder(out)
-    if finished(out):
-        raise SystemExit(f"error: {out} already holds a finished run (metrics.json). "
-                         f"Pick another --out, or delete that folder to run again.")
     old = recorded_config(out)
+    if finished(out):
+        raise SystemExit(f"error: {out} already holds a finished run (metrics.json){other_clip(old, cfg)}. "
+                         f"Pick another --out, or delete that folder to run again.")
     speed = ("device", "workers", "threads")  # may change between a run and its resume
     changed = {k: (old.get(k), v) for k, v in cfg.items()
                if old.get(k) != v and k not in speed} if old is not None else {}
@@ -717,6 +734,14 @@ def prepare_run_folder(out, cfg, stages):
     if changed or read_json(os.path.join(out, "config.json")) is None:  # or new, or restored above
         save_json(os.path.join(out, "config.json"), cfg)
     return load_train_state(out, stages)
+
+
+def other_clip(old, cfg):
+    """", made with another CLIP (...)" when the recorded run's CLIP file is not this one, else ""."""
+    if old is None or old.get("clip_sha256") == cfg["clip_sha256"]:
+        return ""
+    return (f", made with another CLIP (sha256 {old.get('clip_sha256') or 'not recorded'}; "
+            f"{cfg['model']} now is {cfg['clip_sha256']})")
 
 
 def finished(out):
