@@ -142,8 +142,8 @@ SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
 
 def benchmark(args):
     """Zero-shot CLIP, then `python train.py --method M --dataset toy --seed S` for every method and seed,
-    each into its own run folder under --out (a finished one is kept, so an interrupted table resumes;
-    one made with another toy CLIP is refused: its table would be another world's);
+    each into its own run folder under --out (a finished one is kept, so an interrupted table
+    resumes; one made with another toy CLIP is refused: its table would be another world's);
     returns and prints the summary of them all."""
     out = args.out or os.path.join("runs", "toy_benchmark")
     start = time.time()
@@ -156,8 +156,8 @@ def benchmark(args):
         zeroshot_run(zeroshot_folder, args)
     for (method, seed), folder in folders.items():
         if not os.path.exists(os.path.join(folder, "metrics.json")):
-            train.main(["--method", method, "--dataset", "toy", "--seed", str(seed), "--root", args.root,
-                        "--device", args.device, "--out", folder])
+            train.main(["--method", method, "--dataset", "toy", "--seed", str(seed),
+                        "--root", args.root, "--device", args.device, "--out", folder])
     table = summary([out])
     print(f"\n{table}\n\n{len(folders) + 1} runs under {out}, {time.time() - start:.0f}s")
     return table
@@ -179,8 +179,8 @@ def zeroshot_run(folder, args):
     ds = train.read_dataset("toy", args.root)
     clip_model = train.load_frozen_clip("toy", args.device)
     cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
-               clip_sha256=clip.clip.sha256("toy"), eval_batch_size=train.DEFAULTS["eval_batch_size"],
-               workers=args.workers)
+               clip_sha256=clip.clip.sha256("toy"),
+               eval_batch_size=train.DEFAULTS["eval_batch_size"], workers=args.workers)
     metrics = train.zeroshot_metrics(clip_model, ds, args, cfg)
     print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     os.makedirs(folder, exist_ok=True)
@@ -198,13 +198,13 @@ def summary(dirs):
 
     Runs share a table only if every setting but the seed (and the shots' file, the device and the
     worker count) is the same; tables that differ say in what. A seed found twice with the same
-    settings counts once, and a note below the tables names both folders. Base-to-novel: HM per data set from its
-    seed-averaged base and novel; the "Average" row's HM from the averaged base and novel, as in the
+    settings counts once, and a note below the tables names both folders. Base-to-novel: HM per
+    data set from its seed-averaged base and novel; the "Average" row's HM from the averaged base and novel, as in the
     CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run. A damaged file is named
     and skipped.
     """
     tables, notes = {}, []  # settings (JSON) -> dataset -> column -> [value per seed]
-    seen, repeats = {}, []  # (settings, dataset, seed) -> (folder, metrics) of its first run; the others
+    seen, repeats = {}, []  # (settings, dataset, seed) -> (folder, metrics) of its first run
     for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**", "metrics.json"), recursive=True)):
         folder = os.path.dirname(metrics_path)
         cfg, values = train.read_json(os.path.join(folder, "config.json")), train.read_json(metrics_path)
@@ -233,8 +233,8 @@ def summary(dirs):
             row.setdefault(column, []).append(value)
     for (settings, dataset, seed), (first, kept), (again, other) in repeats:
         same = "the same results" if kept == other else f"other results, {other}, not counted"
-        notes.append(f"note: {dataset} in \"{title(settings, tables)}\": seed {seed} is in {first} and "
-                     f"again, with the same settings, in {again} ({same}); counted once")
+        notes.append(f"note: {dataset} in \"{title(settings, tables)}\": seed {seed} is in {first} "
+                     f"and again, with the same settings, in {again} ({same}); counted once")
     if not tables:
         return "\n".join(notes + [f"no finished runs (metrics.json) under {', '.join(dirs)}"])
     blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"], t) for k, t in tables.items()]

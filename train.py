@@ -709,8 +709,8 @@ def prepare_run_folder(out, cfg, stages):
     check_out_folder(out)
     old = recorded_config(out)
     if finished(out):
-        raise SystemExit(f"error: {out} already holds a finished run (metrics.json){other_clip(old, cfg)}. "
-                         f"Pick another --out, or delete that folder to run again.")
+        raise SystemExit(f"error: {out} already holds a finished run (metrics.json)"
+                         f"{other_clip(old, cfg)}. Pick another --out, or delete that folder to run again.")
     speed = ("device", "workers", "threads")  # may change between a run and its resume
     changed = {k: (old.get(k), v) for k, v in cfg.items()
                if old.get(k) != v and k not in speed} if old is not None else {}

@@ -95,8 +95,9 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
 
 
 def sha256(name, download_root=None):
-    """The sha256 of the file load(name) reads, recorded by a run so no result of another CLIP is reused:
-    a named model's is in its URL (checked on download), the toy CLIP's is pinned, a path's is computed."""
+    """The sha256 of the file load(name) reads, recorded by a run so that no result of another CLIP
+    is reused: a named model's is in its URL (checked on download), the toy CLIP's is pinned, a
+    path's is computed."""
     if name in _MODELS:
         return _MODELS[name].split("/")[-2]
     if name == "toy":

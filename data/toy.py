@@ -19,8 +19,9 @@ from PIL import Image, ImageDraw
 from clip import toy
 from clip.files import atomic_write
 
-PER_CLASS = dict(train=32, val=8, test=100)  # images per class and split; 16 shots are drawn from the 32
-# [ours] 100 test images a class: one image is 0.08 points of a half's accuracy, well under the seeds' spread
+# Images per class and split; 16 shots are drawn from the 32. [ours] 100 test images a class: one
+# image is 0.08 points of a half's accuracy, well under the seeds' spread.
+PER_CLASS = dict(train=32, val=8, test=100)
 SEED = 1  # of the downstream images (pre-training draws its own from clip/toy.py's seed)
 
 

@@ -1,7 +1,7 @@
 """The built-in toy world: the README's quick-start command, run as written, and the world's promises.
 
-The quick start runs in a fresh folder with an empty CLIP cache and no $DATA, as on a new machine: it reads
-the shipped toy CLIP and draws the data set itself. The other tests reuse what it drew. No test here depends
+The quick start runs in a fresh folder with an empty CLIP cache and no $DATA, as on a new machine: it
+reads the shipped toy CLIP and draws the data set itself. The other tests reuse what it drew. No test here depends
 on the CPU's kernels: the shipped file is read, not built, and zero-shot CLIP's accuracies on it are the same
 under AVX-512, AVX2 and scalar kernels (its logits differ in the last bits, never in their argmax here).
 """
@@ -114,7 +114,7 @@ def test_pack_unpack_round_trip(one_thread):
 
 
 def test_build_says_whether_it_is_the_shipped_file(tmp_path, monkeypatch, capsys, one_thread):
-    """--build's two outcomes, on a 2-step pre-training (the real one takes 150 steps, and its result
+    """--build's two outcomes, on a 2-step pre-training (the real one takes 300 steps, and its result
     depends on the CPU's kernels, which is why the file is shipped)."""
     monkeypatch.setitem(toy.PRETRAIN, "steps", 2)
     out = str(tmp_path / "built.pt")
@@ -160,7 +160,7 @@ def test_zeroshot_above_chance_and_below_perfect(world, one_thread):
 
 
 def test_prompt_learning_beats_zeroshot_on_base(world, one_thread):
-    """By a margin far above what other CPU kernels move a fine-tuning (at most 2 points, README)."""
+    """By a margin far above what other CPU kernels move a fine-tuning (0 on the scalar ones here)."""
     with open(world.run / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["base_acc"] >= zeroshot(world.root)["base_acc"] + MARGIN
