@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import clip
 import data
 import prompts
 import options
@@ -144,22 +145,36 @@ SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
 
 def benchmark(args):
     """Zero-shot CLIP, then `python train.py --method M --dataset toy --seed S` for every method and seed,
-    each into its own run folder under --out (a finished one is kept, so an interrupted table resumes);
+    each into its own run folder under --out (a finished one is kept, so an interrupted table
+    resumes; one made with another toy CLIP is refused: its table would be another world's);
     returns and prints the summary of them all."""
     out = args.out or os.path.join("runs", "toy_benchmark")
     start = time.time()
-    folder = os.path.join(out, "zeroshot", "base2novel", "shots16_seed1")
-    if not os.path.exists(os.path.join(folder, "metrics.json")):
-        zeroshot_run(folder, args)
-    for method in prompts.METHODS:
-        for seed in SEEDS:
-            folder = os.path.join(out, method, "base2novel", f"shots16_seed{seed}")
-            if not os.path.exists(os.path.join(folder, "metrics.json")):
-                train.main(["--method", method, "--dataset", "toy", "--seed", str(seed), "--root", args.root,
-                            "--device", args.device, "--out", folder])
+    folders = {(m, s): os.path.join(out, m, "base2novel", f"shots16_seed{s}")
+               for m in prompts.METHODS for s in SEEDS}
+    zeroshot_folder = os.path.join(out, "zeroshot", "base2novel", "shots16_seed1")
+    for folder in [zeroshot_folder, *folders.values()]:
+        check_same_clip(folder, out)
+    if not os.path.exists(os.path.join(zeroshot_folder, "metrics.json")):
+        zeroshot_run(zeroshot_folder, args)
+    for (method, seed), folder in folders.items():
+        if not os.path.exists(os.path.join(folder, "metrics.json")):
+            train.main(["--method", method, "--dataset", "toy", "--seed", str(seed),
+                        "--root", args.root, "--device", args.device, "--out", folder])
     table = summary([out])
-    print(f"\n{table}\n\n{len(prompts.METHODS) * len(SEEDS) + 1} runs under {out}, {time.time() - start:.0f}s")
+    print(f"\n{table}\n\n{len(folders) + 1} runs under {out}, {time.time() - start:.0f}s")
     return table
+
+
+def check_same_clip(folder, out):
+    """Refuse a benchmark folder holding a run of another toy CLIP (or of one not recorded)."""
+    cfg = runfolder.read_json(os.path.join(folder, "config.json"))
+    if cfg is None or cfg.get("clip_sha256") == clip.clip.sha256("toy"):
+        return
+    raise SystemExit(f"error: {folder} was made with another CLIP (sha256 "
+                     f"{cfg.get('clip_sha256') or 'not recorded'}, the toy CLIP's is "
+                     f"{clip.clip.sha256('toy')}), so {out} holds another world's table. Delete "
+                     f"{out} (or pass another --out) to run the benchmark again.")
 
 
 def zeroshot_run(folder, args):
@@ -167,13 +182,9 @@ def zeroshot_run(folder, args):
     ds = train.read_dataset("toy", args.root)
     clip_model = speed.keep_in_precision(train.load_frozen_clip("toy", args.device), args)
     cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
+               clip_sha256=clip.clip.sha256("toy"),
                eval_batch_size=options.DEFAULTS["eval_batch_size"], workers=args.workers)
-    metrics = {}
-    for subsample, key in (("base", "base_acc"), ("new", "novel_acc")):
-        (_, _, test), classnames = data.subsample_classes(subsample, ds.train, ds.val, ds.test)
-        model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
-        metrics[key] = train.evaluate(model, test, args, cfg)
-    metrics["hm"] = train.harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
+    metrics = train.zeroshot_metrics(clip_model, ds, args, cfg)
     print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     os.makedirs(folder, exist_ok=True)
     for name, content in (("config.json", cfg), ("metrics.json", metrics)):
@@ -189,12 +200,14 @@ def summary(dirs):
     """Markdown tables of every finished run under dirs: mean ± std over seeds, per data set.
 
     Runs share a table only if every setting but the seed (and the shots' file, the device and the
-    worker count) is the same; tables that differ say in what. Base-to-novel: HM per data set from its
-    seed-averaged base and novel; the "Average" row's HM from the averaged base and novel, as in the
+    worker count) is the same; tables that differ say in what. A seed found twice with the same
+    settings counts once, and a note below the tables names both folders. Base-to-novel: HM per
+    data set from its seed-averaged base and novel; the "Average" row's HM from the averaged base and novel, as in the
     CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run. A damaged file is named
     and skipped.
     """
     tables, notes = {}, []  # settings (JSON) -> dataset -> column -> [value per seed]
+    seen, repeats = {}, []  # (settings, dataset, seed) -> (folder, metrics) of its first run
     for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**", "metrics.json"), recursive=True)):
         folder = os.path.dirname(metrics_path)
         cfg, values = runfolder.read_json(os.path.join(folder, "config.json")), runfolder.read_json(metrics_path)
@@ -212,16 +225,19 @@ def summary(dirs):
                 continue
             values[f"{e['dataset']} ({e['subsample']})"] = e["accuracy"]
         settings = json.dumps({k: v for k, v in cfg.items() if k not in NOT_SETTINGS}, sort_keys=True)
+        key = (settings, cfg["dataset"], cfg["seed"])
+        if key in seen:  # e.g. the quick start's run and the benchmark's: one seed, counted once
+            repeats.append((key, seen[key], (folder, values)))
+            continue
+        seen[key] = (folder, values)
         row = tables.setdefault(settings, {}).setdefault(cfg["dataset"], {})
         row.setdefault("seed", []).append(cfg["seed"])
         for column, value in values.items():
             row.setdefault(column, []).append(value)
-    for settings, table in tables.items():
-        for dataset, row in table.items():
-            repeated = sorted({s for s in row["seed"] if row["seed"].count(s) > 1})
-            if repeated:
-                notes.append(f"note: {dataset} in \"{title(settings, tables)}\" has seed(s) {repeated} "
-                             f"more than once")
+    for (settings, dataset, seed), (first, kept), (again, other) in repeats:
+        same = "the same results" if kept == other else f"other results, {other}, not counted"
+        notes.append(f"note: {dataset} in \"{title(settings, tables)}\": seed {seed} is in {first} "
+                     f"and again, with the same settings, in {again} ({same}); counted once")
     if not tables:
         return "\n".join(notes + [f"no finished runs (metrics.json) under {', '.join(dirs)}"])
     blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"], t) for k, t in tables.items()]

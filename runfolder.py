@@ -82,10 +82,11 @@ def prepare_run_folder(out, cfg, stages):
     """Create `out`, or resume the unfinished run with the same settings in it; hold its lock.
     Returns the saved training state (None for a new run)."""
     check_out_folder(out)
-    if finished(out):
-        raise SystemExit(f"error: {out} already holds a finished run (metrics.json). "
-                         f"Pick another --out, or delete that folder to run again.")
     old = recorded_config(out)
+    if finished(out):
+        raise SystemExit(f"error: {out} already holds a finished run (metrics.json)"
+                         f"{other_clip(old, cfg)}. Pick another --out, or delete that folder to "
+                         f"run again.")
     speed = ("device", "workers", "threads", "cuda_graphs")  # may change between a run and its resume
     changed = {k: (old.get(k), v) for k, v in cfg.items()
                if old.get(k) != v and k not in speed} if old is not None else {}
@@ -109,6 +110,14 @@ def prepare_run_folder(out, cfg, stages):
     if changed or read_json(os.path.join(out, "config.json")) is None:  # or new, or restored above
         save_json(os.path.join(out, "config.json"), cfg)
     return load_train_state(out, stages)
+
+
+def other_clip(old, cfg):
+    """", made with another CLIP (...)" when the recorded run's CLIP file is not this one, else ""."""
+    if old is None or old.get("clip_sha256") == cfg["clip_sha256"]:
+        return ""
+    return (f", made with another CLIP (sha256 {old.get('clip_sha256') or 'not recorded'}; "
+            f"{cfg['model']} now is {cfg['clip_sha256']})")
 
 
 def finished(out):

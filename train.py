@@ -27,7 +27,7 @@ import clip
 import data
 import prompts
 from options import DEFAULTS, parse_args
-from prompts import METHODS
+from prompts import METHODS, zeroshot
 from prompts.common import learned_state
 from runfolder import (Log, Progress, check_finite, clear_errors, last_good, prepare_run_folder,
                        recorded_shots, restore_rng, rng_state, safe_name, save_checkpoint,
@@ -59,6 +59,7 @@ def run(args, cfg):
     # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
     ds = read_dataset(args.dataset, args.root)
     clip_model = keep_in_precision(load_frozen_clip(cfg["model"], args.device), args)
+    cfg["clip_sha256"] = clip.clip.sha256(cfg["model"])  # a rerun with another CLIP is refused
     set_seed(cfg["seed"])  # before the shots and the prompts' init, as CoOp's train.py
     fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
     out = args.out or os.path.join("runs", safe_name(args.dataset), method,
@@ -111,10 +112,15 @@ def run(args, cfg):
     else:
         metrics["accuracy"] = evaluate(model, test_items, args, cfg)
     log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    if args.dataset == "toy" and cfg["protocol"] == "base2novel":  # seconds on the toy: a yardstick
+        zs = zeroshot_metrics(clip_model, ds, args, cfg)
+        log("zero-shot CLIP on the same test images: "
+            + "  ".join(f"{k} {v:.2f}" for k, v in zs.items()))
     save_json(os.path.join(out, "metrics.json"), metrics)
     if os.path.exists(os.path.join(out, "train_state.pt")):
         os.remove(os.path.join(out, "train_state.pt"))  # complete: only the prompts are kept
     unlock_run_folder(out)
+    log(f"run folder: {out}")
     return metrics
 
 
@@ -270,6 +276,17 @@ def evaluate(model, items, args, cfg):
             progress(step + 1, len(labels))
     progress.close()
     return 100.0 * int(correct) / total  # the one read-back
+
+
+def zeroshot_metrics(clip_model, ds, args, cfg):
+    """Zero-shot CLIP on a data set's base and novel test images: base_acc, novel_acc, hm."""
+    metrics = {}
+    for subsample, key in (("base", "base_acc"), ("new", "novel_acc")):
+        (_, _, test), classnames = data.subsample_classes(subsample, ds.train, ds.val, ds.test)
+        model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
+        metrics[key] = evaluate(model, test, args, cfg)
+    metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
+    return metrics
 
 
 def harmonic_mean(base, novel):

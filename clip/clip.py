@@ -21,7 +21,6 @@ import zipfile
 
 import torch
 
-from . import toy
 from .model import build_model
 from .tokenizer import tokenize
 from .transform import Preprocess
@@ -70,7 +69,7 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
     """Return (model, preprocess): a float32 CLIP in eval mode on `device`, and its PIL -> tensor transform.
 
     openai/CLIP's signature. name: one of available_models() (downloaded once into cache_root(download_root)),
-    "toy" (clip/toy.py's tiny CLIP, pre-trained on first use and cached there too),
+    "toy" (clip/toy.py's tiny CLIP, read from the repository's sha256-pinned clip/toy_clip.pt),
     or the path of a checkpoint (OpenAI's TorchScript .pt or a plain state_dict).
     jit: only for openai/CLIP's call signature; there is no TorchScript model here.
     """
@@ -78,8 +77,8 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
         raise ValueError("jit=True is not supported: load returns a plain nn.Module (use torch.compile for speed)")
     if name in _MODELS:
         path = _download(_MODELS[name], cache_root(download_root))
-    elif name == "toy":  # the toy world's tiny CLIP (clip/toy.py): pre-trained here once, then cached
-        path = toy.cached(cache_root(download_root))
+    elif name == "toy":  # the toy world's tiny CLIP (clip/toy.py), shipped in the repository
+        path = _toy().shipped()
     elif os.path.isfile(name):
         path = name
     else:
@@ -93,6 +92,19 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
     # OpenAI's load casts the model to fp16 on CUDA. We keep float32 weights (so fine-tuning and
     # prompt learning get float32 gradients) and leave speed to torch.autocast at call time.
     return model.to(device).eval(), _transform(model.visual.input_resolution)
+
+
+def sha256(name, download_root=None):
+    """The sha256 of the file load(name) reads, recorded by a run so that no result of another CLIP
+    is reused: a named model's is in its URL (checked on download), the toy CLIP's is pinned, a
+    path's is computed."""
+    if name in _MODELS:
+        return _MODELS[name].split("/")[-2]
+    if name == "toy":
+        return _toy().SHIPPED_SHA256
+    if os.path.isfile(name):
+        return file_digest(name)
+    return load(name)  # raises load's message for an unknown name
 
 
 def _read_state_dict(path):
@@ -112,7 +124,15 @@ def _read_state_dict(path):
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         found = f"a dict with keys {list(state_dict)[:5]}" if isinstance(state_dict, dict) else type(state_dict).__name__
         raise ValueError(f"{path}: expected a state_dict (a dict of tensors), found {found}")
+    if _toy().PACKED[0] in state_dict:  # the toy CLIP's file: rows no caption moved are regenerated
+        return _toy().unpack(state_dict)
     return {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from DataParallel/DDP
+
+
+def _toy():
+    """clip/toy.py, imported when first needed (so `python -m clip.toy` runs it only once)."""
+    from . import toy
+    return toy
 
 
 def _is_torchscript(path):
