@@ -16,14 +16,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-import clip
+import benchmark
 import data
-import prompts
 import options
+import prompts
 import runfolder
 import speed
 import train
@@ -47,9 +46,29 @@ def parse_args(argv=None):
     shared = {k: options.DEFAULTS[k] for k in ("precision", "eval_batch_size", "workers")}
     options.add_options(p, shared, options.HELP, options.CHOICES)
     p.add_argument("--summary", nargs="+", metavar="DIR", help="print the Markdown tables of the runs under DIR")
-    p.add_argument("--benchmark", choices=("toy",), help="run zero-shot CLIP and every method on the toy world, "
-                   "seeds 1 to 3, into --out (default runs/toy_benchmark), then print the summary")
+    p.add_argument("--benchmark", choices=benchmark.PROTOCOLS,
+                   help="every run of a protocol's table (toy: zero-shot CLIP and every method on the "
+                        "toy world), each into its train.py folder under --out (default runs/, toy: "
+                        "runs/toy_benchmark), then the table; under torchrun shared out over the "
+                        "processes. Flags after -- go to every train.py run")
+    p.add_argument("--methods", nargs="+", choices=list(prompts.METHODS), default=list(prompts.METHODS),
+                   help="of --benchmark (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(benchmark.SEEDS),
+                   help="of --benchmark (default: 1 2 3)")
+    p.add_argument("--datasets", nargs="+", help="of --benchmark (default: the protocol's 11; "
+                   "crossdataset: the 10 targets and ImageNet's 4 shifts)")
+    p.add_argument("--shots", nargs="+", type=int, default=list(benchmark.SHOTS),
+                   help="of --benchmark fewshot (default: 1 2 4 8 16)")
+    argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = p.parse_args(argv)
+    args.train_args = extra
+    if extra and not args.benchmark:
+        p.error("flags after -- are for the runs of --benchmark")
+    if args.benchmark:
+        args.datasets = args.datasets or list(benchmark.default_datasets(args.benchmark))
+        benchmark.check_datasets(args.datasets)
+        if min(args.seeds + args.shots) < 1:
+            p.error("--seeds and --shots must be at least 1")
     defaults = options.shared_defaults(args.dataset or args.benchmark)  # the toy world's differ
     vars(args).update({k: defaults[k] for k in shared if getattr(args, k) is None})  # not given
     if not args.summary and not args.benchmark:
@@ -104,7 +123,7 @@ def main(argv=None):
         print(summary(args.summary))
         return None
     if args.benchmark:
-        return benchmark(args)
+        return benchmark.run(args, args.train_args)
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
     model_name = args.model or (ckpt["config"]["model"] if ckpt else options.shared_defaults(args.dataset)["model"])
     name = f"{runfolder.safe_name(args.dataset)}_{args.subsample}.json"
@@ -138,62 +157,10 @@ def main(argv=None):
     return result
 
 
-# -- the toy world's benchmark ------------------------------------------------------------------------
-
-SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
-
-
-def benchmark(args):
-    """Zero-shot CLIP, then `python train.py --method M --dataset toy --seed S` for every method and seed,
-    each into its own run folder under --out (a finished one is kept, so an interrupted table
-    resumes; one made with another toy CLIP is refused: its table would be another world's);
-    returns and prints the summary of them all."""
-    out = args.out or os.path.join("runs", "toy_benchmark")
-    start = time.time()
-    folders = {(m, s): os.path.join(out, m, "base2novel", f"shots16_seed{s}")
-               for m in prompts.METHODS for s in SEEDS}
-    zeroshot_folder = os.path.join(out, "zeroshot", "base2novel", "shots16_seed1")
-    for folder in [zeroshot_folder, *folders.values()]:
-        check_same_clip(folder, out)
-    if not os.path.exists(os.path.join(zeroshot_folder, "metrics.json")):
-        zeroshot_run(zeroshot_folder, args)
-    for (method, seed), folder in folders.items():
-        if not os.path.exists(os.path.join(folder, "metrics.json")):
-            train.main(["--method", method, "--dataset", "toy", "--seed", str(seed),
-                        "--root", args.root, "--device", args.device, "--out", folder])
-    table = summary([out])
-    print(f"\n{table}\n\n{len(folders) + 1} runs under {out}, {time.time() - start:.0f}s")
-    return table
-
-
-def check_same_clip(folder, out):
-    """Refuse a benchmark folder holding a run of another toy CLIP (or of one not recorded)."""
-    cfg = runfolder.read_json(os.path.join(folder, "config.json"))
-    if cfg is None or cfg.get("clip_sha256") == clip.clip.sha256("toy"):
-        return
-    raise SystemExit(f"error: {folder} was made with another CLIP (sha256 "
-                     f"{cfg.get('clip_sha256') or 'not recorded'}, the toy CLIP's is "
-                     f"{clip.clip.sha256('toy')}), so {out} holds another world's table. Delete "
-                     f"{out} (or pass another --out) to run the benchmark again.")
-
-
-def zeroshot_run(folder, args):
-    """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json), so it joins the summary."""
-    ds = train.read_dataset("toy", args.root)
-    clip_model = speed.keep_in_precision(train.load_frozen_clip("toy", args.device), args)
-    cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
-               clip_sha256=clip.clip.sha256("toy"),
-               eval_batch_size=options.DEFAULTS["eval_batch_size"], workers=args.workers)
-    metrics = train.zeroshot_metrics(clip_model, ds, args, cfg)
-    print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    os.makedirs(folder, exist_ok=True)
-    for name, content in (("config.json", cfg), ("metrics.json", metrics)):
-        runfolder.save_json(os.path.join(folder, name), content)
-
-
 # -- the papers' tables ------------------------------------------------------------------------------
 
-NOT_SETTINGS = ("seed", "fewshot_file", "dataset", "device", "workers")  # may differ within a row
+# may differ within a row: they change no result (threads, cuda_graphs: to float rounding)
+NOT_SETTINGS = ("seed", "fewshot_file", "dataset", "device", "workers", "threads", "cuda_graphs")
 
 
 def summary(dirs):
@@ -301,7 +268,15 @@ def title(settings, tables):
 
 
 def markdown_table(name, protocol, table):
+    """One table: a row per data set (mean ± std over seeds) and their average. Base-to-novel adds HM;
+    cross-dataset has a column per target (eval_<target>_all.json) and their average, as the papers."""
     columns = list(dict.fromkeys(c for row in table.values() for c in row if c not in ("hm", "seed")))
+    targets = [c for c in columns if c.endswith(" (all)")] if protocol == "crossdataset" else []
+    for row in table.values():  # per seed: the mean over the targets this run was evaluated on
+        if targets and all(len(row.get(t, [])) == len(row["seed"]) for t in targets):
+            row["target average"] = [statistics.mean(v) for v in zip(*(row[t] for t in targets))]
+    if any("target average" in row for row in table.values()):
+        columns.append("target average")
     lines = [f"### {name}", "",
              "| data set | seeds | " + " | ".join(columns) + (" | HM |" if protocol == "base2novel" else " |"),
              "|---" * (len(columns) + 2 + (protocol == "base2novel")) + "|"]

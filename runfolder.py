@@ -199,6 +199,32 @@ def lock_run_folder(out):
     RUN_LOCKS[key] = f
 
 
+FILE_LOCKS = {}  # path -> its open file, while this process holds it (benchmark.py's evaluations)
+
+
+def try_lock(path):
+    """Hold an exclusive lock on the file `path` (made if missing); False if another process does."""
+    key = os.path.abspath(path)
+    if key in FILE_LOCKS:
+        return True
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return False
+    FILE_LOCKS[key] = f
+    return True
+
+
+def unlock(path, remove=True):
+    f = FILE_LOCKS.pop(os.path.abspath(path), None)
+    if f:
+        if remove:
+            os.remove(f.name)
+        f.close()
+
+
 def unlock_run_folder(out):
     f = RUN_LOCKS.pop(os.path.abspath(out), None)
     if f:

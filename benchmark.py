@@ -1,0 +1,250 @@
+"""A paper's table in one command: every run of a benchmark, shared out over as many processes as you
+start, then the table. eval.py's --benchmark calls it.
+
+    python eval.py --benchmark toy                                  # 25 runs on a laptop, one at a time
+    torchrun --nproc_per_node 8 eval.py --benchmark base2novel      # 8 methods x 11 data sets x 3 seeds
+    torchrun --nproc_per_node 8 eval.py --benchmark crossdataset --methods pmpo
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        eval.py --benchmark fewshot --seeds 1 2 3                   # four machines
+
+Each run is an ordinary train.py run in its usual folder (runs/<dataset>/<method>/<protocol>/
+shots<K>_seed<S>; toy: runs/toy_benchmark/<method>/...). Under torchrun every process walks the same
+list of runs and takes the next one nobody holds: the run folder's lock (runfolder.lock_run_folder)
+is the only coordination, so each run is done exactly once, by whichever process is free. A finished
+run is skipped, an interrupted one resumes from its last epoch: kill the whole thing and start it
+again (or let torchrun's --max-restarts do so) and nothing is done twice. Each process computes on
+its own device, cuda:LOCAL_RANK (or the CPU). A run that fails is reported with its folder and the
+others go on; after a barrier the first process prints the table, and the exit code is 1 if any
+run failed. Cross-dataset: the ImageNet runs first, then each target evaluated with eval.py as soon
+as its ImageNet run has finished.
+"""
+import argparse
+import datetime
+import os
+import sys
+import time
+import traceback
+from collections import namedtuple
+
+import torch
+
+import clip
+import options
+import runfolder
+import speed
+import train
+from data import DATASETS
+
+SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
+SHOTS = (1, 2, 4, 8, 16)  # few-shot learning: CoOp's K
+# The protocol's data sets (CoOp, CoCoOp, MaPLe): base-to-novel and few-shot on 11; cross-dataset
+# trains on ImageNet and evaluates on the other 10, then on ImageNet's 4 shifts (domain generalisation).
+ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+          "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+SHIFTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+PROTOCOLS = ("base2novel", "fewshot", "crossdataset", "toy")
+
+# kind: "train" (a train.py run into folder), "eval" (eval.py on folder's checkpoint, into out),
+# "zeroshot" (the toy's zero-shot CLIP row, into folder)
+Job = namedtuple("Job", "kind folder argv out")
+
+
+def jobs(args, extra):
+    """The benchmark's runs, in the order they are taken: every (method, data set, K, seed)."""
+    if args.benchmark == "toy":
+        out = args.out or os.path.join("runs", "toy_benchmark")
+        todo = [Job("zeroshot", os.path.join(out, "zeroshot", "base2novel", "shots16_seed1"), [], None)]
+        for method in args.methods:
+            for seed in args.seeds:
+                folder = os.path.join(out, method, "base2novel", f"shots16_seed{seed}")
+                todo.append(Job("train", folder, ["--method", method, "--dataset", "toy",
+                                                  "--seed", str(seed), *extra], None))
+        return todo
+    out = args.out or "runs"
+    protocol = args.benchmark
+    sources = ["imagenet"] if protocol == "crossdataset" else args.datasets
+    given = options.parse_args(["--method", args.methods[0], "--dataset", sources[0], *extra]).shots
+    shots = args.shots if protocol == "fewshot" else [given]  # 16, or K after --
+    todo = []
+    for dataset in sources:
+        for method in args.methods:
+            for k in shots:
+                for seed in args.seeds:
+                    folder = os.path.join(out, runfolder.safe_name(dataset), method, protocol,
+                                          f"shots{k}_seed{seed}")
+                    todo.append(Job("train", folder, [
+                        "--method", method, "--dataset", dataset, "--protocol", protocol,
+                        "--shots", str(k), "--seed", str(seed), *extra], None))
+    if protocol == "crossdataset":  # then every target, on each ImageNet run's checkpoint
+        todo += [Job("eval", job.folder, ["--dataset", target],
+                     os.path.join(job.folder, f"eval_{runfolder.safe_name(target)}_all.json"))
+                 for target in args.datasets for job in list(todo)]
+    return todo
+
+
+def done(job):
+    return os.path.exists(job.out) if job.kind == "eval" else runfolder.finished(job.folder)
+
+
+def run(args, extra):
+    """Do this process's share of the benchmark's runs; the first process prints the table. Returns
+    the table (None on the other processes)."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in
+                          (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if world > 1:  # the barrier before the table; gloo needs no GPU. A long wait is normal here.
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    device = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
+    if device == "cpu" and world > 1 and "--threads" not in extra and args.benchmark != "toy":
+        share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        extra = [*extra, "--threads", str(share)]  # the cores shared out, not each rank taking all
+    todo = jobs(args, extra)
+    check(args, todo)
+    start = time.time()
+    failures = work(todo, args, device, rank, world)
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, failures)  # also the barrier
+        failures = [f for rank_failures in everyone for f in rank_failures]
+    table = None
+    if rank == 0:
+        from eval import summary  # the papers' layout
+        table = summary(sorted({job.folder for job in todo}))
+        print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s")
+        for folder, message in failures:
+            print(f"failed: {folder}: {message}", file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if failures:
+        raise SystemExit(1)
+    return table
+
+
+def check(args, todo):
+    """Every run's settings, before any run starts (a typo never runs something else), and on the toy
+    world no folder made with another toy CLIP (its table would be another world's)."""
+    for argv in {tuple(job.argv) for job in todo if job.kind == "train"}:
+        options.parse_args(list(argv) + ["--root", args.root])
+    if args.benchmark == "toy":
+        for job in todo:
+            check_same_clip(job.folder, args.out or os.path.join("runs", "toy_benchmark"))
+
+
+def work(todo, args, device, rank, world):
+    """Take the next run nobody holds until none is left; returns [(folder, message)] of failures."""
+    pending = todo[rank * len(todo) // world:] + todo[:rank * len(todo) // world]  # spread the starts
+    failures = []
+    while pending:
+        progressed = False
+        for job in list(pending):
+            if done(job):
+                pending.remove(job)
+                continue
+            if job.kind == "eval" and not runfolder.finished(job.folder):
+                if not held(job.folder) and job.folder not in running(pending):
+                    pending.remove(job)  # its ImageNet run failed (reported where it ran)
+                continue  # its ImageNet run is still going: wait
+            if not claim(job):
+                pending.remove(job)  # another process has it
+                continue
+            if world > 1:
+                print(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}", flush=True)
+            try:
+                perform(job, args, device)
+            except (Exception, SystemExit) as e:  # one failed run: report it, go on with the others
+                message = str(e) if isinstance(e, SystemExit) else traceback.format_exc(limit=3)
+                print(f"error: rank {rank}: the run in {job.folder} failed: {message}",
+                      file=sys.stderr, flush=True)
+                failures.append((job.folder, str(e) or type(e).__name__))
+            finally:
+                release(job)
+            pending.remove(job)
+            progressed = True
+        if pending and not progressed:
+            time.sleep(2)  # only evaluations left, waiting for ImageNet runs on other processes
+    return failures
+
+
+def running(pending):
+    return {job.folder for job in pending if job.kind == "train"}
+
+
+def claim(job):
+    """This process's lock on the job (a run's folder lock, or an evaluation's own), or False."""
+    if job.kind == "eval":
+        if not runfolder.try_lock(job.out + ".lock"):
+            return False
+    else:
+        os.makedirs(job.folder, exist_ok=True)
+        try:
+            runfolder.lock_run_folder(job.folder)
+        except SystemExit:  # another process is running in it
+            return False
+    if done(job):  # finished between the look and the lock
+        release(job)
+        return False
+    return True
+
+
+def release(job):
+    if job.kind == "eval":
+        runfolder.unlock(job.out + ".lock")
+    else:
+        runfolder.unlock_run_folder(job.folder)
+
+
+def held(folder):
+    """Whether some process holds the run folder's lock now."""
+    if not os.path.isdir(folder):
+        return False
+    if not runfolder.try_lock(os.path.join(folder, ".lock")):
+        return True
+    runfolder.unlock(os.path.join(folder, ".lock"), remove=False)
+    return False
+
+
+def perform(job, args, device):
+    if job.kind == "zeroshot":
+        return zeroshot_run(job.folder, args, device)
+    common = ["--root", args.root, "--device", device]
+    if job.kind == "train":
+        return train.main(job.argv + common + ["--out", job.folder])
+    import eval as eval_py
+    return eval_py.main(["--ckpt", os.path.join(job.folder, "prompt_learner.pt"), *job.argv,
+                         *common, "--out", job.out])
+
+
+def check_same_clip(folder, out):
+    """Refuse a benchmark folder holding a run of another toy CLIP (or of one not recorded)."""
+    cfg = runfolder.read_json(os.path.join(folder, "config.json"))
+    if cfg is None or cfg.get("clip_sha256") == clip.clip.sha256("toy"):
+        return
+    raise SystemExit(f"error: {folder} was made with another CLIP (sha256 "
+                     f"{cfg.get('clip_sha256') or 'not recorded'}, the toy CLIP's is "
+                     f"{clip.clip.sha256('toy')}), so {out} holds another world's table. Delete "
+                     f"{out} (or pass another --out) to run the benchmark again.")
+
+
+def zeroshot_run(folder, args, device):
+    """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json): the table's first row."""
+    args = argparse.Namespace(**{**vars(args), "device": device})
+    ds = train.read_dataset("toy", args.root)
+    clip_model = speed.keep_in_precision(train.load_frozen_clip("toy", device), args)
+    cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
+               clip_sha256=clip.clip.sha256("toy"),
+               eval_batch_size=options.DEFAULTS["eval_batch_size"], workers=args.workers)
+    metrics = train.zeroshot_metrics(clip_model, ds, args, cfg)
+    print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    runfolder.save_json(os.path.join(folder, "config.json"), cfg)
+    runfolder.save_json(os.path.join(folder, "metrics.json"), metrics)  # last: the row is done
+
+
+def default_datasets(protocol):
+    """--datasets' default: the protocol's list (cross-dataset: the targets)."""
+    return {"crossdataset": ELEVEN[1:] + SHIFTS, "toy": ("toy",)}.get(protocol, ELEVEN)
+
+
+def check_datasets(names):
+    for name in names:
+        if name not in DATASETS and not name.startswith("folder:"):
+            raise SystemExit(f"error: unknown data set {name!r} in --datasets; known: "
+                             f"{', '.join(DATASETS)}, or folder:/path")
