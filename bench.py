@@ -3,18 +3,18 @@
     python bench.py                      # on a GPU: ViT-B/16-sized random weights, the full table
     python bench.py --tiny --device cpu  # a one-minute smoke run with a tiny CLIP (checks the script)
 
-Plain = float32, attention through the plain softmax(QK^T)V kernel, crops resized by PIL. Fast = what
-train.py and eval.py use on that device: on a GPU bf16 autocast, the fused attention kernels and crops
-resized on the GPU; on a CPU float32 with the fused attention kernel. Both use the same random weights
-and images. FLOPs are counted by torch.utils.flop_counter for one step; a path's floor is FLOPs / (the
-matmul rate of the precision it runs in, measured in the same timed rounds as the row), and "x floor" says
-how far a row is from it.
-Before the tables, a check that the fast path changes no result: feature cosines and top-1 agreement
-of fast vs plain, and the text cut and length buckets against full-length sequences in float32.
-Then the text encoder alone (class prompts, no gradient): all 77 positions, the batch cut after its
-longest prompt, and length buckets; there the floor is each prompt's work at its own length.
-Not a test: the numbers depend on the machine.
+Plain = float32, attention through the plain softmax(QK^T)V kernel, crops resized by PIL. Fast =
+what train.py and eval.py use on that device: on a GPU bf16 autocast, the fused attention kernels
+and crops resized on the GPU; on a CPU float32 with the fused attention kernel. Both use the same
+random weights and images. FLOPs are counted by torch.utils.flop_counter for one step; a path's
+floor is FLOPs / (the matmul rate of the precision it runs in, measured in the same timed rounds as
+the row), and "x floor" says how far a row is from it. Before the tables, a check that the fast path
+changes no result: feature cosines and top-1 agreement of fast vs plain, and the text cut and length
+buckets against full-length sequences in float32. Then the text encoder alone (class prompts, no
+gradient): all 77 positions, the batch cut after its longest prompt, and length buckets; there the
+floor is each prompt's work at its own length. Not a test: the numbers depend on the machine.
 """
+
 import argparse
 import collections
 import contextlib
@@ -42,20 +42,23 @@ from data import Datum, TrainSet, test_loader
 from prompts.common import encode_by_length, zeroshot_classifier
 from data.bench_loader import make_jpegs
 
-B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-           context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
-TINY = dict(B16, image_resolution=32, vision_width=64, vision_patch_size=8,  # 12 narrow layers: every method fits
+B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+           vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+           transformer_heads=8, transformer_layers=12)
+# 12 narrow layers: every method fits
+TINY = dict(B16, image_resolution=32, vision_width=64, vision_patch_size=8,
             embed_dim=64, transformer_width=64, transformer_heads=1)
 
 
 class HostSyncs(TorchDispatchMode):
     """Counts, while active, the ops after which the host waits for the device: on a GPU each one
-    drains the launch queue, so the CPU's launch time and the GPU's work add up instead of overlapping.
-    A value read back (.item(), int(t), float(t), bool(t), `if t:`) dispatches _local_scalar_dense;
-    ops whose output size depends on the values (nonzero, unique, masked_select, boolean-mask
-    indexing, repeat_interleave without output_size) wait for them too. On a CPU nothing waits, but
-    the same ops are counted, so a CPU test finds what would stall a GPU. Not seen here: .tolist()
-    and copies between devices, which do not dispatch as ops on a CPU. ops: Counter of op names."""
+    drains the launch queue, so the CPU's launch time and the GPU's work add up instead of
+    overlapping. A value read back (.item(), int(t), float(t), bool(t), `if t:`) dispatches
+    _local_scalar_dense; ops whose output size depends on the values (nonzero, unique,
+    masked_select, boolean-mask indexing, repeat_interleave without output_size) wait for them too.
+    On a CPU nothing waits, but the same ops are counted, so a CPU test finds what would stall a
+    GPU. Not seen here: .tolist() and copies between devices, which do not dispatch as ops on a CPU.
+    ops: Counter of op names."""
 
     WAIT = {"_local_scalar_dense", "nonzero", "unique_consecutive", "_unique", "_unique2",
             "unique_dim", "masked_select", "is_nonzero", "equal"}
@@ -71,7 +74,9 @@ class HostSyncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._overloadpacket.__name__
-        masks = name == "index" and any(torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)
+        masks = name == "index" and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None
+        )
         sized = (name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor")
                  and kwargs.get("output_size") is None)
         if name in self.WAIT or masks or sized:
@@ -81,12 +86,13 @@ class HostSyncs(TorchDispatchMode):
 
 def fast_dtype(device):
     """The precision train.py runs in on this device (bf16 on a GPU, float32 on a CPU)."""
-    return dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[options.default_precision(device)]
+    return dict(fp32=torch.float32, bf16=torch.bfloat16,
+                fp16=torch.float16)[options.default_precision(device)]
 
 
 def path_context(fast, device):
-    """The fast path: train.py's precision (autocast unless float32) + fused attention. The plain path:
-    float32 + the math kernel."""
+    """The fast path: train.py's precision (autocast unless float32) + fused attention. The plain
+    path: float32 + the math kernel."""
     if not fast:
         return sdpa_kernel(SDPBackend.MATH)
     if fast_dtype(device) == torch.float32:
@@ -106,7 +112,8 @@ def timed(fns, device, repeat=10, warmup=None):
     alike and a side-by-side ratio stays fair. warmup rounds first: 3 on a GPU (kernel choice, the
     allocator's cache), 1 on a CPU (one call warms it, and a CPU call of the full table is long).
     """
-    for _ in range(min(3 if device.startswith("cuda") else 1, repeat) if warmup is None else warmup):
+    for _ in range(min(3 if device.startswith("cuda") else 1,
+                       repeat) if warmup is None else warmup):
         for fn in fns:
             fn()
     times = [[] for _ in fns]
@@ -135,30 +142,34 @@ def peak_memory(fns, device):
 
 
 def matmul_probes(device, dtype):
-    """[(fn, FLOPs)]: the products a floor's matmul rate is measured on, each into a preallocated output (the
-    kernel alone): a square one and the two MLP products of a ViT-B/16 block over 4,096 tokens ([4096, 768] x
-    [768, 3072] and back). A floor at the best rate the machine shows for products like the model's own is
-    one no row can beat; a rate measured on one small square product was beaten by the text encoder's own
-    matmuls on a CPU (0.9x floor)."""
+    """[(fn, FLOPs)]: the products a floor's matmul rate is measured on, each into a preallocated
+    output (the kernel alone): a square one and the two MLP products of a ViT-B/16 block over 4,096
+    tokens ([4096, 768] x [768, 3072] and back). A floor at the best rate the machine shows for
+    products like the model's own is one no row can beat; a rate measured on one small square
+    product was beaten by the text encoder's own matmuls on a CPU (0.9x floor)."""
     n = 8192 if device.startswith("cuda") else 2048
     probes = []
     for m, k, n_out in ((n, n, n), (4096, 768, 3072), (4096, 3072, 768)):
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n_out, device=device, dtype=dtype)
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n_out, device=device,
+                                                                          dtype=dtype)
         out = torch.empty(m, n_out, device=device, dtype=dtype)
-        probes.append((lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 2 * m * k * n_out))  # out=: no autocast
+        # out=: no autocast
+        probes.append((lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 2 * m * k * n_out))
     return probes
 
 
 def rated(fns, device, repeat):
-    """timed(fns), with the matmul products of both paths' precisions taking turns in the same rounds:
-    (seconds of each fn, {fast: FLOP/s}), the rate being the best median rate of matmul_probes.
+    """timed(fns), with the matmul products of both paths' precisions taking turns in
+    the same rounds: (seconds of each fn, {fast: FLOP/s}), the rate being the best
+    median rate of matmul_probes.
 
-    A floor needs the machine's rate while the row ran: on a shared CPU it drifted by a quarter within
-    minutes (196 to 236 GFLOP/s), and two machines of one kind measured 111 and 257, so a rate measured at
-    the start of an 8- to 17-minute table would mis-state the rows run later.
+    A floor needs the machine's rate while the row ran: on a shared CPU it drifted by a quarter
+    within minutes (196 to 236 GFLOP/s), and two machines of one kind measured 111 and 257, so a
+    rate measured at the start of an 8- to 17-minute table would mis-state the rows run later.
     """
     dtypes = {False: torch.float32, True: fast_dtype(device)}
-    probes = [(dtype, fn, flops) for dtype in set(dtypes.values()) for fn, flops in matmul_probes(device, dtype)]
+    probes = [(dtype, fn, flops) for dtype in set(dtypes.values()) for fn,
+              flops in matmul_probes(device, dtype)]
     seconds = timed(list(fns) + [fn for _, fn, _ in probes], device, repeat)
     rate = dict.fromkeys(dtypes.values(), 0.0)
     for (dtype, _, flops), probe_seconds in zip(probes, seconds[len(fns):]):
@@ -167,14 +178,15 @@ def rated(fns, device, repeat):
 
 
 def x_floor(seconds, flops, rate):
-    """A row's "x floor": its time over the time of its FLOPs at the matmul rate (1.00x = the floor)."""
+    """A row's "x floor": its time over the time of its FLOPs at the matmul
+    rate (1.00x = the floor)."""
     return f"{seconds / (flops / rate):.2f}x"
 
 
 def side_by_side(fn, device, repeat, show, flops=None):
-    """fn(fast) on the plain and the fast path, timed in turn: [show(seconds), peak memory, x floor] of
-    plain, then of fast. The floor is fn's FLOPs (counted on each path, or `flops` for both) at the
-    matmul rate of that path's precision, measured in the same rounds."""
+    """fn(fast) on the plain and the fast path, timed in turn: [show(seconds), peak memory, x floor]
+    of plain, then of fast. The floor is fn's FLOPs (counted on each path, or `flops` for both) at
+    the matmul rate of that path's precision, measured in the same rounds."""
     fns = [lambda fast=fast: fn(fast) for fast in (False, True)]
     peaks = peak_memory(fns, device)
     seconds, rates = rated(fns, device, repeat)
@@ -187,9 +199,9 @@ def side_by_side(fn, device, repeat, show, flops=None):
 
 class Flops(TorchDispatchMode):
     """FLOPs of the ops dispatched while active, by torch.utils.flop_counter's formulas (matmuls,
-    convolutions, attention), backward included. Not its FlopCounterMode: that one also tracks modules,
-    and on torch 2.11 failed on a module called under no_grad inside a step that learns (PMPO's
-    projections: "Expected gradient function to be set")."""
+    convolutions, attention), backward included. Not its FlopCounterMode: that one also tracks
+    modules, and on torch 2.11 failed on a module called under no_grad inside a step that learns
+    (PMPO's projections: "Expected gradient function to be set")."""
 
     def __init__(self):
         super().__init__()
@@ -205,36 +217,42 @@ class Flops(TorchDispatchMode):
 
 
 def count_flops(fn):
-    """FLOPs of one fn(), attention through the plain kernel: the formulas know no CPU fused attention
-    kernel, and would leave attention out of a CPU fast path's work."""
+    """FLOPs of one fn(), attention through the plain kernel: the formulas know no CPU fused
+    attention kernel, and would leave attention out of a CPU fast path's work."""
     with sdpa_kernel(SDPBackend.MATH), Flops() as counter:
         fn()
     return counter.total
 
 
 def bench_classnames(n):
-    """n real class names of the benchmark: Caltech101's for 50 (its base classes), SUN397's then Food101's
-    and StanfordCars' beyond (ImageNet's are not in the repo; these are as long). The text cut and the
-    length buckets make prompt length matter."""
+    """n real class names of the benchmark: Caltech101's for 50 (its base classes), SUN397's then
+    Food101's and StanfordCars' beyond (ImageNet's are not in the repo; these are as long). The text
+    cut and the length buckets make prompt length matter."""
     with open(os.path.join(os.path.dirname(__file__), "data", "benchmark_classnames.json")) as f:
         names = json.load(f)
-    pool = names["Caltech101"][:50] if n <= 50 else names["SUN397"] + names["Food101"] + names["StanfordCars"]
+    pool = (
+        names["Caltech101"][:50]
+        if n <= 50
+        else names["SUN397"] + names["Food101"] + names["StanfordCars"]
+    )
     return (pool * (n // len(pool) + 1))[:n]
 
 
 def smooth_images(n, n_px, generator):
-    """n synthetic images [n, 3, n_px, n_px]: random 7x7 colour fields upsampled, plus a little noise."""
+    """n synthetic images [n, 3, n_px, n_px]: random 7x7 colour fields
+    upsampled, plus a little noise."""
     fields = torch.randn(n, 3, 7, 7, generator=generator)
     images = F.interpolate(fields, size=(n_px, n_px), mode="bicubic", align_corners=False)
     return images + 0.1 * torch.randn(images.shape, generator=generator)
 
 
 def full_length_text_features(model, text, embeddings=None, deep_prompts=None):
-    """encode_text over all 77 positions, nothing cut: the reference of the cut and of the length buckets.
+    """encode_text over all 77 positions, nothing cut: the reference of the cut
+    and of the length buckets.
 
-    Same arguments as encode_text (text may be shorter than 77; embeddings then as long as text). One
-    extra row whose end-of-text token sits at the last position makes encode_text keep all 77; the
-    rows of a batch never see each other, so it changes no other row.
+    Same arguments as encode_text (text may be shorter than 77; embeddings then as long as text).
+    One extra row whose end-of-text token sits at the last position makes encode_text keep all 77;
+    the rows of a batch never see each other, so it changes no other row.
     """
     B, L = text.shape
     n = model.context_length
@@ -245,28 +263,34 @@ def full_length_text_features(model, text, embeddings=None, deep_prompts=None):
         embeddings = F.pad(embeddings, (0, 0, 0, n - L, 0, 1))  # [B + 1, 77, width], zeros behind
     deep_prompts = {layer: F.pad(t, (0, 0, 0, 0, 0, 1)) if t.dim() == 3 else t  # [B + 1, n, width]
                     for layer, t in (deep_prompts or {}).items()}
-    return model.encode_text(text, embeddings=embeddings, deep_prompts=deep_prompts)[:B]  # [B, embed_dim]
+    # [B, embed_dim]
+    return model.encode_text(text, embeddings=embeddings, deep_prompts=deep_prompts)[:B]
 
 
 @torch.no_grad()
 def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250):
     """Fast vs plain on the same weights and images: min cosine of image and text features, top-1
-    agreement of the logits; and the text cut and the length buckets vs full-length sequences in float32
-    (max relative difference)."""
+    agreement of the logits; and the text cut and the length buckets vs full-length sequences in
+    float32 (max relative difference)."""
     names = bench_classnames(n_classes)
     text_features = {}
     for fast in (False, True):
         with path_context(fast, device):
-            text_features[fast] = zeroshot_classifier(clip_model, names, "a photo of a {}.")  # [n_cls, D], normalised
+            # [n_cls, D], normalised
+            text_features[fast] = zeroshot_classifier(clip_model, names, "a photo of a {}.")
     image_features = {False: [], True: []}
     n_px = clip_model.visual.input_resolution
-    for k, start in enumerate(range(0, n_images, batch)):  # each batch of images made once, seen by both paths
+    # each batch of images made once, seen by both paths
+    for k, start in enumerate(range(0, n_images, batch)):
         size = min(batch, n_images - start)  # the last batch may be smaller: every image counts
         images = smooth_images(size, n_px, torch.Generator().manual_seed(k)).to(device)
         for fast in (False, True):
             with path_context(fast, device):
-                image_features[fast].append(F.normalize(clip_model.encode_image(images).float(), dim=-1))
-    (img_p, txt_p), (img_f, txt_f) = ((torch.cat(image_features[fast]), text_features[fast]) for fast in (False, True))
+                image_features[fast].append(F.normalize(clip_model.encode_image(images).float(),
+                                                        dim=-1))
+    (img_p, txt_p), (img_f,
+                     txt_f) = ((torch.cat(image_features[fast]),
+                                text_features[fast]) for fast in (False, True))
     cos_p, cos_f = img_p @ txt_p.t(), img_f @ txt_f.t()  # [n_images, n_cls]
     top1 = (cos_p.argmax(-1) == cos_f.argmax(-1)).float().mean().item()
     top2 = cos_p.topk(2, dim=-1).values  # random weights give near-ties; the gap says how near
@@ -278,32 +302,41 @@ def agreement_rows(clip_model, device, n_images=5000, n_classes=1000, batch=250)
             ("plain: median gap between top-1 and top-2 cosine (random weights: near-ties)",
              f"{(top2[:, 0] - top2[:, 1]).median():.1e}")]
     text = tokenize([f"a photo of a {name}." for name in names]).to(device)  # [n_cls, 77]
-    for kernel in (SDPBackend.MATH, None):  # the plain kernel, then whatever fused kernel float32 gets
+    # the plain kernel, then whatever fused kernel float32 gets
+    for kernel in (SDPBackend.MATH, None):
         with sdpa_kernel(kernel) if kernel else contextlib.nullcontext():
-            full = torch.cat([full_length_text_features(clip_model, chunk) for chunk in text.split(batch)])
+            full = torch.cat([full_length_text_features(clip_model,
+                                                        chunk) for chunk in text.split(batch)])
             cut = torch.cat([clip_model.encode_text(chunk) for chunk in text.split(batch)])
             buckets = encode_by_length(clip_model, text, chunk=batch)
         cut_at = int(text.argmax(-1).max()) + 1
         for name, features in ((f"text cut at {cut_at}", cut), ("length buckets", buckets)):
             rel = ((features - full).norm(dim=-1) / full.norm(dim=-1)).max().item()
             yield (f"{name} vs all 77 positions, {len(text)} prompts, float32, "
-                   f"{'math' if kernel else 'default'} attention kernel: max relative difference, bit-identical",
+                   f"{'math' if kernel else 'default'} attention kernel: max "
+                   f"relative difference, bit-identical",
                    f"{rel:.1e}, {torch.equal(features, full)}")
 
 
 @torch.no_grad()
 def text_rows(clip_model, device, prompt_counts=(100, 1000), repeat=10):
-    """Class prompts through the text encoder, in the fast path: prompts/s and x floor of all 77 positions
-    (with the one extra row that keeps them), the batch cut after its longest prompt, and length buckets.
-    The floor is the work of each prompt alone at its own length, at the fast path's matmul rate."""
+    """Class prompts through the text encoder, in the fast path: prompts/s and x floor of all 77
+    positions (with the one extra row that keeps them), the batch cut after its longest prompt,
+    and length buckets. The floor is the work of each prompt alone at its own length, at the
+    fast path's matmul rate."""
     for n in prompt_counts:
-        text = tokenize([f"a photo of a {name}." for name in bench_classnames(n)]).to(device)  # [n, 77]
+        # [n, 77]
+        text = tokenize([f"a photo of a {name}." for name in bench_classnames(n)]).to(device)
         lengths, counts = text.argmax(-1).unique(return_counts=True)
         with path_context(True, device):
-            flops = sum(count_flops(lambda: clip_model.encode_text(text[text.argmax(-1) == eot][:1])) * int(k)
-                        for eot, k in zip(lengths, counts))  # each prompt alone, at its own length
+            flops = sum(
+                count_flops(lambda: clip_model.encode_text(text[text.argmax(-1) == eot][:1]))
+                * int(k)
+                for eot, k in zip(lengths, counts)
+            )  # each prompt alone, at its own length
             mean = (lengths + 1).float().mul(counts).sum() / n
-            row = [f"text forward, {n} class prompts ({mean:.1f} tokens on average, longest {int(lengths.max()) + 1})"]
+            row = [f"text forward, {n} class prompts ({mean:.1f} tokens on average, "
+                   f"longest {int(lengths.max()) + 1})"]
             encoders = (full_length_text_features, CLIP.encode_text, encode_by_length)
             fns = [lambda e=e: e(clip_model, text) for e in encoders]
             peaks = peak_memory(fns, device)
@@ -314,14 +347,14 @@ def text_rows(clip_model, device, prompt_counts=(100, 1000), repeat=10):
 
 
 def augment_rows(device, n_px, images=16, batch=4, repeat=3):
-    """Time to get one augmented training batch from decoded images: PIL vs on the device (the fast path
-    resizes on the device where train.py does: on a GPU). Where the fast path crops with PIL too (a CPU),
-    it is the plain path's code, timed once and shown in both columns."""
+    """Time to get one augmented training batch from decoded images: PIL vs on the device (the fast
+    path resizes on the device where train.py does: on a GPU). Where the fast path crops with PIL
+    too (a CPU), it is the plain path's code, timed once and shown in both columns."""
     folder = tempfile.mkdtemp(prefix="bench_train_jpegs_")
     items = [Datum(p, 0, "x") for p in make_jpegs(folder, images)]
     n_batches = -(-images // batch)  # one pass over the images, the last batch possibly smaller
-    row = [f"train batch of {batch}: crop + resize + flip, {n_batches} batches from {images} decoded 500x375 "
-           f"images"]
+    row = [f"train batch of {batch}: crop + resize + flip, {n_batches} batches from {images} "
+           f"decoded 500x375 images"]
     on_device = speed.switch_on(options.DEFAULTS, "augment_on_device", device.startswith("cuda"))
     fetches = []
     for crop_device in [None, device] if on_device else [None]:
@@ -338,22 +371,26 @@ def augment_rows(device, n_px, images=16, batch=4, repeat=3):
 
 
 def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=None):
-    """One SGD step of each method through train.py's own step (train.train_step), in the method's last
-    stage (where everything it defines learns), at its own batch size (CoOp 32, MaPLe 4, ...) unless
-    `batch` is given. Plain: float32 weights, the math attention kernel, eager. Fast: what train.py
-    runs on this device: on a GPU bf16 with the frozen matrices cast once (speed.keep_in_precision)
-    and the step replayed as a CUDA graph; on a CPU float32 and eager. Then the fast step's host syncs
-    (counted on its eager form: a replay dispatches nothing), and on a GPU the share of the step the GPU
-    is busy and the kernel launches per step (torch.profiler)."""
+    """One SGD step of each method through train.py's own step (train.train_step), in the
+    method's last stage (where everything it defines learns), at its own batch size (CoOp 32,
+    MaPLe 4, ...) unless `batch` is given. Plain: float32 weights, the math attention kernel,
+    eager. Fast: what train.py runs on this device: on a GPU bf16 with the frozen matrices cast
+    once (speed.keep_in_precision) and the step replayed as a CUDA graph; on a CPU float32 and
+    eager. Then the fast step's host syncs (counted on its eager form: a replay dispatches
+    nothing), and on a GPU the share of the step the GPU is busy and the kernel launches per
+    step (torch.profiler)."""
     fast_clip = fast_copy(clip_model, device)
     n_px = clip_model.visual.input_resolution
     for method in methods:
         cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
         b = batch or cfg["batch_size"]
-        images = torch.randn(b, 3, n_px, n_px, generator=torch.Generator().manual_seed(0)).to(device)
+        images = torch.randn(b, 3, n_px, n_px,
+                             generator=torch.Generator().manual_seed(0)).to(device)
         for n_cls in class_counts:
-            labels = torch.randint(0, n_cls, (b,), generator=torch.Generator().manual_seed(n_cls)).to(device)
-            steps = {fast: make_step(method, fast_clip if fast else clip_model, n_cls, device, fast, cfg)
+            labels = torch.randint(0, n_cls, (b,),
+                                   generator=torch.Generator().manual_seed(n_cls)).to(device)
+            steps = {fast: make_step(method, fast_clip if fast else clip_model, n_cls, device, fast,
+                                     cfg)
                      for fast in (False, True)}
 
             def step(fast):
@@ -371,29 +408,34 @@ def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=
 
 
 def fast_copy(clip_model, device):
-    """The frozen CLIP as train.py keeps it on this device: on a GPU in bf16, its matrices cast once."""
+    """The frozen CLIP as train.py keeps it on this device: on a GPU in bf16,
+    its matrices cast once."""
     args = argparse.Namespace(device=device, precision=options.default_precision(device))
-    return speed.keep_in_precision(copy.deepcopy(clip_model), args) if device.startswith("cuda") else clip_model
+    return speed.keep_in_precision(copy.deepcopy(clip_model),
+                                   args) if device.startswith("cuda") else clip_model
 
 
 def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
-    """train.train_step for `method` on n_cls classes, in its last stage, on the plain or fast path."""
+    """train.train_step for `method` on n_cls classes, in its last stage, on
+    the plain or fast path."""
     model = train.build_method(method, clip_model, bench_classnames(n_cls), "a photo of a {}.", cfg)
     model.set_stage(model.stages(cfg)[-1][0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    args = argparse.Namespace(device=device, precision=options.default_precision(device) if fast else "fp32",
+    args = argparse.Namespace(device=device,
+                              precision=options.default_precision(device) if fast else "fp32",
                               cuda_graphs="auto" if fast and graphs else "off")
     return train.train_step(model, optimizer, args, cfg)
 
 
-LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+            "cudaGraphLaunch")
 
 
 def gpu_profile(fn, device, step_seconds, steps=5):
-    """[GPU busy %, kernel launches per step] of fn, by torch.profiler over `steps` calls: busy is the
-    GPU's kernel time (overlaps merged) over the step's unprofiled time. "n/a" off a GPU."""
+    """[GPU busy %, kernel launches per step] of fn, by torch.profiler over `steps` calls: busy is
+    the GPU's kernel time (overlaps merged) over the step's unprofiled time. "n/a" off a GPU."""
     if not device.startswith("cuda"):
         return ["n/a", "n/a"]
     try:
@@ -418,12 +460,13 @@ def gpu_profile(fn, device, step_seconds, steps=5):
 
 
 def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repeat=10):
-    """Evaluation of `method` (the first of --methods) at 50 classes: from tensors, and from JPEG files.
-    Fast: the frozen CLIP as train.py keeps it on this device (fast_copy)."""
+    """Evaluation of `method` (the first of --methods) at 50 classes: from tensors, and from JPEG
+    files. Fast: the frozen CLIP as train.py keeps it on this device (fast_copy)."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
     cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
-    models = {fast: train.build_method(method, c, bench_classnames(50), "a photo of a {}.", cfg).eval()
+    models = {fast: train.build_method(method, c, bench_classnames(50), "a photo of a {}.",
+                                       cfg).eval()
               for fast, c in ((False, clip_model), (True, fast_copy(clip_model, device)))}
     text_features = {}
     for fast in (False, True):
@@ -457,16 +500,17 @@ def write_split_dataset(folder, n_classes, per_class, size=(500, 375)):
         paths = make_jpegs(os.path.join(folder, f"class_{c}"), sum(per_class), size)
         start = 0
         for split, n in zip(rows, per_class):
-            rows[split] += [[os.path.relpath(p, folder), c, f"class {c}"] for p in paths[start:start + n]]
+            rows[split] += [[os.path.relpath(p, folder), c,
+                             f"class {c}"] for p in paths[start:start + n]]
             start += n
     with open(os.path.join(folder, "split.json"), "w") as f:
         json.dump(rows, f)
 
 
 def whole_run_rows(config, methods, sizes, device, workers):
-    """Wall time of one base2novel run per method through train.py (its defaults, test base and novel):
-    on the toy world (its tiny CLIP), or on synthetic JPEG data sets of a real one's size with random
-    weights of `config`."""
+    """Wall time of one base2novel run per method through train.py (its defaults, test base and
+    novel): on the toy world (its tiny CLIP), or on synthetic JPEG data sets of a real one's size
+    with random weights of `config`."""
     workdir = tempfile.mkdtemp(prefix="bench_runs_")
     weights = os.path.join(workdir, "clip.pt")
     torch.save(CLIP(**config).state_dict(), weights)
@@ -478,52 +522,64 @@ def whole_run_rows(config, methods, sizes, device, workers):
         else:
             t0 = time.time()
             write_split_dataset(folder, n_classes, per_class)
-            print(f"{name}: wrote {n_classes} x {sum(per_class)} JPEGs in {time.time() - t0:.0f} s", flush=True)
-            dataset = ["--dataset", f"folder:{folder}", "--model", weights, "--workers", str(workers)]
+            print(f"{name}: wrote {n_classes} x {sum(per_class)} JPEGs in {time.time() - t0:.0f} s",
+                  flush=True)
+            dataset = ["--dataset", f"folder:{folder}", "--model", weights, "--workers",
+                       str(workers)]
             what = f"{name}: {n_classes} classes, {per_class} per class"
         for method in methods:
             t0 = time.time()
             metrics = train.main(["--method", method, *dataset, "--device", device,
                                   "--out", os.path.join(workdir, f"run_{name}_{method}")])
-            yield [f"base2novel run {method}, {what}", "", "", "", f"{time.time() - t0:.1f} s wall", "",
-                   f"hm {metrics['hm']:.1f}"]
+            yield [f"base2novel run {method}, {what}", "", "", "", f"{time.time() - t0:.1f} s wall",
+                   "", f"hm {metrics['hm']:.1f}"]
 
 
-# Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in all). ImageNet: 1,000 classes,
-# 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease small (say so when reporting).
+# Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in
+# all). ImageNet: 1,000 classes,
+# 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease
+# small (say so when reporting).
 RUN_SIZES = {"toy": ("toy", 24, None), "caltech101": ("caltech101", 100, (16, 4, 25)),
              "imagenet": ("imagenet", 1000, (16, 4, 10))}
-# Each preset's values of the options left unset: the full table, a one-minute smoke run with a tiny CLIP,
-# and --quick, which a 10-minute GPU lease runs whole (the steps people compare, a toy run, a Caltech101-size
+# Each preset's values of the options left unset: the full table, a one-minute
+# smoke run with a tiny CLIP,
+# and --quick, which a 10-minute GPU lease runs whole (the steps people compare, a
+# toy run, a Caltech101-size
 # PMPO run).
 PRESETS = dict(
     full=dict(classes=[50, 500], text_prompts=[100, 1000], jpegs=2000, eval_batch=256, images=2000,
               agreement_classes=1000, repeat=10, runs=[]),
-    tiny=dict(classes=[50], text_prompts=[100], jpegs=50, eval_batch=32, images=250, agreement_classes=100,
-              repeat=1, runs=[]),
-    quick=dict(methods=["coop", "maple", "pmpo"], run_methods=["pmpo"], classes=[50], text_prompts=[100],
-               jpegs=500, eval_batch=256, images=500, agreement_classes=200, repeat=5,
-               runs=["toy", "caltech101"]),
+    tiny=dict(classes=[50], text_prompts=[100], jpegs=50, eval_batch=32, images=250,
+              agreement_classes=100, repeat=1, runs=[]),
+    quick=dict(methods=["coop", "maple", "pmpo"], run_methods=["pmpo"], classes=[50],
+               text_prompts=[100], jpegs=500, eval_batch=256, images=500, agreement_classes=200,
+               repeat=5, runs=["toy", "caltech101"]),
 )
-TRAIN_HEADER = ["", "plain: time or rate", "plain: peak mem", "plain: x floor", "fast: time or rate",
-                "fast: peak mem", "fast: x floor", "fast: host syncs/step", "fast: GPU busy",
-                "fast: launches/step"]
+TRAIN_HEADER = ["", "plain: time or rate", "plain: peak mem", "plain: x floor",
+                "fast: time or rate", "fast: peak mem", "fast: x floor", "fast: host syncs/step",
+                "fast: GPU busy", "fast: launches/step"]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--tiny", action="store_true", help="a tiny CLIP, small counts: checks that the script runs")
-    preset.add_argument("--quick", action="store_true", help="coop, maple, pmpo at 50 classes, a toy run and a "
+    preset.add_argument("--tiny", action="store_true",
+                        help="a tiny CLIP, small counts: checks that the script runs")
+    preset.add_argument("--quick", action="store_true",
+                        help="coop, maple, pmpo at 50 classes, a toy run and a "
                         "Caltech101-size PMPO run: under 8 minutes on one GPU")
-    p.add_argument("--methods", nargs="+", choices=list(prompts.METHODS), help="of the train steps (default: all)")
+    p.add_argument("--methods", nargs="+", choices=list(prompts.METHODS),
+                   help="of the train steps (default: all)")
     p.add_argument("--run_methods", nargs="+", choices=list(prompts.METHODS),
                    help="of the whole runs (default: --methods)")
-    p.add_argument("--batch", type=int, help="of the train steps (default: each method's own batch_size)")
-    p.add_argument("--classes", nargs="+", type=int, help="of the train steps (default 50 500: Caltech101 base, "
+    p.add_argument("--batch", type=int,
+                   help="of the train steps (default: each method's own batch_size)")
+    p.add_argument("--classes", nargs="+", type=int,
+                   help="of the train steps (default 50 500: Caltech101 base, "
                    "ImageNet base; --tiny, --quick: 50)")
-    p.add_argument("--text_prompts", nargs="+", type=int, help="of the text rows (default 100 1000)")
+    p.add_argument("--text_prompts", nargs="+", type=int,
+                   help="of the text rows (default 100 1000)")
     p.add_argument("--jpegs", type=int, help="JPEGs of the eval row (default 2000)")
     p.add_argument("--eval_batch", type=int, help="batch of the eval rows (default 256)")
     p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 2000)")
@@ -531,7 +587,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10)")
     p.add_argument("--workers", type=int, default=options.DEFAULTS["workers"])
     p.add_argument("--runs", nargs="*", choices=list(RUN_SIZES),
-                   help="also time whole base2novel runs: the toy world, or synthetic data sets of these sizes")
+                   help="also time whole base2novel runs: the toy world, or "
+                        "synthetic data sets of these sizes")
     args = p.parse_args(argv)
     check_device(p, args.device)
     values = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
@@ -539,33 +596,41 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.run_methods = args.run_methods or args.methods
-    for key in ("jpegs", "eval_batch", "images", "agreement_classes", "repeat", "workers", "classes",
-                "text_prompts", "batch"):
+    for key in ("jpegs", "eval_batch", "images", "agreement_classes", "repeat", "workers",
+                "classes", "text_prompts", "batch"):
         values = getattr(args, key)
-        if values is not None and min(values if isinstance(values, list) else [values]) < (key != "workers"):
+        if values is not None and min(values if isinstance(values, list) else [values]) < (
+            key != "workers"
+        ):
             p.error(f"--{key} must be at least {int(key != 'workers')} (got {values})")
-    if args.tiny:  # its ops are far too small for threads to pay off; with other jobs on the CPU they wait on each other
+    # its ops are far too small for threads to pay off; with other jobs on the
+    # CPU they wait on each other
+    if args.tiny:
         torch.set_num_threads(1)
     torch.manual_seed(0)
     config = TINY if args.tiny else B16
     clip_model = CLIP(**config).to(args.device).requires_grad_(False).eval()
-    rates = rated([], args.device, args.repeat)[1]  # the header's rates, measured alone (each row measures its own)
+    # the header's rates, measured alone (each row measures its own)
+    rates = rated([], args.device, args.repeat)[1]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {name}; torch {torch.__version__}; measured matmul rate: float32 (plain) "
-          f"{rates[False] / 1e12:.3f} TFLOP/s, {str(fast_dtype(args.device)).replace('torch.', '')} (fast) "
-          f"{rates[True] / 1e12:.3f} TFLOP/s; {'tiny CLIP' if args.tiny else 'ViT-B/16-sized random weights'}\n")
+          f"{rates[False] / 1e12:.3f} TFLOP/s, "
+          f"{str(fast_dtype(args.device)).replace('torch.', '')} (fast) {rates[True] / 1e12:.3f} "
+          f"TFLOP/s; {'tiny CLIP' if args.tiny else 'ViT-B/16-sized random weights'}\n")
     # Every row is printed the moment it is measured: a run cut short keeps what it had.
     checks = print_rows(["check", "result"],
-                        agreement_rows(clip_model, args.device, args.images, args.agreement_classes))
+                        agreement_rows(clip_model, args.device, args.images,
+                                       args.agreement_classes))
     rows = print_rows(TRAIN_HEADER, itertools.chain(
         augment_rows(args.device, clip_model.visual.input_resolution, repeat=args.repeat),
-        train_step_rows(clip_model, args.methods, args.classes, args.device, args.repeat, args.batch),
-        eval_rows(clip_model, args.methods[0], args.device, args.eval_batch, args.jpegs, args.workers,
-                  args.repeat),
+        train_step_rows(clip_model, args.methods, args.classes, args.device, args.repeat,
+                        args.batch),
+        eval_rows(clip_model, args.methods[0], args.device, args.eval_batch, args.jpegs,
+                  args.workers, args.repeat),
         whole_run_rows(config, args.run_methods, [RUN_SIZES[r] for r in args.runs], args.device,
                        args.workers)))
-    text = print_rows(["fast path, no gradient", "all 77 positions", "peak mem", "x floor", "batch cut",
-                       "peak mem", "x floor", "length buckets", "peak mem", "x floor"],
+    text = print_rows(["fast path, no gradient", "all 77 positions", "peak mem", "x floor",
+                       "batch cut", "peak mem", "x floor", "length buckets", "peak mem", "x floor"],
                       text_rows(clip_model, args.device, args.text_prompts, args.repeat))
     return dict(checks=checks, rows=rows, text=text)
 
@@ -580,7 +645,8 @@ def check_device(parser, device):
 
 
 def print_rows(header, rows):
-    """Prints a markdown table's header, then each row of the iterable as it comes; returns the rows."""
+    """Prints a markdown table's header, then each row of the iterable as it
+    comes; returns the rows."""
     print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|", flush=True)
     done = []
     for row in rows:

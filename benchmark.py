@@ -1,5 +1,5 @@
-"""A paper's table in one command: every run of a benchmark, shared out over as many processes as you
-start, then the table. eval.py's --benchmark calls it.
+"""A paper's table in one command: every run of a benchmark, shared out over as many processes as
+you start, then the table. eval.py's --benchmark calls it.
 
     python eval.py --benchmark toy                                  # 25 runs on a laptop, one at a time
     torchrun --nproc_per_node 8 eval.py --benchmark base2novel      # 8 methods x 11 data sets x 3 seeds
@@ -18,6 +18,7 @@ others go on; after a barrier the first process prints the table, and the exit c
 run failed. Cross-dataset: the ImageNet runs first, then each target evaluated with eval.py as soon
 as its ImageNet run has finished.
 """
+
 import argparse
 import datetime
 import os
@@ -38,7 +39,8 @@ from data import DATASETS
 SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
 SHOTS = (1, 2, 4, 8, 16)  # few-shot learning: CoOp's K
 # The protocol's data sets (CoOp, CoCoOp, MaPLe): base-to-novel and few-shot on 11; cross-dataset
-# trains on ImageNet and evaluates on the other 10, then on ImageNet's 4 shifts (domain generalisation).
+# trains on ImageNet and evaluates on the other 10, then on ImageNet's 4
+# shifts (domain generalisation).
 ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 SHIFTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -53,7 +55,8 @@ def jobs(args, extra):
     """The benchmark's runs, in the order they are taken: every (method, data set, K, seed)."""
     if args.benchmark == "toy":
         out = args.out or os.path.join("runs", "toy_benchmark")
-        todo = [Job("zeroshot", os.path.join(out, "zeroshot", "base2novel", "shots16_seed1"), [], None)]
+        todo = [Job("zeroshot", os.path.join(out, "zeroshot", "base2novel", "shots16_seed1"), [],
+                    None)]
         for method in args.methods:
             for seed in args.seeds:
                 folder = os.path.join(out, method, "base2novel", f"shots16_seed{seed}")
@@ -120,8 +123,8 @@ def run(args, extra):
 
 
 def check(args, todo):
-    """Every run's settings, before any run starts (a typo never runs something else), and on the toy
-    world no folder made with another toy CLIP (its table would be another world's)."""
+    """Every run's settings, before any run starts (a typo never runs something else), and on the
+    toy world no folder made with another toy CLIP (its table would be another world's)."""
     for argv in {tuple(job.argv) for job in todo if job.kind == "train"}:
         options.parse_args(list(argv) + ["--root", args.root])
     if args.benchmark == "toy":
@@ -130,8 +133,10 @@ def check(args, todo):
 
 
 def work(todo, args, device, rank, world):
-    """Take the next run nobody holds until none is left; returns [(folder, message)] of failures."""
-    pending = todo[rank * len(todo) // world:] + todo[:rank * len(todo) // world]  # spread the starts
+    """Take the next run nobody holds until none is left; returns [(folder,
+    message)] of failures."""
+    # spread the starts
+    pending = todo[rank * len(todo) // world:] + todo[:rank * len(todo) // world]
     failures = []
     while pending:
         progressed = False
@@ -225,12 +230,13 @@ def check_same_clip(folder, out):
 
 
 def zeroshot_run(folder, args, device):
-    """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json): the table's first row."""
+    """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json):
+    the table's first row."""
     args = argparse.Namespace(**{**vars(args), "device": device})
     ds = train.read_dataset("toy", args.root)
     clip_model = speed.keep_in_precision(train.load_frozen_clip("toy", device), args)
-    cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1, model="toy",
-               clip_sha256=clip.clip.sha256("toy"),
+    cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1,
+               model="toy", clip_sha256=clip.clip.sha256("toy"),
                eval_batch_size=options.DEFAULTS["eval_batch_size"], workers=args.workers)
     metrics = train.zeroshot_metrics(clip_model, ds, args, cfg)
     print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))

@@ -1,4 +1,5 @@
-"""Evaluate learned prompts, or zero-shot CLIP, on any data set and split; summarise runs as the papers' tables.
+"""Evaluate learned prompts, or zero-shot CLIP, on any data set and split; summarise
+runs as the papers' tables.
 
     python eval.py --method zeroshot --dataset caltech101 --subsample new
     python eval.py --ckpt runs/caltech101/pmpo/base2novel/shots16_seed1/prompt_learner.pt --dataset caltech101 --subsample new
@@ -6,10 +7,12 @@
     python eval.py --summary runs/
     python eval.py --benchmark toy          # zero-shot and every method on the toy world, seeds 1-3, then the table
 
-Prompts are class-agnostic, so a checkpoint evaluates on any class list: the novel half of its data
-set, another data set (cross-dataset), an ImageNet shift (domain generalisation). Results are printed
-and saved as JSON (next to the checkpoint by default); an existing result is never overwritten.
+Prompts are class-agnostic, so a checkpoint evaluates on any class list: the novel half of
+its data set, another data set (cross-dataset), an ImageNet shift (domain generalisation).
+Results are printed and saved as JSON (next to the checkpoint by default); an existing
+result is never overwritten.
 """
+
 import argparse
 import glob
 import json
@@ -33,33 +36,38 @@ from prompts.common import learned_state
 def parse_args(argv=None):
     argv = [options.flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                epilog="Flags take - or _ alike (--eval-batch-size = --eval_batch_size).")
+                                epilog="Flags take - or _ alike "
+                                       "(--eval-batch-size = --eval_batch_size).")
     p.add_argument("--ckpt", help="a prompt_learner.pt written by train.py")
     p.add_argument("--method", help="'zeroshot' (no --ckpt), or the checkpoint's method as a check")
     p.add_argument("--dataset", help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
-    p.add_argument("--subsample", default="all", choices=("all", "base", "new"), help="classes to test on")
-    p.add_argument("--root", default=os.environ.get("DATA", "data_root"), help="data sets folder ($DATA)")
+    p.add_argument("--subsample", default="all", choices=("all", "base", "new"),
+                   help="classes to test on")
+    p.add_argument("--root", default=os.environ.get("DATA", "data_root"),
+                   help="data sets folder ($DATA)")
     p.add_argument("--model", help="CLIP name or path (default: the checkpoint's, else ViT-B/16)")
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or runs/zeroshot/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, mps")
     shared = {k: options.DEFAULTS[k] for k in ("precision", "eval_batch_size", "workers")}
     options.add_options(p, shared, options.HELP, options.CHOICES)
-    p.add_argument("--summary", nargs="+", metavar="DIR", help="print the Markdown tables of the runs under DIR")
+    p.add_argument("--summary", nargs="+", metavar="DIR",
+                   help="print the Markdown tables of the runs under DIR")
     p.add_argument("--benchmark", choices=benchmark.PROTOCOLS,
-                   help="every run of a protocol's table (toy: zero-shot CLIP and every method on the "
-                        "toy world), each into its train.py folder under --out (default runs/, toy: "
-                        "runs/toy_benchmark), then the table; under torchrun shared out over the "
-                        "processes. Flags after -- go to every train.py run")
-    p.add_argument("--methods", nargs="+", choices=list(prompts.METHODS), default=list(prompts.METHODS),
-                   help="of --benchmark (default: all)")
+                   help="every run of a protocol's table (toy: zero-shot CLIP and every method "
+                        "on the toy world), each into its train.py folder under --out (default "
+                        "runs/, toy: runs/toy_benchmark), then the table; under torchrun shared "
+                        "out over the processes. Flags after -- go to every train.py run")
+    p.add_argument("--methods", nargs="+", choices=list(prompts.METHODS),
+                   default=list(prompts.METHODS), help="of --benchmark (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(benchmark.SEEDS),
                    help="of --benchmark (default: 1 2 3)")
     p.add_argument("--datasets", nargs="+", help="of --benchmark (default: the protocol's 11; "
                    "crossdataset: the 10 targets and ImageNet's 4 shifts)")
     p.add_argument("--shots", nargs="+", type=int, default=list(benchmark.SHOTS),
                    help="of --benchmark fewshot (default: 1 2 4 8 16)")
-    argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv,
+                                                                                               [])
     args = p.parse_args(argv)
     args.train_args = extra
     if extra and not args.benchmark:
@@ -84,12 +92,18 @@ def parse_args(argv=None):
 def load_checkpoint(path, method=None):
     """Read a train.py checkpoint; refuse anything else with a message that says what it is."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path} (train.py writes <run folder>/prompt_learner.pt)")
+        raise SystemExit(f"error: no checkpoint at {path} (train.py writes "
+                         f"<run folder>/prompt_learner.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} could not be read ({type(e).__name__}); is it damaged?") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or ckpt.get("method") not in prompts.METHODS:
+        raise SystemExit(f"error: {path} could not be read "
+                         f"({type(e).__name__}); is it damaged?") from None
+    if (
+        not isinstance(ckpt, dict)
+        or "state_dict" not in ckpt
+        or ckpt.get("method") not in prompts.METHODS
+    ):
         raise SystemExit(f"error: {path} is not a prompt checkpoint written by train.py "
                          f"(a CLIP checkpoint goes to --model instead)")
     if method and method != ckpt["method"]:
@@ -106,14 +120,16 @@ def build_from_checkpoint(ckpt, clip_model, dataset, subsample, classnames, temp
                          f"{ckpt['clip_architecture']}); pass --model {cfg['model']}")
     trained_on = "base" if cfg["protocol"] == "base2novel" else "all"
     if dataset == cfg["dataset"] and subsample == trained_on and classnames != ckpt["classnames"]:
-        raise SystemExit(f"error: {dataset}'s {subsample} classes here differ from the {len(ckpt['classnames'])} "
-                         f"the prompts were trained on (another split file or data set version?)")
+        raise SystemExit(f"error: {dataset}'s {subsample} classes here differ from the "
+                         f"{len(ckpt['classnames'])} the prompts were trained on (another "
+                         f"split file or data set version?)")
     model = train.build_method(cfg["method"], clip_model, classnames, template, cfg)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    missing = [k for k in missing if k in learned_state(model)]  # a method's buffers are rebuilt or training-only
+    # a method's buffers are rebuilt or training-only
+    missing = [k for k in missing if k in learned_state(model)]
     if missing or unexpected:
-        raise SystemExit(f"error: the checkpoint does not fit {cfg['method']} with its saved settings "
-                         f"(missing {missing}, unexpected {unexpected})")
+        raise SystemExit(f"error: the checkpoint does not fit {cfg['method']} with its saved "
+                         f"settings (missing {missing}, unexpected {unexpected})")
     return model
 
 
@@ -125,7 +141,9 @@ def main(argv=None):
     if args.benchmark:
         return benchmark.run(args, args.train_args)
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
-    model_name = args.model or (ckpt["config"]["model"] if ckpt else options.shared_defaults(args.dataset)["model"])
+    model_name = args.model or (
+        ckpt["config"]["model"] if ckpt else options.shared_defaults(args.dataset)["model"]
+    )
     name = f"{runfolder.safe_name(args.dataset)}_{args.subsample}.json"
     out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_" + name) if ckpt
                        else os.path.join("runs", "zeroshot", runfolder.safe_name(model_name), name))
@@ -137,18 +155,21 @@ def main(argv=None):
     ds = train.read_dataset(args.dataset, args.root)
     (_, _, test), classnames = data.subsample_classes(args.subsample, ds.train, ds.val, ds.test)
     if not test:
-        raise SystemExit(f"error: {args.dataset} has no test images for its {args.subsample} classes")
+        raise SystemExit(f"error: {args.dataset} has no test images for "
+                         f"its {args.subsample} classes")
     for names in data.duplicate_classnames(test):
         print(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
               f"{', '.join(names)}")
     clip_model = speed.keep_in_precision(train.load_frozen_clip(model_name, args.device), args)
     if ckpt:
-        model = build_from_checkpoint(ckpt, clip_model, args.dataset, args.subsample, classnames, ds.template)
+        model = build_from_checkpoint(ckpt, clip_model, args.dataset, args.subsample, classnames,
+                                      ds.template)
     else:
         model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
     cfg = dict(eval_batch_size=args.eval_batch_size, workers=args.workers)
-    result = dict(method=ckpt["method"] if ckpt else "zeroshot", checkpoint=args.ckpt, model=model_name,
-                  dataset=args.dataset, subsample=args.subsample, classes=len(classnames), images=len(test),
+    result = dict(method=ckpt["method"] if ckpt else "zeroshot", checkpoint=args.ckpt,
+                  model=model_name, dataset=args.dataset, subsample=args.subsample,
+                  classes=len(classnames), images=len(test),
                   accuracy=train.evaluate(model, test, args, cfg))
     print(json.dumps(result, indent=2))
     with runfolder.write_errors(out):
@@ -157,7 +178,7 @@ def main(argv=None):
     return result
 
 
-# -- the papers' tables ------------------------------------------------------------------------------
+# -- the papers' tables ----------------------------------------------------------------------------
 
 # may differ within a row: they change no result (threads, cuda_graphs: to float rounding)
 NOT_SETTINGS = ("seed", "fewshot_file", "dataset", "device", "workers", "threads", "cuda_graphs")
@@ -168,21 +189,28 @@ def summary(dirs):
 
     Runs share a table only if every setting but the seed (and the shots' file, the device and the
     worker count) is the same; tables that differ say in what. A seed found twice with the same
-    settings counts once, and a note below the tables names both folders. Base-to-novel: HM per
-    data set from its seed-averaged base and novel; the "Average" row's HM from the averaged base and novel, as in the
-    CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run. A damaged file is named
-    and skipped.
+    settings counts once, and a note below the tables names both folders. Base-to-novel: HM per data
+    set from its seed-averaged base and novel; the "Average" row's HM from the averaged base and
+    novel, as in the CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run. A
+    damaged file is named and skipped.
     """
     tables, notes = {}, []  # settings (JSON) -> dataset -> column -> [value per seed]
     seen, repeats = {}, []  # (settings, dataset, seed) -> (folder, metrics) of its first run
-    for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**", "metrics.json"), recursive=True)):
+    for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**",
+                                                                               "metrics.json"),
+                                                                               recursive=True)):
         folder = os.path.dirname(metrics_path)
-        cfg, values = runfolder.read_json(os.path.join(folder, "config.json")), runfolder.read_json(metrics_path)
-        if not isinstance(cfg, dict) or not {"method", "protocol", "dataset", "shots", "seed"} <= set(cfg):
+        cfg, values = runfolder.read_json(os.path.join(folder, "config.json")), runfolder.read_json(
+            metrics_path
+        )
+        if not isinstance(cfg, dict) or not {"method", "protocol", "dataset", "shots",
+                                             "seed"} <= set(cfg):
             notes.append(f"skipped {folder}: its config.json is damaged")
             continue
         columns = ("base_acc", "novel_acc") if cfg["protocol"] == "base2novel" else ("accuracy",)
-        if not isinstance(values, dict) or not all(isinstance(values.get(c), (int, float)) for c in columns):
+        if not isinstance(values,
+                          dict) or not all(isinstance(values.get(c),
+                                                      (int, float)) for c in columns):
             notes.append(f"skipped {folder}: its metrics.json is damaged")
             continue
         for path in sorted(glob.glob(os.path.join(folder, "eval_*.json"))):
@@ -191,7 +219,8 @@ def summary(dirs):
                 notes.append(f"skipped {path}: damaged")
                 continue
             values[f"{e['dataset']} ({e['subsample']})"] = e["accuracy"]
-        settings = json.dumps({k: v for k, v in cfg.items() if k not in NOT_SETTINGS}, sort_keys=True)
+        settings = json.dumps({k: v for k, v in cfg.items() if k not in NOT_SETTINGS},
+                              sort_keys=True)
         key = (settings, cfg["dataset"], cfg["seed"])
         if key in seen:  # e.g. the quick start's run and the benchmark's: one seed, counted once
             repeats.append((key, seen[key], (folder, values)))
@@ -207,13 +236,15 @@ def summary(dirs):
                      f"and again, with the same settings, in {again} ({same}); counted once")
     if not tables:
         return "\n".join(notes + [f"no finished runs (metrics.json) under {', '.join(dirs)}"])
-    blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"], t) for k, t in tables.items()]
+    blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"], t) for k,
+              t in tables.items()]
     return "\n\n".join(blocks + side_by_side(tables) + notes)
 
 
 def side_by_side(tables):
-    """Base-to-novel: one more table with a row per table above (a method and its settings), as the papers'
-    tables compare methods: seed mean ± std on a single data set, else the average over the data sets."""
+    """Base-to-novel: one more table with a row per table above (a method and its settings),
+    as the papers' tables compare methods: seed mean ± std on a single data set, else the
+    average over the data sets."""
     groups = {}  # (shots, data sets) -> [settings key]
     for key, table in tables.items():
         cfg = json.loads(key)
@@ -224,7 +255,9 @@ def side_by_side(tables):
         if len(keys) < 2:
             continue
         order = ["zeroshot", *prompts.METHODS]  # the papers' row order: zero-shot CLIP first
-        keys.sort(key=lambda k: order.index(m) if (m := json.loads(k)["method"]) in order else len(order))
+        keys.sort(
+            key=lambda k: order.index(m) if (m := json.loads(k)["method"]) in order else len(order)
+        )
         where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} data sets"
         lines = [f"### base-to-novel, {shots} shots, {where}: side by side", "",
                  "| method | seeds | base_acc | novel_acc | HM |", "|---|---|---|---|---|"]
@@ -239,25 +272,32 @@ def side_by_side(tables):
                 cells = [f"{statistics.mean(base):.2f}", f"{statistics.mean(novel):.2f}"]
             hm = train.harmonic_mean(statistics.mean(base), statistics.mean(novel))
             seeds = "/".join(str(len(row["seed"])) for row in rows)
-            lines.append(f"| {title(key, tables).split(',')[0]}{settings_note(key, tables)} | {seeds} | "
+            lines.append(f"| {title(key, tables).split(',')[0]}{settings_note(key, tables)} | "
+                         f"{seeds} | "
                          + " | ".join(cells) + f" | {hm:.2f} |")
         blocks.append("\n".join(lines))
     return blocks
 
 
 def settings_note(key, tables):
-    """What follows the method in a table's title ("coop, base2novel, 16 shots, lr 0.001" -> ", lr 0.001")."""
+    """What follows the method in a table's title ("coop, base2novel, 16 shots, lr
+    0.001" -> ", lr 0.001")."""
     parts = title(key, tables).split(", ")
     return "".join(", " + p for p in parts[3:])
 
 
 def fmt(values):
     """Seed values -> "mean ± std" (a single seed: its value)."""
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    return (
+        f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        if len(values) > 1
+        else f"{values[0]:.2f}"
+    )
 
 
 def title(settings, tables):
-    """"method, protocol, K shots", and the settings in which the table differs from others so named."""
+    """"method, protocol, K shots", and the settings in which the table
+    differs from others so named."""
     cfg = json.loads(settings)
     name = (cfg["method"], cfg["protocol"], cfg["shots"])
     others = [json.loads(k) for k in tables if k != settings]
@@ -268,18 +308,25 @@ def title(settings, tables):
 
 
 def markdown_table(name, protocol, table):
-    """One table: a row per data set (mean ± std over seeds) and their average. Base-to-novel adds HM;
-    cross-dataset has a column per target (eval_<target>_all.json) and their average, as the papers."""
-    columns = list(dict.fromkeys(c for row in table.values() for c in row if c not in ("hm", "seed")))
+    """One table: a row per data set (mean ± std over seeds) and their average. Base-to-novel
+    adds HM; cross-dataset has a column per target (eval_<target>_all.json) and their
+    average, as the papers."""
+    columns = list(dict.fromkeys(c for row in table.values() for c in row if c not in ("hm",
+                                                                                       "seed")))
     targets = [c for c in columns if c.endswith(" (all)")] if protocol == "crossdataset" else []
     for row in table.values():  # per seed: the mean over the targets this run was evaluated on
         if targets and all(len(row.get(t, [])) == len(row["seed"]) for t in targets):
             row["target average"] = [statistics.mean(v) for v in zip(*(row[t] for t in targets))]
     if any("target average" in row for row in table.values()):
         columns.append("target average")
-    lines = [f"### {name}", "",
-             "| data set | seeds | " + " | ".join(columns) + (" | HM |" if protocol == "base2novel" else " |"),
-             "|---" * (len(columns) + 2 + (protocol == "base2novel")) + "|"]
+    lines = [
+        f"### {name}",
+        "",
+        "| data set | seeds | "
+        + " | ".join(columns)
+        + (" | HM |" if protocol == "base2novel" else " |"),
+        "|---" * (len(columns) + 2 + (protocol == "base2novel")) + "|",
+    ]
     means = {c: [] for c in columns}
     for dataset, row in table.items():
         cells = [fmt(row[c]) if c in row else "" for c in columns]
@@ -287,12 +334,16 @@ def markdown_table(name, protocol, table):
             if c in row:
                 means[c].append(statistics.mean(row[c]))
         if protocol == "base2novel":
-            cells.append(f"{train.harmonic_mean(statistics.mean(row['base_acc']), statistics.mean(row['novel_acc'])):.2f}")
+            cells.append(
+                f"{train.harmonic_mean(statistics.mean(row['base_acc']), statistics.mean(row['novel_acc'])):.2f}"
+            )
         lines.append(f"| {dataset} | {len(row['seed'])} | " + " | ".join(cells) + " |")
     if len(table) > 1:
         cells = [f"{statistics.mean(means[c]):.2f}" if means[c] else "" for c in columns]
         if protocol == "base2novel":
-            cells.append(f"{train.harmonic_mean(statistics.mean(means['base_acc']), statistics.mean(means['novel_acc'])):.2f}")
+            cells.append(
+                f"{train.harmonic_mean(statistics.mean(means['base_acc']), statistics.mean(means['novel_acc'])):.2f}"
+            )
         lines.append("| **Average** | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -15,8 +15,8 @@ import prompts
 from prompts import METHODS
 from prompts.common import OPTION_CHOICES, OPTION_HELP, Range, check_settings
 
-DESCRIPTION = ("Prompt learning for CLIP: every method of prompts/ (CoOp to PromptSRC, APLe, PMPO), "
-               "one script.")
+DESCRIPTION = ("Prompt learning for CLIP: every method of prompts/ (CoOp to PromptSRC, APLe, "
+               "PMPO), one script.")
 PROTOCOLS = ("base2novel", "fewshot", "crossdataset")
 SWITCH = ("auto", "on", "off")
 

@@ -1,6 +1,7 @@
 """A run's folder: resume or refuse, never overwrite. Everything a run writes goes through
-clip.files.atomic_write (a temporary name, fsync, rename): a kill or a full disk leaves the previous
-version of each file, so the same command resumes after the last finished epoch. log.txt is appended.
+clip.files.atomic_write (a temporary name, fsync, rename): a kill or a full disk leaves
+the previous version of each file, so the same command resumes after the last finished
+epoch. log.txt is appended.
 
     config.json        the settings          prompt_learner.pt  the learned tensors, after every epoch
     fewshot.json       the exact shots       train_state.pt     optimizer and random streams (resume)
@@ -9,6 +10,7 @@ version of each file, so the same command resumes after the last finished epoch.
 
 Also here: the progress line and the log, and reading input with a message instead of a traceback.
 """
+
 import fcntl
 import json
 import os
@@ -87,7 +89,8 @@ def prepare_run_folder(out, cfg, stages):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json)"
                          f"{other_clip(old, cfg)}. Pick another --out, or delete that folder to "
                          f"run again.")
-    speed = ("device", "workers", "threads", "cuda_graphs")  # may change between a run and its resume
+    # may change between a run and its resume
+    speed = ("device", "workers", "threads", "cuda_graphs")
     changed = {k: (old.get(k), v) for k, v in cfg.items()
                if old.get(k) != v and k not in speed} if old is not None else {}
     if changed and trained_in(out):
@@ -113,7 +116,8 @@ def prepare_run_folder(out, cfg, stages):
 
 
 def other_clip(old, cfg):
-    """", made with another CLIP (...)" when the recorded run's CLIP file is not this one, else ""."""
+    """", made with another CLIP (...)" when the recorded run's CLIP file is
+    not this one, else ""."""
     if old is None or old.get("clip_sha256") == cfg["clip_sha256"]:
         return ""
     return (f", made with another CLIP (sha256 {old.get('clip_sha256') or 'not recorded'}; "
@@ -203,7 +207,8 @@ FILE_LOCKS = {}  # path -> its open file, while this process holds it (benchmark
 
 
 def try_lock(path):
-    """Hold an exclusive lock on the file `path` (made if missing); False if another process does."""
+    """Hold an exclusive lock on the file `path` (made if missing); False
+    if another process does."""
     key = os.path.abspath(path)
     if key in FILE_LOCKS:
         return True

@@ -1,4 +1,5 @@
-"""OpenAI's weights: `available_models()` and `load(name) -> (model, preprocess)`, as in openai/CLIP.
+"""OpenAI's weights: `available_models()` and `load(name) -> (model,
+preprocess)`, as in openai/CLIP.
 
 The names code ported from openai/CLIP uses (CoOp's `load_clip_to_cpu`: `from clip import clip`,
 `clip._MODELS[name]`, `clip._download(url)`, `clip.build_model`, `clip.tokenize`, `clip._transform`)
@@ -32,7 +33,8 @@ class _ModelURLs(dict):
     """A dict whose missing names say which ones exist (CoOp's default RN50 is a ResNet CLIP)."""
 
     def __missing__(self, name):
-        raise KeyError(f"Model {name} not found; available models = {list(self)} (the ResNet CLIPs are not supported)")
+        raise KeyError(f"Model {name} not found; available models = {list(self)} (the "
+                       f"ResNet CLIPs are not supported)")
 
 
 # name -> URL, as in openai/CLIP. The second-to-last part of each URL is the file's sha256.
@@ -56,25 +58,33 @@ def available_models():
 
 
 def cache_root(download_root=None):
-    """Where named models are cached: download_root if given, else $CLIP_CACHE, else ~/.cache/clip."""
-    return os.path.expanduser(download_root or os.environ.get("CLIP_CACHE") or os.path.join("~", ".cache", "clip"))
+    """Where named models are cached: download_root if given, else
+    $CLIP_CACHE, else ~/.cache/clip."""
+    return os.path.expanduser(
+        download_root or os.environ.get("CLIP_CACHE") or os.path.join("~", ".cache", "clip")
+    )
 
 
 def _transform(n_px):
-    """openai/CLIP's name for the preprocessing load returns: PIL image -> normalised tensor [3, n_px, n_px]."""
+    """openai/CLIP's name for the preprocessing load returns: PIL image -> normalised
+    tensor [3, n_px, n_px]."""
     return Preprocess(n_px)
 
 
-def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False, download_root=None):
-    """Return (model, preprocess): a float32 CLIP in eval mode on `device`, and its PIL -> tensor transform.
+def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
+         download_root=None):
+    """Return (model, preprocess): a float32 CLIP in eval mode on `device`, and
+    its PIL -> tensor transform.
 
-    openai/CLIP's signature. name: one of available_models() (downloaded once into cache_root(download_root)),
-    "toy" (clip/toy.py's tiny CLIP, read from the repository's sha256-pinned clip/toy_clip.pt),
-    or the path of a checkpoint (OpenAI's TorchScript .pt or a plain state_dict).
-    jit: only for openai/CLIP's call signature; there is no TorchScript model here.
+    openai/CLIP's signature. name: one of available_models() (downloaded once into
+    cache_root(download_root)), "toy" (clip/toy.py's tiny CLIP, read from the
+    repository's sha256-pinned clip/toy_clip.pt), or the path of a checkpoint (OpenAI's
+    TorchScript .pt or a plain state_dict). jit: only for openai/CLIP's call signature;
+    there is no TorchScript model here.
     """
     if jit:
-        raise ValueError("jit=True is not supported: load returns a plain nn.Module (use torch.compile for speed)")
+        raise ValueError("jit=True is not supported: load returns a plain nn.Module "
+                         "(use torch.compile for speed)")
     if name in _MODELS:
         path = _download(_MODELS[name], cache_root(download_root))
     elif name == "toy":  # the toy world's tiny CLIP (clip/toy.py), shipped in the repository
@@ -82,8 +92,10 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
     elif os.path.isfile(name):
         path = name
     else:
-        raise RuntimeError(f"Model {name} not found; available models = {available_models()} and 'toy' "
-                           "(the ResNet CLIPs are not supported; the path of a checkpoint file works too)")
+        raise RuntimeError(f"Model {name} not found; available models = "
+                           f"{available_models()} and 'toy' "
+                           "(the ResNet CLIPs are not supported; the path of "
+                           "a checkpoint file works too)")
     state_dict = _read_state_dict(path)
     try:
         model = build_model(state_dict)
@@ -111,22 +123,30 @@ def _read_state_dict(path):
     """A checkpoint file -> its state_dict, with a clear RuntimeError if the file cannot be read."""
     try:
         if _is_torchscript(path):
-            with warnings.catch_warnings():  # "torch.jit.load is deprecated": no other reader exists for these
+            # "torch.jit.load is deprecated": no other reader exists for these
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(path, map_location="cpu").state_dict()
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError, ...
+    # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError, ...
+    except Exception as e:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise RuntimeError(f"{path} could not be read: it looks truncated or damaged ({reason}). "
                            "Delete it and download again (or save it again).") from None
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]  # a training checkpoint {"state_dict": ..., "optimizer": ...}
+        # a training checkpoint {"state_dict": ..., "optimizer": ...}
+        state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        found = f"a dict with keys {list(state_dict)[:5]}" if isinstance(state_dict, dict) else type(state_dict).__name__
+        found = (
+            f"a dict with keys {list(state_dict)[:5]}"
+            if isinstance(state_dict, dict)
+            else type(state_dict).__name__
+        )
         raise ValueError(f"{path}: expected a state_dict (a dict of tensors), found {found}")
     if _toy().PACKED[0] in state_dict:  # the toy CLIP's file: rows no caption moved are regenerated
         return _toy().unpack(state_dict)
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}  # saved from DataParallel/DDP
+    # saved from DataParallel/DDP
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
 def _toy():
@@ -153,22 +173,25 @@ def file_digest(path, algorithm="sha256"):
 
 
 def _download(url, root=None):
-    """openai/CLIP's _download: the file at `url` in root (default cache_root()), fetched unless a file with
-    the sha256 the URL carries is already there; returns its path. Tried on every mirror of its host."""
+    """openai/CLIP's _download: the file at `url` in root (default cache_root()), fetched
+    unless a file with the sha256 the URL carries is already there; returns its path. Tried on
+    every mirror of its host."""
     root = root or cache_root()
     expected, filename = url.split("/")[-2:]
     target = os.path.join(root, filename)
     if os.path.isfile(target):
         if file_digest(target) == expected:
             return target
-        print(f"{target} does not match its sha256 (damaged or replaced); downloading it again", file=sys.stderr)
+        print(f"{target} does not match its sha256 (damaged or replaced); downloading it again",
+              file=sys.stderr)
         os.remove(target)
     try:
         return download(_mirrors(url), target, expected)
     except RuntimeError as e:
-        raise RuntimeError(f"{e}\nWithout a network: put {filename} (sha256 {expected}) into {root}, or pass the "
-                           "path of a local copy instead of the model name (clip.load(PATH); train.py and "
-                           "eval.py: --model PATH).") from None
+        raise RuntimeError(f"{e}\nWithout a network: put {filename} (sha256 "
+                           f"{expected}) into {root}, or pass the "
+                           "path of a local copy instead of the model name (clip.load(PATH); "
+                           "train.py and eval.py: --model PATH).") from None
 
 
 def _mirrors(url):
@@ -180,10 +203,11 @@ def _mirrors(url):
 
 
 def download(urls, target, sha256=None, name=None, md5=None):
-    """Fetch the first of `urls` that answers into target: resumable, with retries and a progress line.
+    """Fetch the first of `urls` that answers into target: resumable, with
+    retries and a progress line.
 
-    Also used by data/prepare.py. With sha256 and/or md5 given, the file takes its final name only if
-    its digests match; without either, nothing about its content is checked.
+    Also used by data/prepare.py. With sha256 and/or md5 given, the file takes its final name only
+    if its digests match; without either, nothing about its content is checked.
     """
     urls, name = [urls] if isinstance(urls, str) else urls, name or os.path.basename(target)
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
@@ -194,20 +218,23 @@ def download(urls, target, sha256=None, name=None, md5=None):
         for algorithm, expected in (("sha256", sha256), ("md5", md5)):
             if expected and (actual := file_digest(part, algorithm)) != expected:
                 os.remove(part)
-                raise RuntimeError(f"{algorithm} mismatch: the download of {name} from {url} is corrupt: "
-                                   f"{algorithm} {actual}, expected {expected}; it was deleted, try again")
+                raise RuntimeError(f"{algorithm} mismatch: the download of {name} from {url} is "
+                                   f"corrupt: {algorithm} {actual}, expected "
+                                   f"{expected}; it was deleted, try again")
         os.replace(part, target)  # atomic: no reader ever sees a half-written target
         return target
     raise RuntimeError(f"could not download {name}:\n  " + "\n  ".join(errors))
 
 
 def _fetch_with_retries(url, part, errors):
-    """Try to fetch url into part a few times; record failures in `errors`; return True on success."""
+    """Try to fetch url into part a few times; record failures in `errors`;
+    return True on success."""
     for attempt in range(1, RETRIES + 1):
         try:
             _fetch(url, part)
             return True
-        except urllib.error.HTTPError as e:  # the server answered (404, 403, ...): retrying will not help
+        # the server answered (404, 403, ...): retrying will not help
+        except urllib.error.HTTPError as e:
             errors.append(f"{url}: {e}")
             return False
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
@@ -226,7 +253,8 @@ def _fetch(url, part):
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:
             raise
-        os.remove(part)  # 416: part is not a prefix of this file (e.g. already too long); start over
+        # 416: part is not a prefix of this file (e.g. already too long); start over
+        os.remove(part)
         return _fetch(url, part)
     with response, open(part, "ab" if response.status == 206 else "wb") as f:  # 200: Range ignored
         have = have if response.status == 206 else 0
@@ -235,7 +263,8 @@ def _fetch(url, part):
         while block := response.read(1 << 20):
             f.write(block)
             got += len(block)
-            _progress(url, have + got, have + size if size >= 0 else None, got / max(time.time() - start, 1e-3))
+            _progress(url, have + got, have + size if size >= 0 else None,
+                      got / max(time.time() - start, 1e-3))
         print(file=sys.stderr)
     if 0 <= size != got:  # http.client returns EOF, not an error, when the server closes early
         raise ConnectionError(f"connection closed after {got} of {size} bytes")
@@ -244,4 +273,5 @@ def _fetch(url, part):
 def _progress(url, done, total, speed):
     percent = f"{100 * done / total:5.1f}% " if total else ""
     size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-    print(f"\r{url.rsplit('/', 1)[-1]}: {percent}{size} {speed / 1e6:.1f} MB/s", end="", file=sys.stderr)
+    print(f"\r{url.rsplit('/', 1)[-1]}: {percent}{size} {speed / 1e6:.1f} MB/s", end="",
+          file=sys.stderr)

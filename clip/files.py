@@ -1,8 +1,9 @@
 """Files that are either whole or absent: every file this project writes goes through atomic_write.
 
-A kill, a crash or a full disk in the middle of a write leaves the previous version (or nothing) under
-the final name, never a truncated file: the data goes to a temporary name in the same folder, is
-flushed and fsync'ed, and only then renamed over the target (rename is atomic within a filesystem).
+A kill, a crash or a full disk in the middle of a write leaves the previous version (or
+nothing) under the final name, never a truncated file: the data goes to a temporary name in
+the same folder, is flushed and fsync'ed, and only then renamed over the target (rename is
+atomic within a filesystem).
 """
 import contextlib
 import os
@@ -11,7 +12,8 @@ import tempfile
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w"):
-    """with atomic_write("metrics.json") as f: json.dump(m, f). mode "w" (text) or "wb" (bytes, e.g. torch.save)."""
+    """with atomic_write("metrics.json") as f: json.dump(m, f). mode "w" (text) or "wb"
+    (bytes, e.g. torch.save)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
@@ -24,7 +26,8 @@ def atomic_write(path, mode="w"):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every platform)
+    # make the rename itself durable (not possible on every platform)
+    with contextlib.suppress(OSError):
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

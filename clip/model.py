@@ -30,21 +30,24 @@ from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, so a model cast to fp16 keeps stable statistics (as OpenAI's)."""
+    """LayerNorm computed in float32, so a model cast to fp16 keeps stable
+    statistics (as OpenAI's)."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
-    """CLIP's GELU approximation x * sigmoid(1.702 x). Using nn.GELU instead changes every feature."""
+    """CLIP's GELU approximation x * sigmoid(1.702 x). Using nn.GELU instead
+    changes every feature."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names
+    (in_proj_*, out_proj)."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -56,21 +59,28 @@ class Attention(nn.Module):
     def forward(self, x, causal=False, mask=None, query=None):
         """x: [B, L, D]. causal: each token sees itself and the tokens before it. mask: an additive
         float mask [L, L] (0 = attend, -inf = not), for masks other than the causal one; with query,
-        [B, 1, Lq, L]. query: [B, Lq, D], the only rows to compute (keys and values still come from all
-        of x); default x itself."""
+        [B, 1, Lq, L]. query: [B, Lq, D], the only rows to compute (keys and values still come from
+        all of x); default x itself."""
         B, L, D = x.shape
         if query is None:
-            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x [B, L, D]
+            # 3 x [B, L, D]
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:  # in_proj_weight stacks the q, k and v projections: [3D, D]
             q = F.linear(query, self.in_proj_weight[:D], self.in_proj_bias[:D])  # [B, Lq, D]
-            k, v = F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:]).chunk(2, dim=-1)  # 2 x [B, L, D]
+            # 2 x [B, L, D]
+            k, v = F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:]).chunk(2, dim=-1)
         Lq = q.shape[1]
         q = q.reshape(B, Lq, self.heads, D // self.heads).transpose(1, 2)  # [B, H, Lq, D/H]
-        k, v = (t.reshape(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))  # [B, H, L, D/H]
+        # [B, H, L, D/H]
+        k, v = (t.reshape(B, L, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))
         if query is None:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [B, H, L, D/H]
-        else:  # softmax(q k^T / sqrt(d) + mask) v written out: the CPU's fused kernel splits a lone query's
-            # keys across threads, so its result would depend on the thread count (this is that math kernel's)
+            # [B, H, L, D/H]
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # softmax(q k^T / sqrt(d) + mask) v written out: the CPU's fused
+        # kernel splits a lone query's
+        else:
+            # keys across threads, so its result would depend on the thread count
+            # (this is that math kernel's)
             scores = q @ k.transpose(-2, -1) * (D // self.heads) ** -0.5  # [B, H, Lq, L]
             x = (scores if mask is None else scores + mask).softmax(dim=-1) @ v  # [B, H, Lq, D/H]
         x = x.transpose(1, 2).reshape(B, Lq, D)  # [B, Lq, D]
@@ -78,7 +88,8 @@ class Attention(nn.Module):
 
 
 def causal_mask(n):
-    """OpenAI's text mask [n, n]: 0 on and below the diagonal, -inf above (token i sees tokens 0..i)."""
+    """OpenAI's text mask [n, n]: 0 on and below the diagonal, -inf above
+    (token i sees tokens 0..i)."""
     return torch.full((n, n), float("-inf")).triu_(1)
 
 
@@ -109,23 +120,27 @@ class ResidualAttentionBlock(nn.Module):
 
     @attn_mask.setter
     def attn_mask(self, mask):  # checked once here, not at every forward
-        if mask is not None and mask.dtype == torch.bool:  # nn.MultiheadAttention's meaning: True = masked
+        # nn.MultiheadAttention's meaning: True = masked
+        if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, float("-inf"))
         self._attn_mask = mask  # an attribute, as OpenAI's: not in the state_dict
-        self.causal = mask is not None and mask.dim() == 2 and torch.equal(mask.cpu().float(), causal_mask(len(mask)))
+        self.causal = mask is not None and mask.dim() == 2 and torch.equal(mask.cpu().float(),
+                                                                           causal_mask(len(mask)))
 
     def forward(self, x):
-        """x: [L, B, width], OpenAI's layout (what `transformer.resblocks[i](x)` gets in ported code)."""
+        """x: [L, B, width], OpenAI's layout (what
+        `transformer.resblocks[i](x)` gets in ported code)."""
         return self.forward_nld(x.transpose(0, 1)).transpose(0, 1)
 
     def forward_nld(self, x, keep=None):
-        """x: [B, L, width], batch-first: what encode_text and encode_image run. keep: [B] positions,
-        one per sequence: only those rows are computed (the attention's keys and values still come
-        from every token before them), and the output is [B, 1, width]."""
+        """x: [B, L, width], batch-first: what encode_text and encode_image run. keep: [B]
+        positions, one per sequence: only those rows are computed (the attention's keys and values
+        still come from every token before them), and the output is [B, 1, width]."""
         L = x.shape[1]
         mask = None
         if self.attn_mask is not None and (keep is not None or not self.causal):  # else is_causal
-            if self._attn_mask.device != x.device:  # moved once: a copy from the CPU at every forward
+            # moved once: a copy from the CPU at every forward
+            if self._attn_mask.device != x.device:
                 self._attn_mask = self._attn_mask.to(x.device)  # would wait on the GPU's queue
             mask = self._attn_mask[:L, :L].to(x.dtype)  # [L, L]
         h = self.ln_1(x)
@@ -144,14 +159,17 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads, attn_mask=None):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads,
+                                                                attn_mask) for _ in range(layers)])
         # Activation checkpointing (open_clip's name): keep only each block's input for the backward
         # pass and recompute the rest there. Same gradients, about a third more compute, and a
-        # fraction of the memory: PMPO's 1,000 classes x 4 prompts keep ~10 GiB of activations without it.
+        # fraction of the memory: PMPO's 1,000 classes x 4 prompts keep ~10 GiB
+        # of activations without it.
         self.grad_checkpointing = False
 
     def forward(self, x):
-        """x: [L, B, width], OpenAI's layout: `clip_model.transformer(x.permute(1, 0, 2))` as in CoOp."""
+        """x: [L, B, width], OpenAI's layout:
+        `clip_model.transformer(x.permute(1, 0, 2))` as in CoOp."""
         return self.forward_nld(x.transpose(0, 1)).transpose(0, 1)
 
     def forward_nld(self, x, deep_prompts=None, prompt_start=0, keep=None):
@@ -183,9 +201,11 @@ class Transformer(nn.Module):
 
 
 def replace_tokens(x, tokens, start):
-    """Return x with x[:, start:start + n] set to `tokens` ([n, D] shared by the batch, or [B, n, D])."""
+    """Return x with x[:, start:start + n] set to `tokens` ([n, D] shared by
+    the batch, or [B, n, D])."""
     B = x.shape[0]
-    tokens = tokens.to(x.dtype).expand(B, -1, -1) if tokens.dim() == 2 else tokens.to(x.dtype)  # [B, n, D]
+    # [B, n, D]
+    tokens = tokens.to(x.dtype).expand(B, -1, -1) if tokens.dim() == 2 else tokens.to(x.dtype)
     return torch.cat([x[:, :start], tokens, x[:, start + tokens.shape[1]:]], dim=1)
 
 
@@ -196,7 +216,9 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width)
+        )
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
@@ -205,25 +227,31 @@ class VisionTransformer(nn.Module):
     def forward(self, x, deep_prompts=None):
         """x: images [B, 3, H, W]. deep_prompts: {layer: tokens [n, width] or [B, n, width]}.
 
-        Prompt tokens go after the patch tokens (MaPLe's layout, so CLS stays at index 0). The first
-        prompted layer appends its tokens: layer 0 to the input before ln_pre, a later layer i before
-        block i (layers before it see no prompt). Every later prompted layer replaces them, so all
-        layers must give the same number of tokens. The slots carry no positional embedding, as in VPT.
+        Prompt tokens go after the patch tokens (MaPLe's layout, so CLS stays at index 0). The
+        first prompted layer appends its tokens: layer 0 to the input before ln_pre, a later
+        layer i before block i (layers before it see no prompt). Every later prompted layer
+        replaces them, so all layers must give the same number of tokens. The slots carry no
+        positional embedding, as in VPT.
         """
         x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # [B, grid ** 2, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, width]
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, grid ** 2 + 1, width]
+        # [B, grid ** 2 + 1, width]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         deep_prompts = dict(deep_prompts or {})
         if len({t.shape[-2] for t in deep_prompts.values()}) > 1:
-            raise ValueError("every layer's vision prompt must have the same number of tokens (each replaces the "
-                             f"last one's), got {({i: t.shape[-2] for i, t in sorted(deep_prompts.items())})}")
+            raise ValueError("every layer's vision prompt must have the same number "
+                             "of tokens (each replaces the "
+                             f"last one's), got "
+                             f"{({i: t.shape[-2] for i, t in sorted(deep_prompts.items())})}")
         n_tokens = x.shape[1]
         if 0 in deep_prompts:
-            x = replace_tokens(x, deep_prompts.pop(0), n_tokens)  # [B, grid ** 2 + 1 + n_ctx, width]
+            # [B, grid ** 2 + 1 + n_ctx, width]
+            x = replace_tokens(x, deep_prompts.pop(0), n_tokens)
         x = self.ln_pre(x)
         cls_position = torch.zeros(len(x), dtype=torch.long, device=x.device)  # [B]
-        x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=n_tokens, keep=cls_position)
+        x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=n_tokens,
+                                         keep=cls_position)
         return self.ln_post(x[:, 0]) @ self.proj  # CLS token -> [B, output_dim]
 
 
@@ -232,11 +260,13 @@ class CLIP(nn.Module):
                  # vision
                  image_resolution, vision_layers, vision_width, vision_patch_size,
                  # text
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+                 context_length, vocab_size, transformer_width, transformer_heads,
+                 transformer_layers):
         super().__init__()
         self.context_length, self.vocab_size = context_length, vocab_size
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        heads=vision_width // 64, output_dim=embed_dim)
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                        vision_layers, heads=vision_width // 64,
+                                        output_dim=embed_dim)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
                                        attn_mask=self.build_attention_mask())
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
@@ -247,12 +277,17 @@ class CLIP(nn.Module):
         self.initialize_parameters()
 
     def initialize_parameters(self):
-        """OpenAI's initialisation; only matters for CLIPs trained from scratch (the tests' tiny ones)."""
+        """OpenAI's initialisation; only matters for CLIPs trained from scratch
+        (the tests' tiny ones)."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         for transformer in (self.transformer, self.visual.transformer):
             width, layers = transformer.width, transformer.layers
-            proj_std, attn_std, fc_std = (width ** -0.5) * ((2 * layers) ** -0.5), width ** -0.5, (2 * width) ** -0.5
+            proj_std, attn_std, fc_std = (
+                (width**-0.5) * ((2 * layers) ** -0.5),
+                width**-0.5,
+                (2 * width) ** -0.5,
+            )
             for block in transformer.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
                 nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -269,10 +304,12 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def compute_precision(self, device_type):
-        """Autocast to the matrices' dtype if cast_matrices made them bf16/fp16 and the caller has not
-        entered autocast itself (a float32 CLIP: a no-op), so a cast CLIP works wherever a float32 one does."""
+        """Autocast to the matrices' dtype if cast_matrices made them bf16/fp16 and the caller
+        has not entered autocast itself (a float32 CLIP: a no-op), so a cast CLIP works
+        wherever a float32 one does."""
         if self.dtype == torch.float32 or torch.is_autocast_enabled(device_type):
-            return contextlib.nullcontext()  # (an autocast with enabled=False would turn the caller's off)
+            # (an autocast with enabled=False would turn the caller's off)
+            return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.dtype)
 
     def encode_image(self, image, deep_prompts=None):
@@ -282,11 +319,12 @@ class CLIP(nn.Module):
     def encode_text(self, text, embeddings=None, deep_prompts=None, length=None):
         """text: token ids [B, 77] (from clip.tokenize). Returns features [B, embed_dim].
 
-        embeddings: optional [B, 77, width] input embeddings to use instead of token_embedding(text);
-        prompt learners pass their learnable context here (CoOp), and `text` still tells where the
-        end-of-text token is. deep_prompts: {layer: tokens [n, width]} replacing positions 1..n
-        (right after start-of-text) before that layer; they must end before every end-of-text token
-        (a caller with a learnable context also keeps them off the class name: PromptLearner.encode).
+        embeddings: optional [B, 77, width] input embeddings to use instead of
+        token_embedding(text); prompt learners pass their learnable context here (CoOp), and `text`
+        still tells where the end-of-text token is. deep_prompts: {layer: tokens [n, width]}
+        replacing positions 1..n (right after start-of-text) before that layer; they must end before
+        every end-of-text token (a caller with a learnable context also keeps them off the class
+        name: PromptLearner.encode).
 
         The sequence is cut after the batch's last end-of-text token. Under the causal mask no
         token before it can see the padding behind it, so the features are the same (to float32
@@ -303,31 +341,36 @@ class CLIP(nn.Module):
         if longest:
             shortest = length - 1 if length else int(eot.min())  # the first end-of-text position
             if longest >= shortest:
-                raise ValueError(f"a deep text prompt of {longest} tokens would overwrite the end-of-text "
-                                 f"token (position {shortest} of the shortest text)")
+                raise ValueError(f"a deep text prompt of {longest} tokens would overwrite the "
+                                 f"end-of-text token (position {shortest} of the shortest text)")
         with self.compute_precision(text.device.type):
-            x = self.token_embedding(text[:, :n]) if embeddings is None else embeddings[:, :n]  # [B, n, width]
+            # [B, n, width]
+            x = self.token_embedding(text[:, :n]) if embeddings is None else embeddings[:, :n]
             x = x + self.positional_embedding[:n].to(x.dtype)
-            x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=1, keep=eot)  # [B, 1, width]
-            return self.ln_final(x[:, 0]) @ self.text_projection  # the end-of-text token's features: [B, embed_dim]
+            # [B, 1, width]
+            x = self.transformer.forward_nld(x, deep_prompts=deep_prompts, prompt_start=1, keep=eot)
+            # the end-of-text token's features: [B, embed_dim]
+            return self.ln_final(x[:, 0]) @ self.text_projection
 
     def forward(self, image, text):
         image_features = F.normalize(self.encode_image(image), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # [B_img, B_txt]
+        # [B_img, B_txt]
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
 
 
 def cast_matrices(model, dtype):
-    """Keep a frozen CLIP's matrices in `dtype` (bf16 or fp16, for a GPU), as OpenAI's clip.load keeps
-    fp16 weights on CUDA. Under autocast a float32 weight is cast again at every call (autocast caches
-    the casts of weights that learn, not of frozen ones): a copy of all of CLIP per step.
+    """Keep a frozen CLIP's matrices in `dtype` (bf16 or fp16, for a GPU), as OpenAI's
+    clip.load keeps fp16 weights on CUDA. Under autocast a float32 weight is cast again at
+    every call (autocast caches the casts of weights that learn, not of frozen ones): a
+    copy of all of CLIP per step.
 
     Cast: exactly the parameters autocast would cast where they are used (every linear and conv
-    weight and bias, the projections, the vision class and position embeddings, which meet the conv's
-    bf16 output), so under autocast the results are the same bits. Kept float32: LayerNorms, the
-    token embedding and text positions (looked up and added in float32) and logit_scale. Run a cast
-    CLIP under torch.autocast(dtype); encode_text and encode_image enter it themselves.
+    weight and bias, the projections, the vision class and position embeddings, which meet the
+    conv's bf16 output), so under autocast the results are the same bits. Kept float32: LayerNorms,
+    the token embedding and text positions (looked up and added in float32) and logit_scale. Run a
+    cast CLIP under torch.autocast(dtype); encode_text and encode_image enter it themselves.
     """
     for module in model.modules():
         if isinstance(module, (LayerNorm, nn.Embedding)):
@@ -352,8 +395,8 @@ def build_model(state_dict):
     sd = {k: v for k, v in state_dict.items() if k not in _JIT_METADATA}
     if "visual.proj" not in sd:
         if any(k.startswith("visual.layer1") for k in sd):
-            raise ValueError("this is a ResNet CLIP (RN50, RN101, ...); only the ViT CLIPs are supported "
-                             "(ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)")
+            raise ValueError("this is a ResNet CLIP (RN50, RN101, ...); only the ViT CLIPs are "
+                             "supported (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)")
         raise ValueError("not an OpenAI-layout CLIP state_dict: the key 'visual.proj' is missing "
                          f"(first keys: {list(sd)[:5]})")
     try:
@@ -363,14 +406,18 @@ def build_model(state_dict):
         model = CLIP(
             embed_dim=sd["text_projection"].shape[1],
             image_resolution=patch_size * grid,
-            vision_layers=len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]),
+            vision_layers=len(
+                [k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]
+            ),
             vision_width=sd["visual.conv1.weight"].shape[0],
             vision_patch_size=patch_size,
             context_length=sd["positional_embedding"].shape[0],
             vocab_size=sd["token_embedding.weight"].shape[0],
             transformer_width=width,
             transformer_heads=width // 64,
-            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")}),
+            transformer_layers=len(
+                {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")}
+            ),
         )
     except KeyError as e:
         raise ValueError(f"not an OpenAI-layout CLIP state_dict: the key {e} is missing") from None
@@ -378,5 +425,7 @@ def build_model(state_dict):
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"the state_dict does not fit the CLIP its shapes describe:\n{e}") from None
+        raise ValueError(
+            f"the state_dict does not fit the CLIP its shapes describe:\n{e}"
+        ) from None
     return model.eval()

@@ -1,8 +1,9 @@
-"""The toy world: a tiny CLIP pre-trained in seconds on drawn images, so every method runs on a laptop.
+"""The toy world: a tiny CLIP pre-trained in seconds on drawn images, so
+every method runs on a laptop.
 
-nanoGPT has its character-level Shakespeare; this is the same idea for prompt learning. The world has
-24 classes with made-up looks: each class name ("cat", "owl", ...) is a colour, one of 24 hues evenly
-spaced on the colour circle, drawn as 32-pixel images with noise. There are two renderings:
+nanoGPT has its character-level Shakespeare; this is the same idea for prompt learning. The world
+has 24 classes with made-up looks: each class name ("cat", "owl", ...) is a colour, one of 24 hues
+evenly spaced on the colour circle, drawn as 32-pixel images with noise. There are two renderings:
 
     bright: the class hue, bright,                    captioned "a photo of a {name}."
     dark:   the hue moved DARK_HUE_SHIFT of a hue step, darker,   captioned "a photo of a dark {name}."
@@ -17,6 +18,7 @@ the template does not say "dark", so zero-shot CLIP reads a dark image as a brig
 neighbouring hue, and is right only part of the time. That gap is what prompt learning has to close
 from 16 shots of the base classes, and then carry over to the novel ones it never saw.
 """
+
 import hashlib
 import json
 import os
@@ -32,9 +34,11 @@ from .model import CLIP
 from .tokenizer import tokenize
 from .transform import MEAN, STD
 
-# -- the world's knobs -----------------------------------------------------------------------------------
-# Class names are one BPE token each; the i-th name here has hue i / len(CLASSNAMES) of the circle. Labels
-# follow the sorted names (data/toy.py writes one folder per class), so the base half is the first 12 in
+# -- the world's knobs -----------------------------------------------------------------------------
+# Class names are one BPE token each; the i-th name here has hue i /
+# len(CLASSNAMES) of the circle. Labels
+# follow the sorted names (data/toy.py writes one folder per class), so the
+# base half is the first 12 in
 # alphabetical order, and base and novel hues interleave around the circle.
 CLASSNAMES = ["cat", "dog", "fish", "bird", "horse", "frog", "bear", "lion",
               "wolf", "duck", "cow", "pig", "goat", "sheep", "fox", "owl",
@@ -42,16 +46,20 @@ CLASSNAMES = ["cat", "dog", "fish", "bird", "horse", "frog", "bear", "lion",
 SATURATION = (0.6, 1.0)       # drawn per image
 BRIGHT_VALUE = (0.7, 1.0)     # brightness of the bright rendering, drawn per image
 DARK_VALUE = (0.35, 0.55)     # ... and of the dark rendering (the downstream data set)
-DARK_HUE_SHIFT = 0.5          # in hue steps: a dark image sits halfway between its class hue and the next one
-HUE_NOISE = 0.01              # std of the per-image hue jitter, in turns of the circle (a step is 1/24)
+# in hue steps: a dark image sits halfway between its class hue and the next one
+DARK_HUE_SHIFT = 0.5
+# std of the per-image hue jitter, in turns of the circle (a step is 1/24)
+HUE_NOISE = 0.01
 PIXEL_NOISE = 0.08            # std of per-pixel RGB noise
 IMAGE_SIZE = 32               # pixels; the tiny CLIP's input resolution
-CAPTIONS = ("a photo of a {}.", "a photo of a dark {}.")  # pre-training captions of rendering 0 and 1
+# pre-training captions of rendering 0 and 1
+CAPTIONS = ("a photo of a {}.", "a photo of a dark {}.")
 BRIGHT, DARK = 0, 1
 
-# -- the tiny CLIP and its pre-training --------------------------------------------------------------------
-TOY_CLIP = dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, vision_width=64, vision_patch_size=8,
-                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=4)
+# -- the tiny CLIP and its pre-training ------------------------------------------------------------
+TOY_CLIP = dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, vision_width=64,
+                vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
+                transformer_heads=1, transformer_layers=4)
 # AdamW, one-cycle schedule. [ours] seed 1 and 300 steps: of seeds 0-7 at 150 and 300 steps tried on
 # one machine, the world with the highest zero-shot base and novel that still leaves methods room.
 PRETRAIN = dict(seed=1, steps=300, batch=128, lr=4e-3, weight_decay=0.1, warmup=0.1)
@@ -65,7 +73,7 @@ def fingerprint():
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# -- drawing -------------------------------------------------------------------------------------------------
+# -- drawing ---------------------------------------------------------------------------------------
 
 def hsv_to_rgb(h, s, v):
     """Vectorised HSV -> RGB; arrays of the same shape in [0, 1] -> [..., 3]."""
@@ -86,20 +94,22 @@ def draw(label, rendering, rng, size=IMAGE_SIZE):
 
 
 def to_model_input(images):
-    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, H, W] (what clip.transform's preprocess gives)."""
+    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, H, W] (what
+    clip.transform's preprocess gives)."""
     x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)  # [B, 3, H, W]
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-# -- pre-training ------------------------------------------------------------------------------------------
+# -- pre-training ----------------------------------------------------------------------------------
 
 def pretrain(log=None):
-    """CLIP's contrastive loss on (image, caption) pairs of both renderings of all classes. Returns a CLIP.
+    """CLIP's contrastive loss on (image, caption) pairs of both renderings of
+    all classes. Returns a CLIP.
 
-    A batch's text side is all 48 captions (24 classes x 2 renderings): an image's target is its caption,
-    a caption's target is spread evenly over the images it describes. Only the rows of the token embedding
-    the captions use are learned (a small table written back at the end), which spares AdamW 3M untouched
-    values a step. One thread, fixed seeds: the same weights on every run.
+    A batch's text side is all 48 captions (24 classes x 2 renderings): an image's target is its
+    caption, a caption's target is spread evenly over the images it describes. Only the rows of the
+    token embedding the captions use are learned (a small table written back at the end), which
+    spares AdamW 3M untouched values a step. One thread, fixed seeds: the same weights on every run.
     """
     cfg, n = PRETRAIN, len(CLASSNAMES)
     threads = torch.get_num_threads()
@@ -111,29 +121,36 @@ def pretrain(log=None):
             with torch.no_grad():
                 model.token_embedding.weight.copy_(filler_rows())  # regenerable rows [ours]
             rng = np.random.default_rng(cfg["seed"])
-            text = tokenize([caption.format(name) for caption in CAPTIONS for name in CLASSNAMES])  # [48, 77]
+            # [48, 77]
+            text = tokenize([caption.format(name) for caption in CAPTIONS for name in CLASSNAMES])
             used = torch.unique(text)
             row = torch.zeros(model.token_embedding.num_embeddings, dtype=torch.long)
             row[used] = torch.arange(len(used))
-            words = torch.nn.Parameter(model.token_embedding.weight.detach()[used].clone())  # [n_used, width]
+            # [n_used, width]
+            words = torch.nn.Parameter(model.token_embedding.weight.detach()[used].clone())
             model.token_embedding.requires_grad_(False)
             params = [p for p in model.parameters() if p.requires_grad] + [words]
             optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=cfg["steps"],
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"],
+                                                           total_steps=cfg["steps"],
                                                            pct_start=cfg["warmup"])
             model.train()
             start = time.time()
             for step in range(cfg["steps"]):
-                labels, rendering = rng.integers(0, n, cfg["batch"]), rng.integers(0, 2, cfg["batch"])
-                images = to_model_input(np.stack([draw(c, r, rng) for c, r in zip(labels, rendering)]))
-                target = torch.from_numpy(rendering * n + labels)  # the caption of each image, in [0, 48)
+                labels, rendering = rng.integers(0, n, cfg["batch"]), rng.integers(0, 2,
+                                                                                   cfg["batch"])
+                images = to_model_input(np.stack([draw(c, r, rng) for c,
+                                                  r in zip(labels, rendering)]))
+                # the caption of each image, in [0, 48)
+                target = torch.from_numpy(rendering * n + labels)
                 loss = contrastive_loss(model, images, text, words[row[text]], target, 2 * n)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 if log and (step + 1) % 100 == 0:
-                    log(f"  step {step + 1}/{cfg['steps']}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
+                    log(f"  step {step + 1}/{cfg['steps']}  loss {loss.item():.3f} "
+                        f" {time.time() - start:.0f}s")
             with torch.no_grad():
                 model.token_embedding.weight[used] = words
             return model.requires_grad_(True).eval()
@@ -142,7 +159,8 @@ def pretrain(log=None):
 
 
 def contrastive_loss(model, images, text, embeddings, target, n_captions):
-    """(image -> caption cross-entropy + caption -> images cross-entropy) / 2, CLIP's symmetric loss (Sec. 2.3)."""
+    """(image -> caption cross-entropy + caption -> images cross-entropy) / 2, CLIP's
+    symmetric loss (Sec. 2.3)."""
     image_features = F.normalize(model.encode_image(images), dim=-1)  # [B, D]
     text_features = F.normalize(model.encode_text(text, embeddings=embeddings), dim=-1)  # [48, D]
     logits = model.logit_scale.exp() * image_features @ text_features.t()  # [B, 48]

@@ -41,11 +41,13 @@ def to_tensor(img):
     return to_uint8(img).float().div(255)
 
 
-_MEAN, _STD = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)  # built once, not per image
+# built once, not per image
+_MEAN, _STD = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
 
 
 def normalize(x):
-    """(x - mean) / std per channel, CLIP's statistics; x: [..., 3, H, W] in [0, 1] on any device."""
+    """(x - mean) / std per channel, CLIP's statistics; x: [..., 3, H, W]
+    in [0, 1] on any device."""
     return (x - _MEAN.to(x)) / _STD.to(x)
 
 

@@ -1,4 +1,5 @@
-"""Data for CLIP prompt learning, as CoOp/CoCoOp/MaPLe read it: same splits, same few-shot draws, same transforms.
+"""Data for CLIP prompt learning, as CoOp/CoCoOp/MaPLe read it: same splits, same
+few-shot draws, same transforms.
 
     ds = build_dataset("eurosat", root)                      # ds.train/val/test: list[Datum], ds.classnames, ds.template
     train, val = fewshot_split(ds.train, ds.val, 16, seed=1)  # CoOp's K-shot draw
@@ -6,14 +7,15 @@
     loader = DataLoader(TrainSet(train, 224, seed=1), batch_size=4, shuffle=True)
     for images, labels in test_loader(test, 224): ...
 """
-from data.datasets import (DATASETS, Dataset, DatasetNotFound, Datum, build_dataset, duplicate_classnames,
-                           prompt_name)
+
+from data.datasets import (DATASETS, Dataset, DatasetNotFound, Datum, build_dataset,
+                           duplicate_classnames, prompt_name)
 from data.fewshot import fewshot_split, load_fewshot, save_fewshot, subsample_classes
 from data.loaders import TestSet, TrainSet, load_image, test_loader
 from data.transforms import test_transform, train_transform
 
 __all__ = [
-    "DATASETS", "Dataset", "DatasetNotFound", "Datum", "build_dataset", "duplicate_classnames", "prompt_name",
-    "fewshot_split", "subsample_classes", "save_fewshot", "load_fewshot",
+    "DATASETS", "Dataset", "DatasetNotFound", "Datum", "build_dataset", "duplicate_classnames",
+    "prompt_name", "fewshot_split", "subsample_classes", "save_fewshot", "load_fewshot",
     "TrainSet", "TestSet", "test_loader", "load_image", "train_transform", "test_transform",
 ]  # fmt: skip

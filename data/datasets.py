@@ -1,15 +1,16 @@
-"""The 15 benchmark data sets of CoOp/CoCoOp/MaPLe, read from CoOp's folder layout (its DATASETS.md),
-and the built-in toy world (data/toy.py).
+"""The 15 benchmark data sets of CoOp/CoCoOp/MaPLe, read from CoOp's folder layout (its
+DATASETS.md), and the built-in toy world (data/toy.py).
 
-Everything a reader needs is in one plain table, DATASETS, at the bottom: no registry, no decorators.
-Every reader returns lists of Datum(impath, label, classname) with absolute paths.
+Everything a reader needs is in one plain table, DATASETS, at the bottom: no registry, no
+decorators. Every reader returns lists of Datum(impath, label, classname) with absolute paths.
 
-Labels and class names come from the same files as in CoOp, so that a few-shot draw (data/fewshot.py) picks
-the same images. Where CoOp ships a split file (split_zhou_*.json) it is required here: it fixes which image
-is train, val or test, and CoOp only falls back to its own random split when the file is missing.
-ImageNet and its variants have no split file: CoOp lists the files of each class folder in os.listdir order,
-which depends on the filesystem; they are sorted here, so the listing (and a few-shot draw from it) is the
-same on every machine, and equals CoOp's wherever its listing came out sorted.
+Labels and class names come from the same files as in CoOp, so that a few-shot draw
+(data/fewshot.py) picks the same images. Where CoOp ships a split file (split_zhou_*.json) it is
+required here: it fixes which image is train, val or test, and CoOp only falls back to its own
+random split when the file is missing. ImageNet and its variants have no split file: CoOp lists the
+files of each class folder in os.listdir order, which depends on the filesystem; they are sorted
+here, so the listing (and a few-shot draw from it) is the same on every machine, and equals CoOp's
+wherever its listing came out sorted.
 """
 import json
 import os
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 Datum = namedtuple("Datum", "impath label classname")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-FOLDER_SPLIT = (0.5, 0.2)  # train, val fractions for a folder without split.json; the rest (0.3) is test
-FOLDER_SPLIT_SEED = 0  # fixed, so the automatic split of a folder is the same on every run and machine
+# train, val fractions for a folder without split.json; the rest (0.3) is test
+FOLDER_SPLIT = (0.5, 0.2)
+# fixed, so the automatic split of a folder is the same on every run and machine
+FOLDER_SPLIT_SEED = 0
 
 
 class DatasetNotFound(ValueError):
@@ -40,25 +43,28 @@ class Dataset:
 
 
 def prompt_name(classname):
-    # Every CoOp trainer does name.replace("_", " ") before building prompts; this is the one place it happens here.
+    # Every CoOp trainer does name.replace("_", " ") before building prompts; this is the
+    # one place it happens here.
     return classname.replace("_", " ")
 
 
 def duplicate_classnames(*lists):
-    """Groups of the lists' class names whose prompts CLIP reads the same ("Cat"/"cat", "a_b"/"a b"):
-    the tokenizer lowercases and collapses whitespace. Such classes get identical features, so one
-    of them is never predicted."""
+    """Groups of the lists' class names whose prompts CLIP reads the same ("Cat"/"cat", "a_b"/"a
+    b"): the tokenizer lowercases and collapses whitespace. Such classes get identical features, so
+    one of them is never predicted."""
     names, groups = {}, {}
     for items in lists:
         for item in items:
             names.setdefault(item.label, item.classname)
     for label in sorted(names):
-        groups.setdefault(" ".join(prompt_name(names[label]).lower().split()), []).append(names[label])
+        groups.setdefault(" ".join(prompt_name(names[label]).lower().split()),
+                          []).append(names[label])
     return [group for group in groups.values() if len(group) > 1]
 
 
 def classnames_of(*lists):
-    """Prompt-ready class names in label order, from the (label, classname) pairs of the given lists."""
+    """Prompt-ready class names in label order, from the (label, classname)
+    pairs of the given lists."""
     names = {}
     for items in lists:
         for item in items:
@@ -77,7 +83,8 @@ def not_found(name, root, path, what):
     where = f"\n  Get it from: {source}" if source else ""
     return DatasetNotFound(
         f"{name}: {what} not found: {path}{where}\n"
-        f"  `python -m data.prepare {name} --root {root}` downloads what has a public URL and lists where to put the rest."
+        f"  `python -m data.prepare {name} --root {root}` downloads what has a public URL and "
+        f"lists where to put the rest."
     )
 
 
@@ -92,12 +99,14 @@ def need_dir(name, root, path, what):
 
 
 def need_images(name, items, listed_in):
-    """Fail early, naming files, if the images a split lists are not on disk (CoOp's Datum asserts the same)."""
+    """Fail early, naming files, if the images a split lists are not on disk (CoOp's
+    Datum asserts the same)."""
     missing = [item.impath for item in items if not os.path.isfile(item.impath)]
     if missing:
         raise DatasetNotFound(
             f"{name}: {len(missing)} of the {len(items)} images listed in {listed_in} are missing, "
-            f"e.g. {missing[0]}\n  The images are probably extracted to another folder than the layout expects."
+            f"e.g. {missing[0]}\n  The images are probably extracted to another "
+            f"folder than the layout expects."
         )
 
 
@@ -110,13 +119,15 @@ def subdirs(path):
 
 
 def files(path, exts=None):
-    # CoOp lists with os.listdir (filesystem order); sorted here so a listing is the same on every machine.
+    # CoOp lists with os.listdir (filesystem order); sorted here so a listing is
+    # the same on every machine.
     names = (e.name for e in os.scandir(path) if e.is_file() and not e.name.startswith("."))
     return sorted(n for n in names if exts is None or n.lower().endswith(exts))
 
 
 def datums(rows, image_dir):
-    """Rows [path relative to image_dir, label, classname] (split files, fewshot.json) -> list[Datum]."""
+    """Rows [path relative to image_dir, label, classname] (split files,
+    fewshot.json) -> list[Datum]."""
     return [Datum(os.path.join(image_dir, rel), int(label), cname) for rel, label, cname in rows]
 
 
@@ -128,12 +139,15 @@ def read_split(path, image_dir):
         except json.JSONDecodeError as err:
             raise ValueError(f"split file {path} is not valid JSON: {err}") from err
     if not all(k in split for k in ("train", "val", "test")):
-        raise ValueError(f"split file {path} needs the keys train, val and test; it has {sorted(split)}")
-    return datums(split["train"], image_dir), datums(split["val"], image_dir), datums(split["test"], image_dir)
+        raise ValueError(f"split file {path} needs the keys train, val and "
+                         f"test; it has {sorted(split)}")
+    return datums(split["train"], image_dir), datums(split["val"], image_dir), datums(split["test"],
+                                                                                      image_dir)
 
 
 def read_classnames(path):
-    """ImageNet's classnames.txt: 'n01440764 tench' per line -> {wnid: class name}, in file order."""
+    """ImageNet's classnames.txt: 'n01440764 tench' per line -> {wnid:
+    class name}, in file order."""
     names = {}
     with open(path) as f:
         for line in f:
@@ -148,12 +162,14 @@ def read_classnames(path):
 
 
 def read_split_dataset(name, root, spec):
-    """The ten data sets that ship a split_zhou_*.json; paths in it are relative to spec.image_dir."""
+    """The ten data sets that ship a split_zhou_*.json; paths in it are
+    relative to spec.image_dir."""
     dataset_dir = os.path.join(root, spec.folder)
     need_dir(name, root, dataset_dir, "dataset folder")
     split_path = os.path.join(dataset_dir, spec.split_file)
     need_file(name, root, split_path, "split file")
-    image_dir = os.path.normpath(os.path.join(dataset_dir, spec.image_dir))  # Cars: the dataset folder itself
+    # Cars: the dataset folder itself
+    image_dir = os.path.normpath(os.path.join(dataset_dir, spec.image_dir))
     need_dir(name, root, image_dir, "image folder")
     train, val, test = read_split(split_path, image_dir)
     need_images(name, train + val + test, split_path)
@@ -161,7 +177,8 @@ def read_split_dataset(name, root, spec):
 
 
 def read_aircraft(name, root, spec):
-    """FGVCAircraft: labels are line numbers in variants.txt; the official images_variant_{split}.txt lists."""
+    """FGVCAircraft: labels are line numbers in variants.txt; the official
+    images_variant_{split}.txt lists."""
     dataset_dir = os.path.join(root, spec.folder)
     need_dir(name, root, dataset_dir, "dataset folder")
     variants_path = os.path.join(dataset_dir, spec.split_file)
@@ -183,16 +200,21 @@ def read_aircraft(name, root, spec):
                 if not imname:
                     continue
                 if variant not in label_of:
-                    raise ValueError(f"{name}: variant {variant!r} in {path} is not in {variants_path}")
-                items.append(Datum(os.path.join(image_dir, imname + ".jpg"), label_of[variant], variant))
+                    raise ValueError(f"{name}: variant {variant!r} in "
+                                     f"{path} is not in {variants_path}")
+                items.append(Datum(os.path.join(image_dir, imname + ".jpg"), label_of[variant],
+                                   variant))
         need_images(name, items, path)
         splits.append(items)
     return (*splits, image_dir)
 
 
 def find_classnames(name, root, spec):
-    # CoOp copies ImageNet's classnames.txt into each variant's folder; fall back to ImageNet's own copy.
-    own, imagenet = os.path.join(root, spec.folder, "classnames.txt"), os.path.join(root, "imagenet", "classnames.txt")
+    # CoOp copies ImageNet's classnames.txt into each variant's folder; fall
+    # back to ImageNet's own copy.
+    own, imagenet = os.path.join(root, spec.folder, "classnames.txt"), os.path.join(
+        root, "imagenet", "classnames.txt"
+    )
     for path in (own, imagenet):
         if os.path.isfile(path):
             return read_classnames(path)
@@ -201,35 +223,42 @@ def find_classnames(name, root, spec):
 
 
 def read_wnid_folders(name, root, folder, classnames, what):
-    """Images in one sub-folder per WordNet id; label = index of the folder in sorted order (as CoOp)."""
+    """Images in one sub-folder per WordNet id; label = index of the folder in
+    sorted order (as CoOp)."""
     need_dir(name, root, folder, what)
     wnids = subdirs(folder)
     if not wnids:
         raise DatasetNotFound(
             f"{name}: {folder} has no class sub-folders (nXXXXXXXX/). "
-            "For ImageNet's val set, sort the 50,000 flat files into class folders first (valprep.sh)."
+            "For ImageNet's val set, sort the 50,000 flat files into "
+            "class folders first (valprep.sh)."
         )
     items = []
     for label, wnid in enumerate(wnids):
         if wnid not in classnames:
-            raise DatasetNotFound(f"{name}: folder {os.path.join(folder, wnid)} is not a class in classnames.txt")
+            raise DatasetNotFound(f"{name}: folder {os.path.join(folder, wnid)} is "
+                                  f"not a class in classnames.txt")
         class_dir = os.path.join(folder, wnid)
-        items += [Datum(os.path.join(class_dir, f), label, classnames[wnid]) for f in files(class_dir)]
+        items += [Datum(os.path.join(class_dir, f), label,
+                        classnames[wnid]) for f in files(class_dir)]
     return items
 
 
 def read_imagenet(name, root, spec):
-    # CoOp evaluates on the val set and also uses it as "val" (the last-epoch model is tested anyway).
+    # CoOp evaluates on the val set and also uses it as "val" (the
+    # last-epoch model is tested anyway).
     image_dir = os.path.join(root, spec.folder, spec.image_dir)
     need_dir(name, root, image_dir, "image folder")
     classnames = find_classnames(name, root, spec)
-    train = read_wnid_folders(name, root, os.path.join(image_dir, "train"), classnames, "train folder")
+    train = read_wnid_folders(name, root, os.path.join(image_dir, "train"), classnames,
+                              "train folder")
     test = read_wnid_folders(name, root, os.path.join(image_dir, "val"), classnames, "val folder")
     return train, test, test, image_dir
 
 
 def read_imagenet_variant(name, root, spec):
-    """ImageNet-Sketch/-A/-R: test only. -A and -R have 200 folders, relabelled 0..199 in sorted order."""
+    """ImageNet-Sketch/-A/-R: test only. -A and -R have 200 folders, relabelled
+    0..199 in sorted order."""
     image_dir = os.path.join(root, spec.folder, spec.image_dir)
     need_dir(name, root, image_dir, "image folder")
     classnames = find_classnames(name, root, spec)
@@ -237,7 +266,8 @@ def read_imagenet_variant(name, root, spec):
 
 
 def read_imagenetv2(name, root, spec):
-    """ImageNetV2 names its folders 0..999 by ImageNet label; the label's wnid is line `label` of classnames.txt."""
+    """ImageNetV2 names its folders 0..999 by ImageNet label; the label's wnid is line
+    `label` of classnames.txt."""
     image_dir = os.path.join(root, spec.folder, spec.image_dir)
     need_dir(name, root, image_dir, "image folder")
     classnames = list(find_classnames(name, root, spec).values())
@@ -250,15 +280,18 @@ def read_imagenetv2(name, root, spec):
 
 
 def read_folder(path):
-    """Your own data: one sub-folder per class (name = folder name), optional split.json in split_zhou format.
+    """Your own data: one sub-folder per class (name = folder name), optional
+    split.json in split_zhou format.
 
-    Without split.json every class is shuffled with random.Random(FOLDER_SPLIT_SEED) and cut 50/20/30 into
-    train/val/test with CoOp's rounding (round(0.5 n), round(0.2 n), rest), so the split never changes.
+    Without split.json every class is shuffled with random.Random(FOLDER_SPLIT_SEED) and
+    cut 50/20/30 into train/val/test with CoOp's rounding (round(0.5 n), round(0.2 n),
+    rest), so the split never changes.
     """
     name = f"folder:{path}"
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
-        raise DatasetNotFound(f"{name}: folder not found: {path}. Expected one sub-folder of images per class.")
+        raise DatasetNotFound(f"{name}: folder not found: {path}. Expected one "
+                              f"sub-folder of images per class.")
     split_path = os.path.join(path, "split.json")
     if os.path.isfile(split_path):
         train, val, test = read_split(split_path, path)
@@ -267,19 +300,23 @@ def read_folder(path):
 
     classes = subdirs(path)
     if not classes:
-        raise DatasetNotFound(f"{name}: no class sub-folders in {path}. Expected {path}/<class name>/<image files>.")
+        raise DatasetNotFound(f"{name}: no class sub-folders in {path}. Expected "
+                              f"{path}/<class name>/<image files>.")
     rng = random.Random(FOLDER_SPLIT_SEED)
     train, val, test = [], [], []
     for label, cname in enumerate(classes):
-        images = [os.path.join(path, cname, f) for f in files(os.path.join(path, cname), IMAGE_EXTS)]
+        images = [os.path.join(path, cname, f) for f in files(os.path.join(path, cname),
+                                                              IMAGE_EXTS)]
         if not images:
-            raise DatasetNotFound(f"{name}: class folder {os.path.join(path, cname)} has no images ({', '.join(IMAGE_EXTS)})")
+            raise DatasetNotFound(f"{name}: class folder {os.path.join(path, cname)} has no "
+                                  f"images ({', '.join(IMAGE_EXTS)})")
         rng.shuffle(images)
         n_train, n_val = round(len(images) * FOLDER_SPLIT[0]), round(len(images) * FOLDER_SPLIT[1])
         if n_train == 0 or n_val == 0 or len(images) - n_train - n_val == 0:
             raise DatasetNotFound(
-                f"{name}: class folder {os.path.join(path, cname)} has {len(images)} images, too few for a 50/20/30 "
-                f"train/val/test split (at least 4 needed); add images or write {split_path}"
+                f"{name}: class folder {os.path.join(path, cname)} has {len(images)} images, too "
+                f"few for a 50/20/30 train/val/test split (at least 4 needed); add "
+                f"images or write {split_path}"
             )
         train += [Datum(p, label, cname) for p in images[:n_train]]
         val += [Datum(p, label, cname) for p in images[n_train : n_train + n_val]]
@@ -288,7 +325,8 @@ def read_folder(path):
 
 
 def read_toy(name, root, spec):
-    """The built-in toy world (data/toy.py): drawn into root on first use, then read like any split data set."""
+    """The built-in toy world (data/toy.py): drawn into root on first use, then read
+    like any split data set."""
     from data.toy import ensure_world  # lazy: the world is drawn only when asked for
 
     ensure_world(os.path.join(root, spec.folder))
@@ -299,44 +337,70 @@ def read_toy(name, root, spec):
 # the table: dataset name -> where its files are and how to read them
 
 Spec = namedtuple("Spec", "reader folder image_dir split_file template")
-SPLIT, AIRCRAFT, IMAGENET, VARIANT, V2, TOY = (read_split_dataset, read_aircraft, read_imagenet, read_imagenet_variant,
-                                               read_imagenetv2, read_toy)
+SPLIT, AIRCRAFT, IMAGENET, VARIANT, V2, TOY = (read_split_dataset, read_aircraft, read_imagenet,
+                                               read_imagenet_variant, read_imagenetv2, read_toy)
 
 DATASETS = {
-    # name            reader    folder under root       image folder                               split / class file                     CoOp's template (CUSTOM_TEMPLATES)
-    "caltech101":     Spec(SPLIT, "caltech-101",          "101_ObjectCategories",                    "split_zhou_Caltech101.json",          "a photo of a {}."),
-    "oxford_pets":    Spec(SPLIT, "oxford_pets",          "images",                                  "split_zhou_OxfordPets.json",          "a photo of a {}, a type of pet."),
-    "stanford_cars":  Spec(SPLIT, "stanford_cars",        "",                                        "split_zhou_StanfordCars.json",        "a photo of a {}."),
-    "oxford_flowers": Spec(SPLIT, "oxford_flowers",       "jpg",                                     "split_zhou_OxfordFlowers.json",       "a photo of a {}, a type of flower."),
-    "food101":        Spec(SPLIT, "food-101",             "images",                                  "split_zhou_Food101.json",             "a photo of {}, a type of food."),
-    "fgvc_aircraft":  Spec(AIRCRAFT, "fgvc_aircraft",     "images",                                  "variants.txt",                        "a photo of a {}, a type of aircraft."),
-    "sun397":         Spec(SPLIT, "sun397",               "SUN397",                                  "split_zhou_SUN397.json",              "a photo of a {}."),
-    "dtd":            Spec(SPLIT, "dtd",                  "images",                                  "split_zhou_DescribableTextures.json", "{} texture."),
-    "eurosat":        Spec(SPLIT, "eurosat",              "2750",                                    "split_zhou_EuroSAT.json",             "a centered satellite photo of {}."),
-    "ucf101":         Spec(SPLIT, "ucf101",               "UCF-101-midframes",                       "split_zhou_UCF101.json",              "a photo of a person doing {}."),
-    "imagenet":       Spec(IMAGENET, "imagenet",          "images",                                  "classnames.txt",                      "a photo of a {}."),
-    "imagenetv2":     Spec(V2, "imagenetv2",              "imagenetv2-matched-frequency-format-val", "classnames.txt",                      "a photo of a {}."),
-    "imagenet_sketch": Spec(VARIANT, "imagenet-sketch",   "images",                                  "classnames.txt",                      "a photo of a {}."),
-    "imagenet_a":     Spec(VARIANT, "imagenet-adversarial", "imagenet-a",                            "classnames.txt",                      "a photo of a {}."),
-    "imagenet_r":     Spec(VARIANT, "imagenet-rendition", "imagenet-r",                              "classnames.txt",                      "a photo of a {}."),
-    "toy":            Spec(TOY, "toy",                    "",                                        "split.json",                          "a photo of a {}."),
+    # name            reader    folder under root       image folder
+    # split / class file                     CoOp's template (CUSTOM_TEMPLATES)
+    "caltech101":     Spec(SPLIT, "caltech-101",          "101_ObjectCategories",
+                           "split_zhou_Caltech101.json",          "a photo of a {}."),
+    "oxford_pets":    Spec(SPLIT, "oxford_pets",          "images",
+                           "split_zhou_OxfordPets.json",
+                           "a photo of a {}, a type of pet."),
+    "stanford_cars":  Spec(SPLIT, "stanford_cars",        "",
+                           "split_zhou_StanfordCars.json",        "a photo of a {}."),
+    "oxford_flowers": Spec(SPLIT, "oxford_flowers",       "jpg",
+                           "split_zhou_OxfordFlowers.json",
+                           "a photo of a {}, a type of flower."),
+    "food101":        Spec(SPLIT, "food-101",             "images",
+                           "split_zhou_Food101.json",             "a photo of {}, a type of food."),
+    "fgvc_aircraft":  Spec(AIRCRAFT, "fgvc_aircraft",     "images",
+                           "variants.txt",
+                           "a photo of a {}, a type of aircraft."),
+    "sun397":         Spec(SPLIT, "sun397",               "SUN397",
+                           "split_zhou_SUN397.json",              "a photo of a {}."),
+    "dtd":            Spec(SPLIT, "dtd",                  "images",
+                           "split_zhou_DescribableTextures.json", "{} texture."),
+    "eurosat":        Spec(SPLIT, "eurosat",              "2750",
+                           "split_zhou_EuroSAT.json",
+                           "a centered satellite photo of {}."),
+    "ucf101":         Spec(SPLIT, "ucf101",               "UCF-101-midframes",
+                           "split_zhou_UCF101.json",              "a photo of a person doing {}."),
+    "imagenet":       Spec(IMAGENET, "imagenet",          "images",
+                           "classnames.txt",                      "a photo of a {}."),
+    "imagenetv2":     Spec(V2, "imagenetv2",              "imagenetv2-matched-frequency-format-val",
+                           "classnames.txt",                      "a photo of a {}."),
+    "imagenet_sketch": Spec(VARIANT, "imagenet-sketch",   "images",
+                            "classnames.txt",                      "a photo of a {}."),
+    "imagenet_a":     Spec(VARIANT, "imagenet-adversarial", "imagenet-a",
+                           "classnames.txt",                      "a photo of a {}."),
+    "imagenet_r":     Spec(VARIANT, "imagenet-rendition", "imagenet-r",
+                           "classnames.txt",                      "a photo of a {}."),
+    "toy":            Spec(TOY, "toy",                    "",
+                           "split.json",                          "a photo of a {}."),
 }  # fmt: skip
 FOLDER_TEMPLATE = "a photo of a {}."
 
 
 def build_dataset(name, root=None):
-    """Read a data set by name (a key of DATASETS) from root (default $DATA), or "folder:/path/to/images"."""
+    """Read a data set by name (a key of DATASETS) from root (default $DATA), or
+    "folder:/path/to/images"."""
     if name.startswith("folder:"):
         train, val, test, image_dir = read_folder(name[len("folder:") :])
-        return Dataset(name, classnames_of(train, val, test), FOLDER_TEMPLATE, train, val, test, image_dir)
+        return Dataset(name, classnames_of(train, val, test), FOLDER_TEMPLATE, train, val, test,
+                       image_dir)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or folder:/path/to/images")
+        raise ValueError(f"unknown dataset {name!r}; known: "
+                         f"{', '.join(DATASETS)}, or folder:/path/to/images")
     root = root or os.environ.get("DATA")
     if not root:
-        raise DatasetNotFound(f"{name}: no data root; pass --root DIR or set $DATA (see `python -m data.prepare {name} --root DIR`)")
+        raise DatasetNotFound(f"{name}: no data root; pass --root DIR or set $DATA (see `python "
+                              f"-m data.prepare {name} --root DIR`)")
     root = os.path.abspath(os.path.expanduser(root))
     spec = DATASETS[name]
     if spec.reader is not TOY:  # the toy world draws itself into a new root
         need_dir(name, root, root, "data root")
     train, val, test, image_dir = spec.reader(name, root, spec)
-    return Dataset(name, classnames_of(train, val, test), spec.template, train, val, test, image_dir)
+    return Dataset(name, classnames_of(train, val, test), spec.template, train, val, test,
+                   image_dir)

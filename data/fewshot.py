@@ -1,10 +1,11 @@
-"""Few-shot sampling and the base/novel class split, exactly as CoOp/Dassl do them, and fewshot.json.
+"""Few-shot sampling and the base/novel class split, exactly as CoOp/Dassl
+do them, and fewshot.json.
 
-CoOp seeds Python's `random` with the run's seed (train.py -> set_random_seed) right before it builds the
-data set, then calls Dassl's generate_fewshot_dataset twice: K shots per class from train, then min(K, 4)
-from val, continuing the same random stream. Nothing else draws from `random` in between when the split
-file exists, so a fresh random.Random(seed) replays the same draws: the sample is a pure function of
-(split file, K, seed), here and in CoOp.
+CoOp seeds Python's `random` with the run's seed (train.py -> set_random_seed) right before it
+builds the data set, then calls Dassl's generate_fewshot_dataset twice: K shots per class from
+train, then min(K, 4) from val, continuing the same random stream. Nothing else draws from `random`
+in between when the split file exists, so a fresh random.Random(seed) replays the same draws: the
+sample is a pure function of (split file, K, seed), here and in CoOp.
 """
 import json
 import math
@@ -18,11 +19,12 @@ from data.datasets import classnames_of, datums
 def sample_per_class(items, shots, rng):
     """Dassl's generate_fewshot_dataset(items, num_shots=shots) with repeat=False (its default).
 
-    Classes are visited in order of first appearance in `items` (Dassl groups them in a defaultdict, whose
-    order is insertion order); a class with fewer than `shots` items keeps all of them, in their order.
-    Older Dassl versions defaulted to repeat=True, which instead draws such a class with replacement
-    (random.choices) and so also shifts the draws of every later class; CoOp passes no `repeat`, so
-    shots cached by CoOp under an old Dassl can differ from these for data sets with small classes.
+    Classes are visited in order of first appearance in `items` (Dassl groups them in a
+    defaultdict, whose order is insertion order); a class with fewer than `shots` items keeps all
+    of them, in their order. Older Dassl versions defaulted to repeat=True, which instead draws
+    such a class with replacement (random.choices) and so also shifts the draws of every later
+    class; CoOp passes no `repeat`, so shots cached by CoOp under an old Dassl can differ from
+    these for data sets with small classes.
     """
     by_label = {}
     for item in items:
@@ -34,10 +36,11 @@ def sample_per_class(items, shots, rng):
 
 
 def fewshot_split(train, val, shots, seed):
-    """K-shot train and min(K, 4)-shot val, the pair CoOp caches as split_fewshot/shot_{K}-seed_{seed}.pkl.
+    """K-shot train and min(K, 4)-shot val, the pair CoOp caches as
+    split_fewshot/shot_{K}-seed_{seed}.pkl.
 
-    shots < 1 keeps everything. Note that CoOp's ImageNet samples train only and keeps the full val (= test);
-    the train list here is the same, because train is drawn first.
+    shots < 1 keeps everything. Note that CoOp's ImageNet samples train only and keeps the full val
+    (= test); the train list here is the same, because train is drawn first.
     """
     if shots < 1:
         return list(train), list(val)
@@ -48,11 +51,12 @@ def fewshot_split(train, val, shots, seed):
 
 
 def subsample_classes(subsample, *lists):
-    """CoOp's base/novel split: sort the labels of the FIRST list, base = first ceil(n/2), new = the rest.
+    """CoOp's base/novel split: sort the labels of the FIRST list, base = first
+    ceil(n/2), new = the rest.
 
-    Returns the lists filtered to those classes and relabelled 0..m-1, and their class names in label order.
-    In CoOp the first list is the few-shot train set. If it is empty (test-only data) the first non-empty list
-    is used instead. subsample="all" returns the lists unchanged.
+    Returns the lists filtered to those classes and relabelled 0..m-1, and their class names in
+    label order. In CoOp the first list is the few-shot train set. If it is empty (test-only data)
+    the first non-empty list is used instead. subsample="all" returns the lists unchanged.
     """
     if subsample not in ("all", "base", "new"):
         raise ValueError(f"subsample must be 'all', 'base' or 'new', not {subsample!r}")
@@ -63,12 +67,16 @@ def subsample_classes(subsample, *lists):
     m = math.ceil(len(labels) / 2)  # an odd count gives base the extra class
     keep = labels[:m] if subsample == "base" else labels[m:]
     relabel = {old: new for new, old in enumerate(keep)}
-    out = tuple([item._replace(label=relabel[item.label]) for item in items if item.label in relabel] for items in lists)
+    out = tuple(
+        [item._replace(label=relabel[item.label]) for item in items if item.label in relabel]
+        for items in lists
+    )
     return out, classnames_of(*out)
 
 
 # -----------------------------------------------------------------------------
-# fewshot.json: the sampled lists, paths relative to the data set's image folder, so they can be shared
+# fewshot.json: the sampled lists, paths relative to the data set's image
+# folder, so they can be shared
 
 
 def save_fewshot(path, train, val, image_dir):

@@ -1,9 +1,10 @@
 """Image decoding, the in-memory few-shot train set, and the parallel test loader.
 
-A few-shot train set is small (16 shots x 100 classes = 1,600 images) and is read for many epochs, so
-TrainSet decodes each file once and keeps the RGB image in memory; only the random crop runs per step.
-On a GPU the crops are resized there (device=...), so the CPU only cuts them out of the decoded pixels.
-A test set is large and read once, so test_loader decodes in DataLoader worker processes.
+A few-shot train set is small (16 shots x 100 classes = 1,600 images) and is read for many
+epochs, so TrainSet decodes each file once and keeps the RGB image in memory; only the random
+crop runs per step. On a GPU the crops are resized there (device=...), so the CPU only cuts them
+out of the decoded pixels. A test set is large and read once, so test_loader decodes in
+DataLoader worker processes.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +18,18 @@ from data.transforms import test_transform, train_transform, train_transform_on_
 
 
 def load_image(path):
-    """Decode an image to RGB (Dassl's read_image converts first, so resizing sees RGB pixels too)."""
+    """Decode an image to RGB (Dassl's read_image converts first, so
+    resizing sees RGB pixels too)."""
     try:
         with Image.open(path) as img:
-            if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: PIL's convert clips at 255
-                grey = (np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255)  # 0..65535 -> 0..255
+            # 16-bit grey: PIL's convert clips at 255
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+                # 0..65535 -> 0..255
+                grey = (np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255)
                 img = Image.fromarray(grey.astype(np.uint8))
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # e.g. truncated
+    # e.g. truncated
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise OSError(f"cannot read image {path}: {err}") from err
 
 
@@ -33,21 +38,24 @@ def default_workers():
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """items -> (train_transform(image) [3, n_px, n_px], label), every file decoded once in __init__.
+    """items -> (train_transform(image) [3, n_px, n_px], label), every file
+    decoded once in __init__.
 
-    Randomness: in the main process the crops come from torch.Generator().manual_seed(seed) (or torch's
-    global RNG when seed is None), so a seeded run is reproducible. Inside DataLoader workers the global RNG
-    is used, which the DataLoader seeds per worker from its own generator; seed that one for reproducibility.
-    Memory: decoded images stay in RAM (16-shot ImageNet is about 16k images, roughly 7 GB).
-    device: None resizes each crop with PIL (the reference); a device (e.g. "cuda") keeps the pixels
-    as uint8 tensors and resizes there (train_transform_on_device). Then use it with num_workers=0.
+    Randomness: in the main process the crops come from torch.Generator().manual_seed(seed) (or
+    torch's global RNG when seed is None), so a seeded run is reproducible. Inside DataLoader
+    workers the global RNG is used, which the DataLoader seeds per worker from its own generator;
+    seed that one for reproducibility. Memory: decoded images stay in RAM (16-shot ImageNet is about
+    16k images, roughly 7 GB). device: None resizes each crop with PIL (the reference); a device
+    (e.g. "cuda") keeps the pixels as uint8 tensors and resizes there (train_transform_on_device).
+    Then use it with num_workers=0.
     """
 
     def __init__(self, items, n_px, seed=None, threads=None, device=None):
         self.items, self.n_px, self.device = list(items), n_px, device
         paths = sorted({item.impath for item in self.items})  # a repeated path is decoded once too
         decode = load_image if device is None else (lambda path: to_uint8(load_image(path)))
-        with ThreadPoolExecutor(threads or default_workers()) as pool:  # PIL decodes without the GIL
+        # PIL decodes without the GIL
+        with ThreadPoolExecutor(threads or default_workers()) as pool:
             self.images = dict(zip(paths, pool.map(decode, paths)))
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
@@ -59,7 +67,8 @@ class TrainSet(torch.utils.data.Dataset):
         generator = self.generator if torch.utils.data.get_worker_info() is None else None
         if self.device is None:
             return train_transform(self.images[item.impath], self.n_px, generator), item.label
-        return train_transform_on_device(self.images[item.impath], self.n_px, self.device, generator), item.label
+        return train_transform_on_device(self.images[item.impath], self.n_px, self.device,
+                                         generator), item.label
 
 
 class TestSet(torch.utils.data.Dataset):
@@ -75,8 +84,10 @@ class TestSet(torch.utils.data.Dataset):
 
 
 def test_loader(items, n_px, batch_size=100, workers=None):
-    """Batches (images [B, 3, n_px, n_px], labels [B]) in the order of items; decoding runs in `workers` processes."""
+    """Batches (images [B, 3, n_px, n_px], labels [B]) in the order of items; decoding runs
+    in `workers` processes."""
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
-        TestSet(items, n_px), batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
+        TestSet(items, n_px), batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=torch.cuda.is_available()
     )

@@ -1,12 +1,14 @@
-"""`--dataset toy`: the toy world's downstream data set, written once into the data root as PNG files.
+"""`--dataset toy`: the toy world's downstream data set, written once into
+the data root as PNG files.
 
-The images are the *dark* rendering of clip/toy.py's 24 classes, the one its template "a photo of a {}."
-does not describe (read clip/toy.py first). They go to <root>/toy/<class>/<split>_<i>.png with a
-split.json in CoOp's format, the layout of a `folder:` data set, so the run reads them through the same
-reader, few-shot draw, loaders and transforms as a real data set.
+The images are the *dark* rendering of clip/toy.py's 24 classes, the one its template "a photo of a
+{}." does not describe (read clip/toy.py first). They go to <root>/toy/<class>/<split>_<i>.png with
+a split.json in CoOp's format, the layout of a `folder:` data set, so the run reads them through the
+same reader, few-shot draw, loaders and transforms as a real data set.
 
     python -m data.toy --picture toy_world.png     # a grid of samples per class, base and novel marked
 """
+
 import argparse
 import json
 import os
@@ -36,10 +38,12 @@ def ensure_world(path):
                          f"data/toy.py was changed); "
                          f"delete that folder and it is drawn again")
     if os.path.exists(path):
-        raise ValueError(f"{path} exists but is not a toy world (no world.json); move it away or pass another --root")
+        raise ValueError(f"{path} exists but is not a toy world (no world.json); move it "
+                         f"away or pass another --root")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy.")  # drawn aside, renamed into place when complete
+    # drawn aside, renamed into place when complete
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".toy.")
     try:
         write_world(tmp)
         os.rename(tmp, path)
@@ -50,7 +54,8 @@ def ensure_world(path):
 
 
 def write_world(path):
-    """One folder per class (sorted names = labels, as the folder reader assigns them), split.json, world.json."""
+    """One folder per class (sorted names = labels, as the folder reader assigns them),
+    split.json, world.json."""
     rng = np.random.default_rng(SEED)
     names = sorted(toy.CLASSNAMES)
     split = {key: [] for key in PER_CLASS}
@@ -75,8 +80,8 @@ def stamp_of_world():
 
 
 def picture(out, per_row=8, scale=2):
-    """A PNG grid: per class, its name, `per_row` downstream (dark) images, and one bright pre-training image
-    for comparison; base classes on the left half, novel on the right."""
+    """A PNG grid: per class, its name, `per_row` downstream (dark) images, and one bright
+    pre-training image for comparison; base classes on the left half, novel on the right."""
     rng = np.random.default_rng(SEED)
     names = sorted(toy.CLASSNAMES)
     cell, label_w = toy.IMAGE_SIZE * scale + 4, 120
@@ -84,14 +89,17 @@ def picture(out, per_row=8, scale=2):
     col_w = label_w + cell * (per_row + 2)
     canvas = Image.new("RGB", (2 * col_w, 24 + cell * half), "white")
     pen = ImageDraw.Draw(canvas)
-    for column, title in enumerate(("BASE classes (trained on)", "NOVEL classes (never trained on)")):
+    for column, title in enumerate(("BASE classes (trained on)",
+                                    "NOVEL classes (never trained on)")):
         pen.text((column * col_w + 4, 4), f"{title}: dark images | bright", fill="black")
     for label, name in enumerate(names):
         column, row = divmod(label, half)
         x, y = column * col_w, 24 + row * cell
         pen.text((x + 4, y + cell // 3), name, fill="black")
         index = toy.CLASSNAMES.index(name)
-        images = [toy.draw(index, toy.DARK, rng) for _ in range(per_row)] + [toy.draw(index, toy.BRIGHT, rng)]
+        images = [toy.draw(index, toy.DARK, rng) for _ in range(per_row)] + [toy.draw(index,
+                                                                                      toy.BRIGHT,
+                                                                                      rng)]
         for i, pixels in enumerate(images):
             tile = Image.fromarray(pixels).resize((toy.IMAGE_SIZE * scale,) * 2, Image.NEAREST)
             canvas.paste(tile, (x + label_w + cell * (i + (i == per_row)), y))
@@ -102,5 +110,6 @@ def picture(out, per_row=8, scale=2):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Look at the toy world before training on it.")
-    p.add_argument("--picture", default="toy_world.png", help="PNG file to write (default: toy_world.png)")
+    p.add_argument("--picture", default="toy_world.png",
+                   help="PNG file to write (default: toy_world.png)")
     print("wrote", picture(p.parse_args().picture))

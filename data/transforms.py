@@ -1,13 +1,16 @@
 """Train and test transforms of CoOp/Dassl, in PIL + torch (no torchvision).
 
-test: CLIP's own preprocess, clip.transform.Preprocess(n_px): resize shorter side (bicubic), center crop.
-train: RandomResizedCrop(n_px, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip(0.5)
+test: CLIP's own preprocess, clip.transform.Preprocess(n_px): resize shorter side (bicubic), center
+crop. train: RandomResizedCrop(n_px, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) ->
+RandomHorizontalFlip(0.5)
        -> ToTensor -> Normalize(CLIP mean/std), Dassl's INPUT.TRANSFORMS for every CoOp/MaPLe config.
 
-The crop follows torchvision's RandomResizedCrop.get_params draw for draw (same torch RNG calls, same
-float32 log-ratio), so with the same torch seed it picks the same boxes torchvision would. train_transform_on_device
-is the GPU path of the same transform (train.py's --augment_on_device): same boxes, torch's resize.
+The crop follows torchvision's RandomResizedCrop.get_params draw for draw (same torch RNG calls,
+same float32 log-ratio), so with the same torch seed it picks the same boxes torchvision would.
+train_transform_on_device is the GPU path of the same transform (train.py's --augment_on_device):
+same boxes, torch's resize.
 """
+
 import math
 
 import torch
@@ -16,16 +19,20 @@ from PIL import Image
 
 from clip.transform import Preprocess, normalize, to_tensor
 
-test_transform = Preprocess  # test_transform(n_px)(img): one implementation of the test transform in the repo
+# test_transform(n_px)(img): one implementation of the test transform in the repo
+test_transform = Preprocess
 
 
 def random_resized_crop_box(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """(left, top, w, h) of a random crop covering `scale` of the area with aspect ratio in `ratio`."""
+    """(left, top, w, h) of a random crop covering `scale` of the area with
+    aspect ratio in `ratio`."""
     area = width * height
-    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision: the draws below depend on it
+    # float32, as torchvision: the draws below depend on it
+    log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1],
+                                                   generator=generator)).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -50,7 +57,8 @@ def random_crop_and_flip(width, height, generator=None):
 
 
 def train_transform(img, n_px, generator=None):
-    """PIL RGB image -> augmented, normalised tensor [3, n_px, n_px]. generator=None uses torch's global RNG."""
+    """PIL RGB image -> augmented, normalised tensor [3, n_px, n_px]. generator=None
+    uses torch's global RNG."""
     (left, top, w, h), flip = random_crop_and_flip(*img.size, generator)
     img = img.crop((left, top, left + w, top + h)).resize((n_px, n_px), Image.BICUBIC)
     if flip:
@@ -59,7 +67,8 @@ def train_transform(img, n_px, generator=None):
 
 
 def train_transform_on_device(img, n_px, device, generator=None):
-    """The same transform for a uint8 tensor [3, H, W]: the crop is cut on the CPU, resized on `device`.
+    """The same transform for a uint8 tensor [3, H, W]: the crop is cut on the
+    CPU, resized on `device`.
 
     Same random draws, so the same boxes and flips as train_transform with the same generator. The
     resize is torch's antialiased bicubic, PIL's kernel (a = -0.5, widened when shrinking) in float
@@ -68,8 +77,10 @@ def train_transform_on_device(img, n_px, device, generator=None):
     its two passes); tests/test_data.py checks this.
     """
     (left, top, w, h), flip = random_crop_and_flip(img.shape[2], img.shape[1], generator)
-    crop = img[:, top:top + h, left:left + w].to(device, non_blocking=True).float()  # [3, h, w], 0..255
-    x = F.interpolate(crop[None], size=(n_px, n_px), mode="bicubic", antialias=True, align_corners=False)[0]
+    # [3, h, w], 0..255
+    crop = img[:, top:top + h, left:left + w].to(device, non_blocking=True).float()
+    x = F.interpolate(crop[None], size=(n_px, n_px), mode="bicubic", antialias=True,
+                      align_corners=False)[0]
     x = x.round().clamp(0, 255).div(255)  # [3, n_px, n_px]; PIL stores uint8, so round as it does
     if flip:
         x = x.flip(-1)

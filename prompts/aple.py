@@ -1,4 +1,5 @@
-"""APLe: token-wise adaptive multi-modal prompt learning (Cao, Shi, Fu, Zhang, Xu. arXiv 2401.06827).
+"""APLe: token-wise adaptive multi-modal prompt learning (Cao, Shi, Fu,
+Zhang, Xu. arXiv 2401.06827).
 
 No code of the paper is public and its method section could not be read (docs/methods/aple.md says
 what was, and quotes it), so every line below is marked:
@@ -27,32 +28,33 @@ The three parts, as the paper names them:
 3. Multi-modal token adaptation (stage II) [paper]: both prompt sets trained jointly with
    cross-entropy only, "without zero-shot guidance" [paper].
 
-Prompts [ours, after IVLP/PromptSRC, which the paper's description matches]: independent deep prompts
-in both encoders, 4 tokens each, in the first 9 layers; text tokens start from "a photo of a".
-Another --n_ctx is never ignored (PromptLearner): 1 to 3 tokens learn the first words of the init
-and keep the rest as text, exactly as PromptSRC's prompt learner; more than 4 keep the init words in
-the last 4 slots and start the others at random [ours: PromptSRC drops the init there, which would
-silently drop a flag; --ctx_init '' gives its behaviour]. The deep text prompts have n_ctx tokens.
-A branch's prompts join the forward pass from its first stage on, so while the language prompts
-learn, the image side is plain CLIP. Optimisation [ours, PromptSRC's base-to-novel config]:
-SGD lr 0.0025, batch 4, 20 epochs, under ONE warm-up epoch and ONE cosine over all 20 epochs
-[ours; `stage_schedule="one"`]: the lr curve is then PromptSRC's run exactly, only the trained branch
-changes at each stage. "restart" gives each stage its own warm-up and cosine instead; it spends 3 of
-20 epochs at the warm-up lr and trains the epoch that makes the evaluated model at a quarter of the lr
-(train.py warns when a stage has no epoch after its warm-up).
-Cross-dataset / domain generalisation: depth 3 in both encoders [ours, PromptSRC's cross-dataset
-config; prompts.protocol_defaults].
+Prompts [ours, after IVLP/PromptSRC, which the paper's description matches]: independent deep
+prompts in both encoders, 4 tokens each, in the first 9 layers; text tokens start from "a photo of
+a". Another --n_ctx is never ignored (PromptLearner): 1 to 3 tokens learn the first words of the
+init and keep the rest as text, exactly as PromptSRC's prompt learner; more than 4 keep the init
+words in the last 4 slots and start the others at random [ours: PromptSRC drops the init there,
+which would silently drop a flag; --ctx_init '' gives its behaviour]. The deep text prompts have
+n_ctx tokens. A branch's prompts join the forward pass from its first stage on, so while the
+language prompts learn, the image side is plain CLIP. Optimisation [ours, PromptSRC's base-to-novel
+config]: SGD lr 0.0025, batch 4, 20 epochs, under ONE warm-up epoch and ONE cosine over all 20
+epochs [ours; `stage_schedule="one"`]: the lr curve is then PromptSRC's run exactly, only the
+trained branch changes at each stage. "restart" gives each stage its own warm-up and cosine instead;
+it spends 3 of 20 epochs at the warm-up lr and trains the epoch that makes the evaluated model at a
+quarter of the lr (train.py warns when a stage has no epoch after its warm-up). Cross-dataset /
+domain generalisation: depth 3 in both encoders [ours, PromptSRC's cross-dataset config;
+prompts.protocol_defaults].
 """
+
 import torch
 import torch.nn.functional as F
 
-from prompts.common import (OPTION_CHOICES, IndependentDeepPrompts, Range, check_settings, cosine_logits,
-                            kl_to_teacher, layer_dict, zeroshot_classifier)
+from prompts.common import (OPTION_CHOICES, IndependentDeepPrompts, Range, check_settings,
+                            cosine_logits, kl_to_teacher, layer_dict, zeroshot_classifier)
 
 DEFAULTS = dict(n_ctx=4, ctx_init="a photo of a", n_ctx_vision=4, depth=9, first="language",
                 stage_epochs=(7, 7, 6), kl_weight=1.0, kl_form="distill", kl_temperature=1.0,
-                teacher_input="raw", stage_schedule="one", adapter=True, adapter_at_test=True, sigma=0.05,
-                alpha=0.9, lr=0.0025, batch_size=4)
+                teacher_input="raw", stage_schedule="one", adapter=True, adapter_at_test=True,
+                sigma=0.05, alpha=0.9, lr=0.0025, batch_size=4)
 HELP = dict(  # and prompts.common.OPTION_HELP's
     n_ctx="text prompt tokens at layer 0, from ctx_init (see PromptLearner)",
     ctx_init="words the text prompt starts from ('' for random)",
@@ -68,10 +70,12 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     sigma="the adapter's Gaussian width, on frequencies in [-0.5, 0.5)",
     alpha="I_bar = alpha * I + (1 - alpha) * lowpass(I)",
 )
-CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),  # + common.OPTION_CHOICES
+# + common.OPTION_CHOICES
+CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),
                kl_temperature=Range(0, open_low=True), teacher_input=("raw", "filtered"),
                stage_schedule=("one", "restart"), sigma=Range(0, open_low=True), alpha=Range(0, 1))
-# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
+# [ours], see prompts/__init__.py.
 TOY = dict(stage_epochs=(3, 3, 4), depth=3, batch_size=16)  # depth 9 of 12 -> 3 of 4
 
 
@@ -97,10 +101,13 @@ def gaussian_adapter(images, sigma=0.05, alpha=0.9):
 
 class CustomCLIP(IndependentDeepPrompts):
     def __init__(self, clip_model, classnames, template, cfg):
-        check_settings(cfg, DEFAULTS, {**OPTION_CHOICES, **CHOICES})  # as train.py does; for direct use
+        # as train.py does; for direct use
+        check_settings(cfg, DEFAULTS, {**OPTION_CHOICES, **CHOICES})
         self.stages(cfg)  # a stage_epochs of the wrong length: refused here, before any run folder
-        super().__init__(clip_model, classnames, cfg)  # prompt_learner, text_prompts, vision_prompts
-        self.register_buffer("zs_text_features", zeroshot_classifier(clip_model, classnames, template),
+        # prompt_learner, text_prompts, vision_prompts
+        super().__init__(clip_model, classnames, cfg)
+        self.register_buffer("zs_text_features",
+                             zeroshot_classifier(clip_model, classnames, template),
                              persistent=False)  # p_zs's class side, [n_cls, D]
         self.started = set()  # branches whose stage has begun; none = a trained model: both active
         self.use_kl = False
@@ -128,11 +135,13 @@ class CustomCLIP(IndependentDeepPrompts):
     # -- forward ----------------------------------------------------------------------------------
     @property
     def active(self):
-        """A branch's prompts join the forward pass from its first stage on (all of them once trained)."""
+        """A branch's prompts join the forward pass from its first stage on (all
+        of them once trained)."""
         return self.started or {"language", "vision"}
 
     def text_features(self):
-        if "language" not in self.active:  # before its stage: the hand-crafted prompt, i.e. zero-shot CLIP
+        # before its stage: the hand-crafted prompt, i.e. zero-shot CLIP
+        if "language" not in self.active:
             return self.zs_text_features
         return super().text_features()  # [n_cls, D]
 
@@ -144,7 +153,8 @@ class CustomCLIP(IndependentDeepPrompts):
 
     def image_features(self, images):
         prompts = layer_dict(self.vision_prompts, 0) if "vision" in self.active else None
-        return F.normalize(self.clip.encode_image(self.adapt(images), deep_prompts=prompts), dim=-1)  # [B, D]
+        # [B, D]
+        return F.normalize(self.clip.encode_image(self.adapt(images), deep_prompts=prompts), dim=-1)
 
     def loss(self, images, labels):
         logits = self(images)
@@ -153,7 +163,9 @@ class CustomCLIP(IndependentDeepPrompts):
         if not self.use_kl:
             return ce
         with torch.no_grad():  # stage I: stay close to zero-shot CLIP's class probabilities p_zs
-            teacher_images = self.adapt(images) if self.cfg["teacher_input"] == "filtered" else images
+            teacher_images = (
+                self.adapt(images) if self.cfg["teacher_input"] == "filtered" else images
+            )
             zs_image = F.normalize(self.clip.encode_image(teacher_images), dim=-1)  # [B, D]
             zs_logits = cosine_logits(self.clip, zs_image, self.zs_text_features)  # [B, n_cls]
         kl = kl_to_teacher(logits, zs_logits, self.cfg["kl_temperature"], self.cfg["kl_form"])

@@ -1,4 +1,5 @@
-"""CoOp: Context Optimization (Zhou, Yang, Loy, Liu. "Learning to Prompt for Vision-Language Models", IJCV 2022).
+"""CoOp: Context Optimization (Zhou, Yang, Loy, Liu. "Learning to Prompt for
+Vision-Language Models", IJCV 2022).
 
 The smallest prompt learner, and the pattern the others follow. The hand-written prompt
 "a photo of a {class}." becomes "[ctx_1] ... [ctx_M] {class}." where the M context vectors live in
@@ -14,8 +15,8 @@ Settings follow CoOp's own configs and scripts [paper; docs/methods/coop.md list
   to 4 shots, 200 for 8 to 16; ImageNet 50 in every setting;
 - cross-dataset / domain generalisation: trained on ImageNet, so 50 epochs.
 The protocol- and data-set-dependent values live in prompts.protocol_defaults; a flag given wins.
---n_ctx with ctx_init: see PromptLearner (M <= 4 learns the first M words of "a photo of a", as MaPLe
-and PromptSRC; M > 4 starts the last 4 slots from them and the rest at random).
+--n_ctx with ctx_init: see PromptLearner (M <= 4 learns the first M words of "a photo of a", as
+MaPLe and PromptSRC; M > 4 starts the last 4 slots from them and the rest at random).
 """
 from prompts.common import PromptedCLIP, PromptLearner
 
@@ -25,7 +26,8 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     ctx_init="words the context starts from; '' for a random N(0, 0.02) start",
 )
 CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
-# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
+# [ours], see prompts/__init__.py.
 TOY = dict(epochs=10, batch_size=16)
 
 
@@ -33,9 +35,12 @@ def protocol_defaults(protocol, dataset, shots):
     """What CoOp's configs change for this protocol, data set and K [paper: its configs vit_b16
     (200 epochs), vit_b16_ep100, vit_b16_ep50]."""
     imagenet = dataset == "imagenet"
-    if protocol == "fewshot":  # [paper] COOP.md: "CLIP + CoOp (M=16, end)", ImageNet *_ep50 "for all settings"
-        return dict(n_ctx=16, ctx_init="", epochs=50 if imagenet or shots <= 1 else 100 if shots <= 4 else 200)
-    return dict(epochs=50) if imagenet else {}  # [paper] base-to-novel on ImageNet: vit_b16_ep50_ctxv1
+    # [paper] COOP.md: "CLIP + CoOp (M=16, end)", ImageNet *_ep50 "for all settings"
+    if protocol == "fewshot":
+        return dict(n_ctx=16, ctx_init="",
+                    epochs=50 if imagenet or shots <= 1 else 100 if shots <= 4 else 200)
+    # [paper] base-to-novel on ImageNet: vit_b16_ep50_ctxv1
+    return dict(epochs=50) if imagenet else {}
 
 
 class CustomCLIP(PromptedCLIP):

@@ -1,4 +1,5 @@
-"""PMPO: multi-prompt with depth-partitioned cross-modal learning (Tian, Wang, Guo, Zhu, Chen. arXiv 2305.06221).
+"""PMPO: multi-prompt with depth-partitioned cross-modal learning (Tian, Wang, Guo,
+Zhu, Chen. arXiv 2305.06221).
 
 The paper's code was never released and only its abstract could be read (docs/methods/pmpo.md says
 what was, and quotes it), so every choice is marked:
@@ -29,14 +30,15 @@ what was, and quotes it), so every choice is marked:
 Loss: cross-entropy [ours: no other term is mentioned]. Optimisation [ours, MaPLe's base-to-novel
 config]: SGD lr 0.0035, batch 4, 5 epochs.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prompts.common import PromptedCLIP, PromptLearner, Range, cosine_logits, zeroshot_classifier
 
-DEFAULTS = dict(n_prompts=4, n_ctx=4, ctx_init="a photo of a", depth=9, inject="every", fusion="feature",
-                prior=True, lr=0.0035, batch_size=4, epochs=5)
+DEFAULTS = dict(n_prompts=4, n_ctx=4, ctx_init="a photo of a", depth=9, inject="every",
+                fusion="feature", prior=True, lr=0.0035, batch_size=4, epochs=5)
 HELP = dict(  # and prompts.common.OPTION_HELP's
     n_prompts="N: learnable text prompts, one per partition of the prompted vision layers",
     n_ctx="tokens per prompt (with ctx_init, see PromptLearner)",
@@ -47,8 +49,10 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     prior="fuse the class features of the data set's hand-crafted template",
     epochs="training epochs",
 )
-CHOICES = dict(n_prompts=Range(1), inject=("every", "first"), fusion=("feature", "logit"))  # + OPTION_CHOICES
-# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+# + OPTION_CHOICES
+CHOICES = dict(n_prompts=Range(1), inject=("every", "first"), fusion=("feature", "logit"))
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
+# [ours], see prompts/__init__.py.
 TOY = dict(epochs=10, batch_size=16, depth=4)  # 4 prompts over all 4 vision layers: one layer each
 
 
@@ -59,9 +63,11 @@ def protocol_defaults(protocol, dataset, shots):
 
 
 def partitions(n_layers, n):
-    """Split layers 0..n_layers-1 into n contiguous, near-equal partitions: (12, 4) -> [[0,1,2], ..., [9,10,11]]."""
+    """Split layers 0..n_layers-1 into n contiguous, near-equal partitions: (12, 4) ->
+    [[0,1,2], ..., [9,10,11]]."""
     if not 1 <= n <= n_layers:
-        raise ValueError(f"n_prompts must be between 1 and the {n_layers} prompted layers (--depth), got {n}")
+        raise ValueError(f"n_prompts must be between 1 and the {n_layers} "
+                         f"prompted layers (--depth), got {n}")
     return [chunk.tolist() for chunk in torch.arange(n_layers).tensor_split(n)]
 
 
@@ -70,16 +76,23 @@ class CustomCLIP(PromptedCLIP):
         super().__init__()
         self.clip, self.cfg = clip_model, cfg
         n = cfg["n_prompts"]
-        self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"], n_prompts=n)
-        text_width, vision_width = clip_model.ln_final.weight.shape[0], clip_model.visual.conv1.out_channels
-        self.proj = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(n)])  # W_i, one per partition
+        self.prompt_learner = PromptLearner(clip_model, classnames, cfg["n_ctx"], cfg["ctx_init"],
+                                            n_prompts=n)
+        text_width, vision_width = (
+            clip_model.ln_final.weight.shape[0],
+            clip_model.visual.conv1.out_channels,
+        )
+        # W_i, one per partition
+        self.proj = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(n)])
         layers = clip_model.visual.transformer.layers
         if not 1 <= cfg["depth"] <= layers:
-            raise ValueError(f"depth must be between 1 and the {layers} vision layers, got {cfg['depth']} "
-                             f"(pass --depth {layers} or less)")
-        self.partitions = partitions(cfg["depth"], n)  # layers from depth on carry the last partition's tokens
+            raise ValueError(f"depth must be between 1 and the {layers} vision layers, got "
+                             f"{cfg['depth']} (pass --depth {layers} or less)")
+        # layers from depth on carry the last partition's tokens
+        self.partitions = partitions(cfg["depth"], n)
         if cfg["prior"]:
-            self.register_buffer("prior_text_features", zeroshot_classifier(clip_model, classnames, template),
+            self.register_buffer("prior_text_features",
+                                 zeroshot_classifier(clip_model, classnames, template),
                                  persistent=False)  # t^hand: [n_cls, D]
 
     def vision_deep_prompts(self):
@@ -92,14 +105,19 @@ class CustomCLIP(PromptedCLIP):
         return prompts
 
     def text_features(self):
-        """The N learned class-feature sets plus the prior: [N (+1), n_cls, D], in float32 (so are the fusions)."""
+        """The N learned class-feature sets plus the prior: [N (+1), n_cls, D], in
+        float32 (so are the fusions)."""
         features = self.prompt_learner.encode(self.clip).float()  # [N, n_cls, D]
         if self.cfg["prior"]:
             features = torch.cat([features, self.prior_text_features[None]])  # float32 already
         return features
 
     def logits(self, images, text_features):
-        image_features = F.normalize(self.clip.encode_image(images, deep_prompts=self.vision_deep_prompts()), dim=-1)
+        image_features = F.normalize(
+            self.clip.encode_image(images, deep_prompts=self.vision_deep_prompts()), dim=-1
+        )
         if self.cfg["fusion"] == "feature":
-            return cosine_logits(self.clip, image_features, F.normalize(text_features.mean(0), dim=-1))
-        return torch.stack([cosine_logits(self.clip, image_features, f) for f in text_features]).mean(0)
+            return cosine_logits(self.clip, image_features,
+                                 F.normalize(text_features.mean(0), dim=-1))
+        return torch.stack([cosine_logits(self.clip, image_features,
+                                          f) for f in text_features]).mean(0)

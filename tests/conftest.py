@@ -1,7 +1,8 @@
 import os
 import sys
 
-# Tests run on CPU, offline, with the repository root importable. MMPROMPT_TEST_GPU=1 leaves the GPUs
+# Tests run on CPU, offline, with the repository root importable.
+# MMPROMPT_TEST_GPU=1 leaves the GPUs
 # visible, for the tests that need one (they are skipped without).
 if os.environ.get("MMPROMPT_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""

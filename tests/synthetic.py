@@ -1,8 +1,9 @@
-"""Small synthetic worlds for the end-to-end tests: a tiny CLIP checkpoint and image sets in the layouts
-data/datasets.py reads (CoOp's caltech-101 split file, ImageNet and its variants, a plain class folder).
+"""Small synthetic worlds for the end-to-end tests: a tiny CLIP checkpoint and image sets in
+the layouts data/datasets.py reads (CoOp's caltech-101 split file, ImageNet and its
+variants, a plain class folder).
 
-Images are 32 x 32 (the tiny CLIP's resolution), one base colour per class plus per-image noise, drawn
-from a seeded numpy generator, so every file is the same on every machine.
+Images are 32 x 32 (the tiny CLIP's resolution), one base colour per class plus per-image noise,
+drawn from a seeded numpy generator, so every file is the same on every machine.
 """
 import json
 import os
@@ -17,8 +18,9 @@ from tests.tiny import tiny_clip
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Run a module on one CPU thread: the tiny models' ops are far too small for two threads to pay off,
-    and with another process busy on the machine, two threads wait on each other (5-10x slower)."""
+    """Run a module on one CPU thread: the tiny models' ops are far too small for two
+    threads to pay off, and with another process busy on the machine, two threads wait on
+    each other (5-10x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -46,7 +48,9 @@ def jpeg(path, size=(40, 30), color=(200, 30, 90), noise_seed=None):
     if noise_seed is None:
         img = Image.new("RGB", size, color)
     else:
-        img = Image.fromarray(np.random.RandomState(noise_seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        img = Image.fromarray(np.random.RandomState(noise_seed).randint(0, 256,
+                                                                        (size[1], size[0], 3),
+                                                                        dtype=np.uint8))
     img.save(path, quality=90)
     return path
 
@@ -96,34 +100,40 @@ def write_imagenet(root, names, train=4, val=3, seed=0):
     for split, n in (("train", train), ("val", val)):
         for label in range(len(names)):
             for i in range(n):
-                path = os.path.join(root, "imagenet", "images", split, wnid(label), f"{split}_{i:03d}.JPEG")
+                path = os.path.join(root, "imagenet", "images", split, wnid(label),
+                                    f"{split}_{i:03d}.JPEG")
                 write_image(path, class_image(label, rng))
     return root
 
 
 def write_imagenet_a(root, labels, n=3, seed=1):
-    """ImageNet-A's layout with a subset of ImageNet's classes: <root>/imagenet-adversarial/imagenet-a/<wnid>/.
-    Its classnames.txt is ImageNet's (find_classnames falls back to <root>/imagenet/classnames.txt)."""
+    """ImageNet-A's layout with a subset of ImageNet's classes:
+    <root>/imagenet-adversarial/imagenet-a/<wnid>/. Its classnames.txt is ImageNet's
+    (find_classnames falls back to <root>/imagenet/classnames.txt)."""
     rng = np.random.default_rng(seed)
     for label in labels:
         for i in range(n):
-            path = os.path.join(root, "imagenet-adversarial", "imagenet-a", wnid(label), f"{i:03d}.jpg")
+            path = os.path.join(root, "imagenet-adversarial", "imagenet-a", wnid(label),
+                                f"{i:03d}.jpg")
             write_image(path, class_image(label, rng))
     return root
 
 
 def write_imagenetv2(root, n_classes, n=2, seed=2):
-    """ImageNetV2's layout: <root>/imagenetv2/imagenetv2-matched-frequency-format-val/<label>/*.jpeg."""
+    """ImageNetV2's layout:
+    <root>/imagenetv2/imagenetv2-matched-frequency-format-val/<label>/*.jpeg."""
     rng = np.random.default_rng(seed)
     for label in range(n_classes):
         for i in range(n):
-            path = os.path.join(root, "imagenetv2", "imagenetv2-matched-frequency-format-val", str(label), f"{i}.jpeg")
+            path = os.path.join(root, "imagenetv2", "imagenetv2-matched-frequency-format-val",
+                                str(label), f"{i}.jpeg")
             write_image(path, class_image(label, rng))
     return root
 
 
 def write_folder(path, classnames, per_class=4, seed=0):
-    """A `folder:` data set: <path>/<class>/*.jpg, split 50/20/30 by data/datasets.py (at least 4 per class)."""
+    """A `folder:` data set: <path>/<class>/*.jpg, split 50/20/30 by data/datasets.py
+    (at least 4 per class)."""
     rng = np.random.default_rng(seed)
     for label, name in enumerate(classnames):
         for i in range(per_class):

@@ -1,11 +1,11 @@
 """The reliability battery: bad values, kills and full disks at every write, hostile files.
 
-Every case must end in one of two ways: the run's normal result, or a message that says what is wrong
-(SystemExit with "error:" or argparse's usage error). Never another exception (a traceback), never a
-wrong result without a word, never a run folder that cannot be resumed to the uninterrupted run's exact
-prompts. Kills are simulated at each atomic write (clip.files.atomic_write) by raising from os.fsync
-(killed while writing) or os.replace (killed before the rename); a full disk by a file whose write
-raises ENOSPC. The cases are tables, so their count is the number of inputs tried.
+Every case must end in one of two ways: the run's normal result, or a message that says what is
+wrong (SystemExit with "error:" or argparse's usage error). Never another exception (a traceback),
+never a wrong result without a word, never a run folder that cannot be resumed to the uninterrupted
+run's exact prompts. Kills are simulated at each atomic write (clip.files.atomic_write) by raising
+from os.fsync (killed while writing) or os.replace (killed before the rename); a full disk by a file
+whose write raises ENOSPC. The cases are tables, so their count is the number of inputs tried.
 """
 import errno
 import json
@@ -49,22 +49,26 @@ def world(tmp_path_factory):
 
 
 def argv(world, out, method="coop", *extra, root=None):
-    return ["--method", method, "--dataset", "caltech101", "--root", root or world.root, "--model", world.model,
-            "--out", str(out), "--workers", "0", "--shots", "2", "--batch_size", "2", *FAST[method], *extra]
+    return ["--method", method, "--dataset", "caltech101", "--root", root or world.root, "--model",
+            world.model, "--out", str(out), "--workers", "0", "--shots", "2", "--batch_size", "2",
+            *FAST[method], *extra]
 
 
 def message_of(call, capsys):
-    """call() must stop with SystemExit; its message (or argparse's, on stderr). Any other exception fails."""
+    """call() must stop with SystemExit; its message (or argparse's, on stderr). Any
+    other exception fails."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         call()
-    text = (str(e.value.code) if not isinstance(e.value.code, int) else "") + capsys.readouterr().err
+    text = (str(e.value.code) if not isinstance(e.value.code,
+                                                int) else "") + capsys.readouterr().err
     assert e.value.code != 0 and "Traceback" not in text
     return text
 
 
 def load_ckpt(folder):
-    return torch.load(os.path.join(folder, "prompt_learner.pt"), map_location="cpu", weights_only=True)
+    return torch.load(os.path.join(folder, "prompt_learner.pt"), map_location="cpu",
+                      weights_only=True)
 
 
 def same_run(a, b):
@@ -86,13 +90,14 @@ def reference(world):
         writes = []
         with pytest.MonkeyPatch.context() as mp:
             real = os.replace
-            mp.setattr(os, "replace", lambda src, dst: writes.append(os.path.basename(dst)) or real(src, dst))
+            mp.setattr(os, "replace", lambda src,
+                       dst: writes.append(os.path.basename(dst)) or real(src, dst))
             train.main(argv(world, out, method))
         refs[method] = SimpleNamespace(out=out, writes=writes)
     return refs
 
 
-# -- bad values: refused before anything exists ----------------------------------------------------------
+# -- bad values: refused before anything exists ----------------------------------------------------
 
 BAD_TRAIN_ARGS = [  # (method, extra argv, a fragment of the message)
     ("pmpo", ["--fusion", "features"], "--fusion must be feature or logit"),
@@ -123,7 +128,8 @@ BAD_TRAIN_ARGS = [  # (method, extra argv, a fragment of the message)
     ("coop", ["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
     ("coop", ["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),
     ("coop", ["--warmup_lr=-1e-5"], "--warmup_lr must be >= 0"),
-    ("coop", ["--warmup_lr", "-1e-5"], "argument --warmup_lr: expected one argument"),  # argparse: looks like a flag
+    # argparse: looks like a flag
+    ("coop", ["--warmup_lr", "-1e-5"], "argument --warmup_lr: expected one argument"),
     ("coop", ["--seed", "-1"], "--seed must be >= 0"),
     ("coop", ["--n_ctx", "0"], "--n_ctx must be >= 1"),
     ("coop", ["--n_ctx", "four"], "invalid int value"),
@@ -146,7 +152,8 @@ BAD_TRAIN_ARGS = [  # (method, extra argv, a fragment of the message)
     ("coop", ["--device", "cuda"], "no CUDA GPU is available"),
     ("coop", ["--device", "cuda:3"], "no CUDA GPU is available"),
     ("coop", ["--device", "tpu0"], "is not a device"),
-    ("coop", ["--method", "cocop"], "--method must be one of coop, cocoop, kgcoop, ivlp, maple, promptsrc, aple, pmpo"),
+    ("coop", ["--method", "cocop"],
+     "--method must be one of coop, cocoop, kgcoop, ivlp, maple, promptsrc, aple, pmpo"),
     ("coop", ["--frobnicate", "1"], "unrecognized arguments"),
     ("coop", ["--dataset", "caltech10"], "unknown dataset"),
     ("coop", ["--dataset", "oxford_pets"], "data.prepare"),
@@ -163,7 +170,8 @@ BAD_TRAIN_ARGS = [  # (method, extra argv, a fragment of the message)
 ]
 
 
-@pytest.mark.parametrize("method, bad, fragment", BAD_TRAIN_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+@pytest.mark.parametrize("method, bad, fragment", BAD_TRAIN_ARGS,
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_bad_train_value(world, tmp_path, capsys, method, bad, fragment):
     out = tmp_path / "run"
     assert fragment in message_of(lambda: train.main(argv(world, out, method, *bad)), capsys)
@@ -190,17 +198,22 @@ def one_class_data(world, tmp_path):
 
 BAD_TRAIN_FILES = [  # (what, a function(world, tmp_path) -> extra argv, fragment)
     ("--out is a file", lambda w, t: ["--out", write_file(t / "run", b"mine")], "is a file"),
-    ("--out inside a file", lambda w, t: ["--out", os.path.join(write_file(t / "f", b"x"), "run")], "is a file"),
+    ("--out inside a file", lambda w, t: ["--out", os.path.join(write_file(t / "f", b"x"), "run")],
+     "is a file"),
     ("--model is text", lambda w, t: ["--model", write_file(t / "m.pt", b"not weights")], "m.pt"),
     ("--model is empty", lambda w, t: ["--model", write_file(t / "m.pt", b"")], "m.pt"),
     ("--model holds NaN", lambda w, t: ["--model", nan_clip(w, t)], "NaN"),
-    ("--fewshot_file is empty", lambda w, t: ["--fewshot_file", write_file(t / "f.json", b"")], "f.json"),
-    ("--fewshot_file is a list", lambda w, t: ["--fewshot_file", write_file(t / "f.json", b"[1, 2]")], "f.json"),
-    ("one class, base2novel", lambda w, t: ["--root", one_class_data(w, t)], "too few to split into base and novel"),
+    ("--fewshot_file is empty", lambda w, t: ["--fewshot_file", write_file(t / "f.json", b"")],
+     "f.json"),
+    ("--fewshot_file is a list", lambda w,
+     t: ["--fewshot_file", write_file(t / "f.json", b"[1, 2]")], "f.json"),
+    ("one class, base2novel", lambda w, t: ["--root", one_class_data(w, t)],
+     "too few to split into base and novel"),
 ]
 
 
-@pytest.mark.parametrize("what, extra, fragment", BAD_TRAIN_FILES, ids=[c[0] for c in BAD_TRAIN_FILES])
+@pytest.mark.parametrize("what, extra, fragment", BAD_TRAIN_FILES,
+                         ids=[c[0] for c in BAD_TRAIN_FILES])
 def test_bad_train_file(world, tmp_path, capsys, what, extra, fragment):
     args = argv(world, tmp_path / "run", "coop", *extra(world, tmp_path))
     before = sorted(os.listdir(tmp_path))
@@ -218,8 +231,16 @@ def test_help_lists_every_method(capsys):
         helps = {**OPTION_HELP, **module.HELP}
         for key in module.DEFAULTS:
             assert helps[key].split()[0] in text and f"--{key}" in text, key
-    assert "--fusion feature|logit" in text and "(default: every)" in text and "(default: 0.0035; > 0)" in text
-    assert "seeds 1, 2, 3) (default: 1)" in text and "(default: 7 7 6)" in text and "(default: yes)" in text
+    assert (
+        "--fusion feature|logit" in text
+        and "(default: every)" in text
+        and "(default: 0.0035; > 0)" in text
+    )
+    assert (
+        "seeds 1, 2, 3) (default: 1)" in text
+        and "(default: 7 7 6)" in text
+        and "(default: yes)" in text
+    )
     with pytest.raises(SystemExit):
         train.main(["--method", "pmpo", "--help"])
     text = capsys.readouterr().out
@@ -228,7 +249,8 @@ def test_help_lists_every_method(capsys):
 
 def test_every_option_has_help_and_its_choices_are_its_own():
     for module in [options, *prompts.METHODS.values()]:
-        helps = module.HELP if module is options else {**OPTION_HELP, **module.HELP}  # shared help + own
+        # shared help + own
+        helps = module.HELP if module is options else {**OPTION_HELP, **module.HELP}
         assert set(module.DEFAULTS) <= set(helps), module.__name__
         assert set(module.HELP) <= set(module.DEFAULTS), module.__name__
         assert set(module.CHOICES) <= set(module.DEFAULTS), module.__name__
@@ -248,22 +270,32 @@ def finished_run(world, reference):
 
 
 BAD_EVAL_ARGS = [  # (function(world, run folder, tmp_path) -> argv, fragment)
-    (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--device", "cuda"], "no CUDA GPU"),
-    (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--workers", "-2"],
+    (lambda w, r,
+     t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--device", "cuda"],
+     "no CUDA GPU"),
+    (lambda w, r,
+     t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--workers", "-2"],
      "--workers must be >= 0"),
-    (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--eval-batch-size", "0"],
+    (lambda w, r,
+     t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--eval-batch-size", "0"],
      "--eval_batch_size must be >= 1"),
-    (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--precision", "fp16"],
+    (lambda w, r,
+     t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--precision", "fp16"],
      "fp16 needs a CUDA device"),
-    (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--subsample", "novel"],
+    (lambda w, r,
+     t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--subsample", "novel"],
      "invalid choice"),
-    (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--out", str(t)], "exists"),
+    (lambda w, r,
+     t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--out", str(t)], "exists"),
     (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101",
                       "--out", os.path.join(write_file(t / "f", b"x"), "e.json")], "is a file"),
-    (lambda w, r, t: ["--ckpt", f"{r}/config.json", "--dataset", "caltech101"], "could not be read"),
+    (lambda w, r, t: ["--ckpt", f"{r}/config.json", "--dataset", "caltech101"],
+     "could not be read"),
     (lambda w, r, t: ["--ckpt", nan_checkpoint(r, t), "--dataset", "caltech101"], "NaN"),
-    (lambda w, r, t: ["--method", "zeroshot", "--dataset", "caltech101", "--model", nan_clip(w, t)], "NaN"),
-    (lambda w, r, t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--subsample", "new",
+    (lambda w, r, t: ["--method", "zeroshot", "--dataset", "caltech101", "--model", nan_clip(w, t)],
+     "NaN"),
+    (lambda w, r,
+     t: ["--ckpt", f"{r}/prompt_learner.pt", "--dataset", "caltech101", "--subsample", "new",
                       "--root", one_class_data(w, t)], "no test images"),
 ]
 
@@ -281,14 +313,17 @@ def test_bad_eval_value(world, finished_run, tmp_path, capsys, case):
     args = make(world, finished_run, tmp_path)
     before = sorted(os.listdir(finished_run))
     args = args + ["--root", world.root] if "--root" not in args else args
-    assert fragment in message_of(lambda: eval_py.main(args + ["--workers", "0"] * ("--workers" not in args)), capsys)
+    assert fragment in message_of(lambda: eval_py.main(args + ["--workers",
+                                                               "0"] * ("--workers" not in args)),
+                                                               capsys)
     assert sorted(os.listdir(finished_run)) == before
 
 
-# -- kills and full disks at every write -------------------------------------------------------------------
+# -- kills and full disks at every write -----------------------------------------------------------
 
 class Killed(BaseException):
-    """Stands for kill -9: nothing after it runs (BaseException, so no `except Exception` sees it)."""
+    """Stands for kill -9: nothing after it runs (BaseException, so no
+    `except Exception` sees it)."""
 
 
 class FullDisk:
@@ -311,7 +346,8 @@ class FullDisk:
 
 
 def inject(mp, kind, at):
-    """Fail the at-th atomic write (1-based): killed while writing, killed before the rename, or a full disk."""
+    """Fail the at-th atomic write (1-based): killed while writing, killed before the
+    rename, or a full disk."""
     count = [0]
     real_fdopen, real_replace = os.fdopen, os.replace
 
@@ -335,7 +371,8 @@ def inject(mp, kind, at):
 
 
 def files_are_whole(out):
-    """Every file of the folder reads back (JSON parses, checkpoints load), and no temporary name is left."""
+    """Every file of the folder reads back (JSON parses, checkpoints load), and no
+    temporary name is left."""
     for name in os.listdir(out):
         path = os.path.join(out, name)
         assert not name.endswith(".tmp"), name
@@ -347,38 +384,43 @@ def files_are_whole(out):
 
 
 FAULTS = [(method, kind, at) for method, writes in (("coop", 8), ("aple", 10))
-          for kind in ("killed while writing", "killed before rename", "full disk") for at in range(1, writes + 1)]
+          for kind in ("killed while writing", "killed before rename",
+                       "full disk") for at in range(1, writes + 1)]
 
 
 @pytest.mark.parametrize("method, kind, at", FAULTS)
 def test_fault_at_a_write(world, reference, tmp_path, capsys, method, kind, at):
     ref = reference[method]
-    assert len(ref.writes) == max(a for m, _, a in FAULTS if m == method)  # every write of the run is covered
+    # every write of the run is covered
+    assert len(ref.writes) == max(a for m, _, a in FAULTS if m == method)
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
         inject(mp, kind, at)
         if kind == "full disk":
-            assert "No space left on device" in message_of(lambda: train.main(argv(world, out, method)), capsys)
+            assert "No space left on device" in message_of(lambda: train.main(argv(world, out,
+                                                                                   method)), capsys)
         else:
             with pytest.raises(Killed):
                 train.main(argv(world, out, method))
     files_are_whole(out)
     epochs_saved = ref.writes[:at - 1].count("train_state.pt")
     if os.path.exists(out / "train_state.pt"):
-        assert torch.load(out / "train_state.pt", weights_only=True)["done"].__len__() == epochs_saved
+        assert torch.load(out / "train_state.pt",
+                          weights_only=True)["done"].__len__() == epochs_saved
     (out / ".prompt_learner.pt.x1y2.tmp").write_bytes(b"what a kill -9 leaves")
     train.main(argv(world, out, method))  # the same command resumes
     same_run(out, ref.out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref.out))
     log = (out / "log.txt").read_text()
-    assert (f"after {epochs_saved} epochs" in log) == (epochs_saved > 0)  # only the interrupted epoch is redone
+    # only the interrupted epoch is redone
+    assert (f"after {epochs_saved} epochs" in log) == (epochs_saved > 0)
 
 
 @pytest.mark.parametrize("kind", ["killed while writing", "killed before rename", "full disk"])
 def test_fault_at_an_eval_write(world, finished_run, tmp_path, capsys, kind):
     out = tmp_path / "e.json"
-    args = ["--ckpt", f"{finished_run}/prompt_learner.pt", "--dataset", "caltech101", "--root", world.root,
-            "--workers", "0", "--out", str(out)]
+    args = ["--ckpt", f"{finished_run}/prompt_learner.pt", "--dataset", "caltech101", "--root",
+            world.root, "--workers", "0", "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:
         inject(mp, kind, 1)
         if kind == "full disk":
@@ -397,7 +439,7 @@ def test_read_only_out(world, tmp_path, capsys, monkeypatch):
     assert "cannot be written (read-only?)" in text and not (tmp_path / "run").exists()
 
 
-# -- hostile files in the data set and in the run folder --------------------------------------------------
+# -- hostile files in the data set and in the run folder -------------------------------------------
 
 def crash_after_epochs(mp, n):
     """Kill the run as its (n+1)-th epoch starts."""
@@ -430,7 +472,8 @@ def test_damaged_config_is_restored_from_the_checkpoint(world, reference, tmp_pa
 def test_damaged_metrics_means_evaluate_again(world, reference, tmp_path):
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
-        inject(mp, "killed before rename", len(reference["coop"].writes))  # metrics.json is the last write
+        # metrics.json is the last write
+        inject(mp, "killed before rename", len(reference["coop"].writes))
         with pytest.raises(Killed):
             train.main(argv(world, out))
     (out / "metrics.json").write_bytes(b"")  # as an older, non-atomic version left it
@@ -456,16 +499,23 @@ def test_damaged_fewshot_json_is_named(world, reference, tmp_path, capsys):
 
 
 def test_damaged_train_state_costs_only_the_interrupted_epoch(world, reference, tmp_path):
-    """It goes on from prompt_learner.pt (the last epoch's prompts), saying that its SGD momentum and
-    random stream start afresh; then with the checkpoint damaged too, a message says what to delete."""
+    """It goes on from prompt_learner.pt (the last epoch's prompts), saying that its SGD
+    momentum and random stream start afresh; then with the checkpoint damaged too, a
+    message says what to delete."""
     out = tmp_path / "run"
     interrupted(world, out, "aple", epochs=2)
     halve(out / "train_state.pt")
     train.main(argv(world, out, "aple"))
     log = (out / "log.txt").read_text()
     assert "train_state.pt is damaged" in log and "after 2 epochs" in log
-    assert log.count("stage language epoch") + log.count("stage vision epoch") + log.count("stage joint epoch") == 3
-    resumed = load_ckpt(out)  # three epochs in all: the first two were kept, only the third ran again
+    assert (
+        log.count("stage language epoch")
+        + log.count("stage vision epoch")
+        + log.count("stage joint epoch")
+        == 3
+    )
+    # three epochs in all: the first two were kept, only the third ran again
+    resumed = load_ckpt(out)
     assert resumed["epoch"] == 3 and all(t.isfinite().all() for t in resumed["state_dict"].values())
 
 
@@ -486,10 +536,16 @@ def test_a_run_stopped_in_its_first_epoch_is_not_in_the_way(world, reference, tm
     """It holds no trained epoch, so the corrected command (other settings) starts it over."""
     out = tmp_path / "run"
     text = message_of(lambda: train.main(argv(world, out, "coop", "--warmup_lr", "1e30")), capsys)
-    assert "nan" in text and "no epoch had finished" in text and not (out / "prompt_learner.pt").exists()
+    assert (
+        "nan" in text
+        and "no epoch had finished" in text
+        and not (out / "prompt_learner.pt").exists()
+    )
     train.main(argv(world, out))
     same_run(out, reference["coop"].out)
-    assert (out / "fewshot.json").read_bytes() == (reference["coop"].out / "fewshot.json").read_bytes()
+    assert (out / "fewshot.json").read_bytes() == (
+        reference["coop"].out / "fewshot.json"
+    ).read_bytes()
 
 
 def test_nan_in_train_state(world, tmp_path, capsys):
@@ -498,11 +554,13 @@ def test_nan_in_train_state(world, tmp_path, capsys):
     state = torch.load(out / "train_state.pt", weights_only=True)
     state["learned"]["prompt_learner.ctx"][0, 0] = float("inf")
     torch.save(state, out / "train_state.pt")
-    assert "train_state.pt: NaN or infinite" in message_of(lambda: train.main(argv(world, out)), capsys)
+    assert "train_state.pt: NaN or infinite" in message_of(lambda: train.main(argv(world, out)),
+                                                           capsys)
 
 
 def test_nan_weights_after_a_step(world, tmp_path, capsys, monkeypatch):
-    """A step that leaves NaN in the prompts with a finite loss stops the run; the last checkpoint stays good."""
+    """A step that leaves NaN in the prompts with a finite loss stops the run; the last
+    checkpoint stays good."""
     real, steps = torch.optim.SGD.step, []
 
     def step(self, *args, **kwargs):
@@ -525,7 +583,8 @@ def copy_data(world, tmp_path):
 
 
 def test_resume_trains_on_the_recorded_shots(world, reference, tmp_path, capsys):
-    """The data set gains images between the kill and the resume: the run goes on with its fewshot.json."""
+    """The data set gains images between the kill and the resume: the run goes on
+    with its fewshot.json."""
     root = copy_data(world, tmp_path)
     out = tmp_path / "run"
     interrupted(world, out, root=str(root))
@@ -554,10 +613,13 @@ def test_resume_refuses_changed_classes(world, tmp_path, capsys):
 
 
 def bomb_png():
-    """The header of a 40,000 x 40,000 PNG (1.6 billion pixels): PIL refuses it as a decompression bomb."""
+    """The header of a 40,000 x 40,000 PNG (1.6 billion pixels): PIL refuses it
+    as a decompression bomb."""
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)) + \
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I",
+                                                                        zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR",
+                                        struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)) + \
         chunk(b"IEND", b"")
 
 
@@ -565,7 +627,8 @@ def damage_test_image(root, how):
     """Replace a novel-class test image (read only after training); returns its path and content."""
     path = os.path.join(root, "caltech-101", "101_ObjectCategories", "bird", "test_001.jpg")
     content = open(path, "rb").read()
-    write_file(path, {"truncated": content[: len(content) // 3], "not an image": b"<html>", "empty": b"",
+    write_file(path,
+               {"truncated": content[: len(content) // 3], "not an image": b"<html>", "empty": b"",
                       "decompression bomb": bomb_png()}[how])
     return path, content
 
@@ -573,7 +636,8 @@ def damage_test_image(root, how):
 @pytest.mark.parametrize("how, workers", [("truncated", "0"), ("not an image", "0"), ("empty", "1"),
                                           ("decompression bomb", "0")])
 def test_bad_test_image_after_training(world, reference, tmp_path, capsys, how, workers):
-    """Found after training: a message naming the image; once it is fixed, the same command evaluates."""
+    """Found after training: a message naming the image; once it is fixed, the
+    same command evaluates."""
     root = str(copy_data(world, tmp_path))
     out = tmp_path / "run"
     path, content = damage_test_image(root, how)
@@ -585,7 +649,8 @@ def test_bad_test_image_after_training(world, reference, tmp_path, capsys, how, 
     capsys.readouterr()
     train.main(args)
     log = (out / "log.txt").read_text()
-    assert log.count("stage all epoch") == 2  # trained once; the second run went straight to evaluation
+    # trained once; the second run went straight to evaluation
+    assert log.count("stage all epoch") == 2
     same_run(out, reference["coop"].out)
 
 
@@ -599,12 +664,18 @@ def test_sixteen_bit_png(tmp_path):
 
 
 def test_duplicate_class_names_are_warned_about(world, tmp_path):
-    folder = synthetic.write_folder(tmp_path / "pets", ["Cat", "cat", "sea_lion", "sea lion"], per_class=4)
+    folder = synthetic.write_folder(tmp_path / "pets", ["Cat", "cat", "sea_lion", "sea lion"],
+                                    per_class=4)
     out = tmp_path / "run"
-    train.main(["--method", "coop", "--dataset", f"folder:{folder}", "--model", world.model, "--out", str(out),
-                "--workers", "0", "--shots", "1", "--epochs", "1", "--protocol", "fewshot"])
+    train.main(["--method", "coop", "--dataset", f"folder:{folder}", "--model", world.model,
+                "--out", str(out), "--workers", "0", "--shots", "1", "--epochs", "1", "--protocol",
+                "fewshot"])
     log = (out / "log.txt").read_text()
-    assert "cannot tell these classes apart" in log and "Cat, cat" in log and "sea lion, sea_lion" in log
+    assert (
+        "cannot tell these classes apart" in log
+        and "Cat, cat" in log
+        and "sea lion, sea_lion" in log
+    )
     assert data.duplicate_classnames(data.build_dataset("caltech101", world.root).test) == []
 
 
@@ -619,10 +690,12 @@ LOCK_HOLDER = textwrap.dedent("""
 """)
 
 
-def test_second_process_is_refused_and_a_killed_one_leaves_no_lock(world, reference, tmp_path, capsys):
+def test_second_process_is_refused_and_a_killed_one_leaves_no_lock(world, reference, tmp_path,
+                                                                   capsys):
     out = tmp_path / "run"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=repo, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=repo,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         text = message_of(lambda: train.main(argv(world, out)), capsys)
@@ -635,12 +708,14 @@ def test_second_process_is_refused_and_a_killed_one_leaves_no_lock(world, refere
 
 
 def test_kill_9_of_a_real_process(world, tmp_path):
-    """train.py as its own process, killed with SIGKILL once an epoch is logged; the same command resumes
-    to the uninterrupted run's prompts (whatever it was doing: the kill lands where it lands)."""
+    """train.py as its own process, killed with SIGKILL once an epoch is logged; the same
+    command resumes to the uninterrupted run's prompts (whatever it was doing: the kill
+    lands where it lands)."""
     ref, out = tmp_path / "ref", tmp_path / "run"
     train.main(argv(world, ref, "coop", "--epochs", "4"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    process = subprocess.Popen([sys.executable, "train.py", *argv(world, out, "coop", "--epochs", "4")], cwd=repo,
+    process = subprocess.Popen([sys.executable, "train.py",
+                                *argv(world, out, "coop", "--epochs", "4")], cwd=repo,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while process.poll() is None and "epoch 1/4" not in ((out / "log.txt").read_text()
@@ -654,7 +729,7 @@ def test_kill_9_of_a_real_process(world, tmp_path):
     same_run(out, ref)
 
 
-# -- eval.py --summary --------------------------------------------------------------------------------------
+# -- eval.py --summary -----------------------------------------------------------------------------
 
 def test_summary_groups_by_every_setting_but_the_seed(world, reference, tmp_path, capsys):
     runs = tmp_path / "runs"
@@ -669,7 +744,8 @@ def test_summary_groups_by_every_setting_but_the_seed(world, reference, tmp_path
     text = capsys.readouterr().out
     tables = {"### " + block.splitlines()[0]: block for block in text.split("### ")[1:]}
     side = "### base-to-novel, 2 shots, caltech101: side by side"
-    assert set(tables) == {"### coop, base2novel, 2 shots, lr 0.002", "### coop, base2novel, 2 shots, lr 0.01", side}
+    assert set(tables) == {"### coop, base2novel, 2 shots, lr 0.002",
+                           "### coop, base2novel, 2 shots, lr 0.01", side}
     assert "| coop, lr 0.002 | 2 |" in tables[side] and "| coop, lr 0.01 | 1 |" in tables[side]
     assert "| caltech101 | 2 |" in tables["### coop, base2novel, 2 shots, lr 0.002"]
     assert "| caltech101 | 1 |" in tables["### coop, base2novel, 2 shots, lr 0.01"]

@@ -1,5 +1,5 @@
-"""bench.py's arithmetic: every row divides the time it measured by the work it did. A fake clock makes each
-timed call last exactly one second, so each figure is known in advance."""
+"""bench.py's arithmetic: every row divides the time it measured by the work it did. A fake clock
+makes each timed call last exactly one second, so each figure is known in advance."""
 import itertools
 import types
 
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def one_second_per_call(monkeypatch):
     ticks = itertools.count()
-    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(bench, "time",
+                        types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +30,18 @@ def clip_model():
 
 
 def test_agreement_rows_count_every_image(clip_model):
-    """30 images in batches of 8 (the last one 6): all 30 are compared, none cut, no crash below one batch."""
+    """30 images in batches of 8 (the last one 6): all 30 are compared, none cut, no
+    crash below one batch."""
     for n_images, batch in ((30, 8), (5, 250)):
-        rows = dict(bench.agreement_rows(clip_model, "cpu", n_images=n_images, n_classes=7, batch=batch))
+        rows = dict(bench.agreement_rows(clip_model, "cpu", n_images=n_images, n_classes=7,
+                                         batch=batch))
         assert f"fast vs plain, {n_images} images: image features, min cosine" in rows
         assert "fast vs plain, 7 prompts: text features, min cosine" in rows
         assert float(rows[f"fast vs plain, {n_images} images: image features, min cosine"]) > 0.9999
-    buckets = [v for k, v in rows.items() if k.startswith("length buckets vs all 77 positions, 7 prompts")]
-    assert len(buckets) == 2 and all(float(v.split(",")[0]) < 1e-6 for v in buckets)  # two attention kernels
+    buckets = [v for k,
+               v in rows.items() if k.startswith("length buckets vs all 77 positions, 7 prompts")]
+    # two attention kernels
+    assert len(buckets) == 2 and all(float(v.split(",")[0]) < 1e-6 for v in buckets)
 
 
 def test_augment_row_divides_by_the_batches_fetched(one_second_per_call):
@@ -46,34 +51,42 @@ def test_augment_row_divides_by_the_batches_fetched(one_second_per_call):
 
 
 def test_timed_paths_take_turns():
-    """Each round calls every fn once, in turn, so a slow spell of the machine falls on all of them."""
+    """Each round calls every fn once, in turn, so a slow spell of the
+    machine falls on all of them."""
     calls = []
-    results = bench.timed([lambda: calls.append("plain"), lambda: calls.append("fast")], "cpu", repeat=3, warmup=1)
+    results = bench.timed([lambda: calls.append("plain"), lambda: calls.append("fast")], "cpu",
+                          repeat=3, warmup=1)
     assert calls == ["plain", "fast"] * 4 and len(results) == 2
 
 
 def fake_probes(rate_of):
-    """matmul_probes with one product per precision that does nothing and counts rate_of(dtype) FLOPs: under the
-    fake clock it lasts one second, so that precision's measured rate is rate_of(dtype) FLOP/s."""
+    """matmul_probes with one product per precision that does nothing and counts rate_of(dtype)
+    FLOPs: under the fake clock it lasts one second, so that precision's measured rate is
+    rate_of(dtype) FLOP/s."""
     return lambda device, dtype: [(lambda: None, rate_of(dtype))]
 
 
 def test_train_step_row_uses_each_paths_rate(one_second_per_call, monkeypatch, clip_model):
     monkeypatch.setattr(bench, "count_flops", lambda fn: 1e9)
-    monkeypatch.setattr(bench, "fast_dtype", lambda device: torch.bfloat16)  # the two paths' precisions differ
-    monkeypatch.setattr(bench, "matmul_probes", fake_probes(lambda dtype: 4e9 if dtype == torch.bfloat16 else 1e9))
+    # the two paths' precisions differ
+    monkeypatch.setattr(bench, "fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(bench, "matmul_probes",
+                        fake_probes(lambda dtype: 4e9 if dtype == torch.bfloat16 else 1e9))
     (row,) = bench.train_step_rows(clip_model, ["coop"], [3], "cpu", repeat=1)
     batch = prompts.METHODS["coop"].DEFAULTS["batch_size"]  # each method at its own batch
     assert row[0] == f"train step coop, 3 classes, batch {batch}"
     assert row[1] == row[4] == "1000.0 ms"
-    assert (row[3], row[6]) == ("1.00x", "4.00x")  # floor: 1 s at the plain rate, 0.25 s at the fast one
+    # floor: 1 s at the plain rate, 0.25 s at the fast one
+    assert (row[3], row[6]) == ("1.00x", "4.00x")
     assert row[7:] == ["0", "n/a", "n/a"]  # no host sync in the step; no GPU to profile
 
 
 def test_rate_is_measured_in_the_rows_own_rounds(monkeypatch):
-    """The matmul products take their turn in each round of the row they rate, after the row's own fns."""
+    """The matmul products take their turn in each round of the row they rate,
+    after the row's own fns."""
     calls = []
-    monkeypatch.setattr(bench, "matmul_probes", lambda device, dtype: [(lambda: calls.append("probe"), 1.0)])
+    monkeypatch.setattr(bench, "matmul_probes", lambda device,
+                        dtype: [(lambda: calls.append("probe"), 1.0)])
     seconds, rates = bench.rated([lambda: calls.append("row")], "cpu", repeat=2)
     assert calls == ["row", "probe"] * 3  # a warm-up round, then two timed ones
     assert len(seconds) == 1 and rates[False] == rates[True] > 0  # a CPU runs both paths in float32
@@ -86,12 +99,14 @@ def test_text_rows_floor_is_each_prompts_own_length(one_second_per_call, monkeyp
         for t in text:  # each prompt alone, cut at its own end-of-text token
             clip_model.encode_text(t[None])
     floor_flops = counter.get_total_flops()
-    monkeypatch.setattr(bench, "matmul_probes", fake_probes(lambda dtype: 2.5 * floor_flops))  # floor: 0.4 s
+    # floor: 0.4 s
+    monkeypatch.setattr(bench, "matmul_probes", fake_probes(lambda dtype: 2.5 * floor_flops))
     (row,) = bench.text_rows(clip_model, "cpu", prompt_counts=(n,), repeat=1)
     lengths = text.argmax(-1) + 1
-    assert row[0] == (f"text forward, {n} class prompts ({lengths.float().mean():.1f} tokens on average, "
-                      f"longest {lengths.max()})")
-    assert row[1::3] == [f"{n} prompts/s"] * 3  # all 77 positions, batch cut, length buckets: 1 s each
+    assert row[0] == (f"text forward, {n} class prompts ({lengths.float().mean():.1f} tokens on "
+                      f"average, longest {lengths.max()})")
+    # all 77 positions, batch cut, length buckets: 1 s each
+    assert row[1::3] == [f"{n} prompts/s"] * 3
     assert row[3::3] == ["2.50x"] * 3
 
 

@@ -1,4 +1,5 @@
-"""data/: CoOp's few-shot draw and base/novel split, transforms, fewshot.json, loaders, error messages."""
+"""data/: CoOp's few-shot draw and base/novel split, transforms, fewshot.json,
+loaders, error messages."""
 import json
 import os
 import random
@@ -12,7 +13,15 @@ from PIL import Image
 
 import data
 from clip.transform import MEAN, STD, Preprocess
-from data import Datum, DatasetNotFound, build_dataset, fewshot_split, load_fewshot, save_fewshot, subsample_classes
+from data import (
+    Datum,
+    DatasetNotFound,
+    build_dataset,
+    fewshot_split,
+    load_fewshot,
+    save_fewshot,
+    subsample_classes,
+)
 from data.datasets import read_split
 from data.transforms import random_resized_crop_box, train_transform_on_device
 from tests.synthetic import jpeg
@@ -23,7 +32,8 @@ from tests.synthetic import jpeg
 
 
 def dassl_fewshot(train, val, shots, seed):
-    """What CoOp does: set_random_seed(seed), then generate_fewshot_dataset on train, then on val (repeat=False)."""
+    """What CoOp does: set_random_seed(seed), then generate_fewshot_dataset on train, then
+    on val (repeat=False)."""
     random.seed(seed)
 
     def generate(data_source, num_shots):
@@ -44,12 +54,15 @@ def dassl_fewshot(train, val, shots, seed):
 
 @pytest.fixture(scope="module")
 def split_json(tmp_path_factory):
-    """A split_zhou-style file: 120 classes of 1..40 train images, labels interleaved in a shuffled order."""
+    """A split_zhou-style file: 120 classes of 1..40 train images, labels
+    interleaved in a shuffled order."""
     rng = random.Random(1234)
     n_cls = 120
     split = {}
-    for key, sizes in (("train", lambda: rng.randint(1, 40)), ("val", lambda: rng.randint(1, 8)), ("test", lambda: 3)):
-        rows = [[f"c{label:03d}/{key}_{i:03d}.jpg", label, f"class_{label}"] for label in range(n_cls) for i in range(sizes())]
+    for key, sizes in (("train", lambda: rng.randint(1, 40)), ("val", lambda: rng.randint(1, 8)),
+                       ("test", lambda: 3)):
+        rows = [[f"c{label:03d}/{key}_{i:03d}.jpg", label,
+                 f"class_{label}"] for label in range(n_cls) for i in range(sizes())]
         rng.shuffle(rows)  # first-appearance order of labels is now neither sorted nor grouped
         split[key] = rows
     path = tmp_path_factory.mktemp("split") / "split_zhou_Synthetic.json"
@@ -61,7 +74,8 @@ def test_fewshot_equals_dassl(split_json):
     train, val, _ = read_split(split_json, "/images")
     first_seen = list(dict.fromkeys(item.label for item in train))
     assert first_seen != sorted(first_seen)  # the data really tests the grouping order
-    assert min(len([t for t in train if t.label == c]) for c in first_seen) < 16  # and classes below K
+    # and classes below K
+    assert min(len([t for t in train if t.label == c]) for c in first_seen) < 16
     for seed in (1, 2, 3):
         for shots in (1, 2, 4, 8, 16):
             got = fewshot_split(train, val, shots, seed)
@@ -74,7 +88,8 @@ def test_fewshot_reference_is_sensitive(split_json):
     """The comparison above would catch a wrong class order or a reseed before val."""
     train, val, _ = read_split(split_json, "/images")
     want_train, want_val = dassl_fewshot(train, val, 16, 1)
-    by_sorted_label = sorted(train, key=lambda item: item.label)  # grouping in sorted-label order instead
+    # grouping in sorted-label order instead
+    by_sorted_label = sorted(train, key=lambda item: item.label)
     assert fewshot_split(by_sorted_label, val, 16, 1)[0] != want_train
     assert fewshot_split(val, [], 4, 1)[0] != want_val  # val drawn with a fresh stream
 
@@ -104,7 +119,9 @@ def test_base_new_counts_and_relabel(n, base, new):
     assert len(b_names) == base and len(n_names) == new
     assert b_names == [f"name {c}" for c in range(base)]  # names cleaned with "_" -> " "
     assert n_names == [f"name {c}" for c in range(base, n)]
-    assert sorted({d.label for d in b_train}) == list(range(base)) == sorted({d.label for d in b_test})
+    assert (
+        sorted({d.label for d in b_train}) == list(range(base)) == sorted({d.label for d in b_test})
+    )
     assert sorted({d.label for d in n_test}) == list(range(new))
     # each item keeps its path and class name; only the label moves, and the order is kept
     assert [d.impath for d in n_train] == [d.impath for d in train if d.label >= base]
@@ -135,7 +152,8 @@ def test_fewshot_json_round_trip(tmp_path, split_json):
     save_fewshot(str(path), train, val, image_dir)
     saved = json.loads(path.read_text())
     assert set(saved) == {"train", "val"} and len(saved["train"]) == len(train)
-    assert saved["train"][0] == [os.path.relpath(train[0].impath, image_dir), train[0].label, train[0].classname]
+    assert saved["train"][0] == [os.path.relpath(train[0].impath, image_dir), train[0].label,
+                                 train[0].classname]
     assert load_fewshot(str(path), image_dir) == (train, val)
     with pytest.raises(ValueError, match="not inside"):
         save_fewshot(str(path), [Datum("/elsewhere/a.jpg", 0, "a")], [], image_dir)
@@ -160,7 +178,9 @@ def test_train_transform(tmp_path):
     lo = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
     hi = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
     per_channel = x.flatten(1)
-    assert (per_channel.min(1).values >= lo - 1e-5).all() and (per_channel.max(1).values <= hi + 1e-5).all()
+    assert (per_channel.min(1).values >= lo - 1e-5).all() and (
+        per_channel.max(1).values <= hi + 1e-5
+    ).all()
     assert not torch.equal(data.train_transform(img, 64), data.train_transform(img, 64))
     same = [data.train_transform(img, 64, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(*same)
@@ -169,7 +189,8 @@ def test_train_transform(tmp_path):
 
 
 def test_train_transform_steps(tmp_path):
-    """crop box -> crop -> bicubic resize -> flip with p=0.5 -> to_tensor -> normalize, drawn in that order."""
+    """crop box -> crop -> bicubic resize -> flip with p=0.5 -> to_tensor ->
+    normalize, drawn in that order."""
     from clip.transform import normalize, to_tensor
 
     img = Image.open(jpeg(str(tmp_path / "a.jpg"), size=(90, 60), noise_seed=3)).convert("RGB")
@@ -187,27 +208,34 @@ def test_train_transform_steps(tmp_path):
 
 
 def test_train_transform_on_device_is_the_same_transform(tmp_path):
-    """The GPU path (run here on the CPU): same boxes and flips for the same seed, PIL's pixels to rounding."""
+    """The GPU path (run here on the CPU): same boxes and flips for the same seed,
+    PIL's pixels to rounding."""
     img = Image.open(jpeg(str(tmp_path / "a.jpg"), size=(500, 375), noise_seed=4)).convert("RGB")
     pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # [3, 375, 500] uint8
-    to_unit = lambda x: x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # back to [0, 1]
+    # back to [0, 1]
+    to_unit = lambda x: x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
     diffs = []
     for seed in range(20):
         g_pil, g_dev = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         want = data.train_transform(img, 224, g_pil)
         got = train_transform_on_device(pixels, 224, "cpu", g_dev)
-        assert torch.equal(g_pil.get_state(), g_dev.get_state())  # the same draws, in the same order
-        diffs.append((to_unit(got) - to_unit(want)).abs() * 255)  # in grey levels; a wrong box or flip: ~40
+        # the same draws, in the same order
+        assert torch.equal(g_pil.get_state(), g_dev.get_state())
+        # in grey levels; a wrong box or flip: ~40
+        diffs.append((to_unit(got) - to_unit(want)).abs() * 255)
     diffs = torch.stack(diffs)
     assert diffs.mean() < 0.5  # measured 0.20 grey levels
     assert (diffs > 1.5).float().mean() < 0.015  # measured 0.03% of the pixels
-    assert diffs.max() < 32  # measured 13: PIL clips to 0..255 between its two passes, torch does not
+    # measured 13: PIL clips to 0..255 between its two passes, torch does not
+    assert diffs.max() < 32
     assert got.shape == (3, 224, 224) and got.dtype == torch.float32
 
 
 def test_trainset_on_device(tmp_path):
-    """TrainSet(device=...) keeps uint8 pixels and gives the same boxes as the PIL path, seed for seed."""
-    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(120, 90), noise_seed=i), i, "c") for i in range(3)]
+    """TrainSet(device=...) keeps uint8 pixels and gives the same boxes as the
+    PIL path, seed for seed."""
+    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(120, 90), noise_seed=i), i,
+                   "c") for i in range(3)]
     pil, dev, again = (data.TrainSet(items, 32, seed=5, device=d) for d in (None, "cpu", "cpu"))
     assert all(x.dtype == torch.uint8 and x.shape == (3, 90, 120) for x in dev.images.values())
     for i in range(3):
@@ -224,7 +252,8 @@ def test_random_resized_crop_box():
         assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
         assert 0.08 * 500 * 375 * 0.9 <= w * h <= 500 * 375
         assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
-    # a 1000x10 strip: no crop of the allowed area fits, so a center crop with the ratio clamped to 4/3
+    # a 1000x10 strip: no crop of the allowed area fits, so a center crop
+    # with the ratio clamped to 4/3
     assert random_resized_crop_box(1000, 10, generator=g) == (493, 0, 13, 10)
     assert random_resized_crop_box(10, 1000, generator=g) == (0, 493, 10, 13)
 
@@ -235,10 +264,12 @@ def test_random_resized_crop_box():
 
 def test_trainset_decodes_each_file_once(tmp_path, monkeypatch):
     paths = [jpeg(str(tmp_path / f"{i}.jpg"), color=(i * 40, 0, 0)) for i in range(5)]
-    items = [Datum(p, i % 2, "c") for i, p in enumerate(paths)] + [Datum(paths[0], 0, "c")]  # one path twice
+    # one path twice
+    items = [Datum(p, i % 2, "c") for i, p in enumerate(paths)] + [Datum(paths[0], 0, "c")]
     opened = []
     real_open = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a,
+                        **k: opened.append(fp) or real_open(fp, *a, **k))
     ts = data.TrainSet(items, 32, seed=0)
     loader = torch.utils.data.DataLoader(ts, batch_size=4, shuffle=True)
     for _ in range(3):
@@ -249,14 +280,16 @@ def test_trainset_decodes_each_file_once(tmp_path, monkeypatch):
 
 
 def test_trainset_seeded(tmp_path):
-    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(60, 45), noise_seed=i), i, "c") for i in range(3)]
+    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(60, 45), noise_seed=i), i,
+                   "c") for i in range(3)]
     a, b = data.TrainSet(items, 32, seed=4), data.TrainSet(items, 32, seed=4)
     for i in range(3):
         assert torch.equal(a[i][0], b[i][0])
 
 
 def test_test_loader_workers_in_order(tmp_path):
-    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(50, 40), color=(i * 20, 100, 0)), i, "c") for i in range(11)]
+    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(50, 40), color=(i * 20, 100, 0)), i,
+                   "c") for i in range(11)]
     seen_images, seen_labels = [], []
     for images, labels in data.test_loader(items, 32, batch_size=4, workers=2):
         seen_images.append(images)
@@ -294,7 +327,11 @@ def test_missing_root(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFound) as err:
         build_dataset("eurosat", missing)
     msg = str(err.value)
-    assert "eurosat" in msg and missing in msg and f"python -m data.prepare eurosat --root {missing}" in msg
+    assert (
+        "eurosat" in msg
+        and missing in msg
+        and f"python -m data.prepare eurosat --root {missing}" in msg
+    )
     monkeypatch.delenv("DATA", raising=False)
     with pytest.raises(DatasetNotFound, match=r"--root DIR or set \$DATA"):
         build_dataset("dtd")
@@ -321,7 +358,9 @@ def test_wrong_layout(tmp_path):
     (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
     with pytest.raises(DatasetNotFound) as err:
         build_dataset("eurosat", str(tmp_path))
-    assert "image folder not found" in str(err.value) and str(tmp_path / "eurosat" / "2750") in str(err.value)
+    assert "image folder not found" in str(err.value) and str(tmp_path / "eurosat" / "2750") in str(
+        err.value
+    )
     # the folder exists but the listed files are elsewhere
     os.makedirs(tmp_path / "eurosat" / "2750")
     with pytest.raises(DatasetNotFound, match="1 of the 1 images listed .* are missing") as err:
@@ -338,7 +377,9 @@ def test_imagenet_flat_val(tmp_path):
         build_dataset("imagenet", str(tmp_path))
     with pytest.raises(DatasetNotFound) as err:
         build_dataset("imagenet_a", str(tmp_path))
-    assert "imagenet-adversarial" in str(err.value) and "python -m data.prepare imagenet_a" in str(err.value)
+    assert "imagenet-adversarial" in str(err.value) and "python -m data.prepare imagenet_a" in str(
+        err.value
+    )
 
 
 def test_empty_class_folder(tmp_path):

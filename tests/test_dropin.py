@@ -16,7 +16,8 @@ from PIL import Image
 from torch import nn
 
 import clip
-from clip import clip as openai_clip  # CoOp's import: the module with _MODELS, _download, build_model
+# CoOp's import: the module with _MODELS, _download, build_model
+from clip import clip as openai_clip
 from clip.model import causal_mask
 from clip.simple_tokenizer import SimpleTokenizer
 from tests.test_tokenizer import load_open_clip_file
@@ -37,8 +38,11 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompts(model):
-    """CoOp's prompt: "X X X X {name}." tokenised, with the 4 context embeddings replaced by random ones."""
-    text = clip.tokenize([f"{' '.join(['X'] * N_CTX)} {name}." for name in ["cat", "golden retriever", "tree frog"]])
+    """CoOp's prompt: "X X X X {name}." tokenised, with the 4 context embeddings
+    replaced by random ones."""
+    text = clip.tokenize([f"{' '.join(['X'] * N_CTX)} {name}." for name in ["cat",
+                                                                            "golden retriever",
+                                                                            "tree frog"]])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         embeddings = model.token_embedding(text)  # [n_cls, 77, width]
@@ -47,12 +51,16 @@ def prompts(model):
 
 
 class CoOpTextEncoder(nn.Module):
-    """CoOp's TextEncoder: prompt embeddings through CLIP's text transformer in OpenAI's [L, B, width] layout."""
+    """CoOp's TextEncoder: prompt embeddings through CLIP's text transformer in
+    OpenAI's [L, B, width] layout."""
 
     def __init__(self, clip_model):
         super().__init__()
         self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
-        self.positional_embedding, self.text_projection = clip_model.positional_embedding, clip_model.text_projection
+        self.positional_embedding, self.text_projection = (
+            clip_model.positional_embedding,
+            clip_model.text_projection,
+        )
         self.dtype = clip_model.dtype
 
     def forward(self, prompts, tokenized_prompts):
@@ -63,7 +71,8 @@ class CoOpTextEncoder(nn.Module):
 
 
 def maple_text(model, prompts, text, deep):
-    """MaPLe's text side: before block i >= 1, tokens 1..n (after SOT) become deep[i]; LND throughout."""
+    """MaPLe's text side: before block i >= 1, tokens 1..n (after SOT) become
+    deep[i]; LND throughout."""
     x = (prompts + model.positional_embedding).permute(1, 0, 2)  # [77, B, width]
     for i, block in enumerate(model.transformer.resblocks):
         if i in deep:
@@ -85,7 +94,8 @@ def maple_image(model, images, deep):
     x = v.ln_pre(x).permute(1, 0, 2)  # NLD -> LND
     for i, block in enumerate(v.transformer.resblocks):
         if i in deep and i > 0:
-            x = torch.cat([x[:-len(deep[i])], deep[i].unsqueeze(1).expand(-1, x.shape[1], -1)], dim=0)
+            x = torch.cat([x[:-len(deep[i])], deep[i].unsqueeze(1).expand(-1, x.shape[1], -1)],
+                          dim=0)
         x = block(x)
     return v.ln_post(x.permute(1, 0, 2)[:, 0]) @ v.proj
 
@@ -96,7 +106,8 @@ def test_coop_text_encoder_equals_encode_text(model, prompts):
     ours = model.encode_text(text, embeddings=embeddings)
     assert rel_err(CoOpTextEncoder(model)(embeddings, text), ours) < 1e-5
     # the same with the plain token embeddings: OpenAI's encode_text written out
-    assert rel_err(CoOpTextEncoder(model)(model.token_embedding(text), text), model.encode_text(text)) < 1e-5
+    assert rel_err(CoOpTextEncoder(model)(model.token_embedding(text), text),
+                   model.encode_text(text)) < 1e-5
 
 
 @torch.no_grad()
@@ -108,14 +119,17 @@ def test_maple_text_and_image_equal_the_deep_prompts_hook(model, prompts):
                    model.encode_text(text, embeddings=embeddings, deep_prompts=deep_text)) < 1e-5
     deep_image = {i: 0.1 * torch.randn(3, 64, generator=g) for i in (0, 1)}
     images = torch.randn(2, 3, 32, 32, generator=g)
-    assert rel_err(maple_image(model, images, deep_image), model.encode_image(images, deep_prompts=deep_image)) < 1e-5
+    assert rel_err(maple_image(model, images, deep_image),
+                   model.encode_image(images, deep_prompts=deep_image)) < 1e-5
 
 
 @torch.no_grad()
 def test_a_batch_first_call_is_not_what_is_computed(model, prompts):
-    """The test above can fail: skipping the permutes (the bug this file guards against) changes the features."""
+    """The test above can fail: skipping the permutes (the bug this file guards
+    against) changes the features."""
     text, embeddings = prompts
-    x = model.transformer(embeddings + model.positional_embedding)  # [B, 77, width] read as [L, B, width]
+    # [B, 77, width] read as [L, B, width]
+    x = model.transformer(embeddings + model.positional_embedding)
     wrong = model.ln_final(x)[torch.arange(len(text)), text.argmax(-1)] @ model.text_projection
     assert rel_err(wrong, model.encode_text(text, embeddings=embeddings)) > 0.1
 
@@ -130,7 +144,8 @@ def test_openai_module_attributes(model):
 
 
 class OpenAIBlock(nn.Module):
-    """openai/CLIP's ResidualAttentionBlock: nn.MultiheadAttention on [L, B, width] with an attn_mask."""
+    """openai/CLIP's ResidualAttentionBlock: nn.MultiheadAttention on [L, B,
+    width] with an attn_mask."""
 
     def __init__(self, ours, attn_mask):
         super().__init__()
@@ -149,8 +164,10 @@ class OpenAIBlock(nn.Module):
 @pytest.mark.parametrize("kind", ["causal", "none", "banded", "bool banded"])
 def test_a_block_equals_openais_block_under_any_mask(kind):
     block = tiny_clip(seed=2, transformer_width=128).transformer.resblocks[0]  # 2 heads
-    band = torch.ones(77, 77, dtype=torch.bool).triu(3) | torch.ones(77, 77, dtype=torch.bool).tril(-3)
-    masks = {"causal": causal_mask(77), "none": None, "banded": torch.zeros(77, 77).masked_fill(band, float("-inf")),
+    band = torch.ones(77, 77, dtype=torch.bool).triu(3) | torch.ones(77, 77,
+                                                                     dtype=torch.bool).tril(-3)
+    masks = {"causal": causal_mask(77), "none": None,
+             "banded": torch.zeros(77, 77).masked_fill(band, float("-inf")),
              "bool banded": band}  # bool: True = masked, as nn.MultiheadAttention reads it
     block.attn_mask = masks[kind]
     assert block.causal == (kind == "causal")
@@ -158,7 +175,7 @@ def test_a_block_equals_openais_block_under_any_mask(kind):
     assert rel_err(block(x), OpenAIBlock(block, masks[kind])(x)) < 1e-5
 
 
-# --- names CoOp's load_clip_to_cpu and tokenizer code use -------------------------------------------
+# --- names CoOp's load_clip_to_cpu and tokenizer code use -----------------------------------------
 
 def test_load_has_openais_signature(tmp_path):
     params = inspect.signature(clip.load).parameters
@@ -166,9 +183,11 @@ def test_load_has_openais_signature(tmp_path):
     assert params["jit"].default is False and params["download_root"].default is None
     model = tiny_clip()
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
-    loaded, preprocess = clip.load(str(tmp_path / "tiny.pt"), "cpu", False, None)  # positionally, in OpenAI's order
+    # positionally, in OpenAI's order
+    loaded, preprocess = clip.load(str(tmp_path / "tiny.pt"), "cpu", False, None)
     assert loaded.training is False and preprocess.n_px == 32
-    with pytest.raises(RuntimeError, match=r"^Model RN50 not found; available models = \['ViT-B/32'"):
+    with pytest.raises(RuntimeError,
+                       match=r"^Model RN50 not found; available models = \['ViT-B/32'"):
         clip.load("RN50", "cpu")
     with pytest.raises(KeyError, match="Model RN50 not found"):  # indexing _MODELS as CoOp does
         openai_clip._MODELS["RN50"]
@@ -176,7 +195,9 @@ def test_load_has_openais_signature(tmp_path):
 
 def test_models_are_urls_that_carry_their_sha256():
     for name, url in openai_clip._MODELS.items():
-        assert url.startswith("https://openaipublic.azureedge.net/clip/models/") and url.endswith(".pt")
+        assert url.startswith("https://openaipublic.azureedge.net/clip/models/") and url.endswith(
+            ".pt"
+        )
         assert len(url.split("/")[-2]) == 64
     assert openai_clip._MODELS["ViT-B/16"].split("/")[-2].startswith("5806e77cd80f")
 
@@ -196,12 +217,15 @@ def served(monkeypatch):
 
 
 def test_coop_load_clip_to_cpu_flow(served, tmp_path, monkeypatch):
-    """CoOp's load_clip_to_cpu: _download(url) into the default cache, try TorchScript, else a state_dict."""
+    """CoOp's load_clip_to_cpu: _download(url) into the default cache, try
+    TorchScript, else a state_dict."""
     model, data, url, server = served
     monkeypatch.setenv("CLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(openai_clip._MODELS, "Tiny/8", url)
-    model_path = openai_clip._download(openai_clip._MODELS["Tiny/8"])  # one argument, as CoOp calls it
-    assert model_path == str(tmp_path / "cache" / "tiny-8.pt") and open(model_path, "rb").read() == data
+    # one argument, as CoOp calls it
+    model_path = openai_clip._download(openai_clip._MODELS["Tiny/8"])
+    assert model_path == str(tmp_path / "cache" / "tiny-8.pt") and open(model_path,
+                                                                        "rb").read() == data
     try:
         with warnings.catch_warnings():  # "torch.jit.load is deprecated"
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -213,7 +237,11 @@ def test_coop_load_clip_to_cpu_flow(served, tmp_path, monkeypatch):
     text[0, 6] = 511  # end-of-text: the largest id
     with torch.no_grad():
         assert torch.equal(built.encode_text(text), model.encode_text(text))
-    assert openai_clip._download(url, str(tmp_path / "cache")) == model_path and len(server.requests) == 1  # cached
+    # cached
+    assert (
+        openai_clip._download(url, str(tmp_path / "cache")) == model_path
+        and len(server.requests) == 1
+    )
 
 
 def test_download_checks_the_sha256_in_the_url(served, tmp_path):
@@ -226,7 +254,8 @@ def test_download_checks_the_sha256_in_the_url(served, tmp_path):
 def test_transform_is_the_preprocess_load_returns(tmp_path):
     torch.save(tiny_clip().state_dict(), tmp_path / "tiny.pt")
     _, preprocess = clip.load(str(tmp_path / "tiny.pt"), "cpu")
-    pixels = torch.randint(0, 256, (45, 70, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randint(0, 256, (45, 70, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     image = Image.fromarray(pixels.numpy())
     x = openai_clip._transform(32)(image)
     assert x.shape == (3, 32, 32) and torch.equal(x, preprocess(image))
@@ -234,7 +263,8 @@ def test_transform_is_the_preprocess_load_returns(tmp_path):
 
 
 def test_simple_tokenizer_module_is_openais():
-    reference = load_open_clip_file("tokenizer.py").SimpleTokenizer()  # a copy of OpenAI's simple_tokenizer.py
+    # a copy of OpenAI's simple_tokenizer.py
+    reference = load_open_clip_file("tokenizer.py").SimpleTokenizer()
     ours = SimpleTokenizer()
     for text in ["a photo of a cat.", "Kaiyangzhou's café 日本 🐶", "X X X X golden retriever."]:
         assert ours.encode(text) == reference.encode(text)

@@ -1,7 +1,7 @@
-"""The fork test: the README's "Adding a method" example saved as prompts/vpt.py and one line added to
-prompts.METHODS, on a copy of the repository, and nothing else edited. Every test that runs per method
-(they read the methods from the registry, and each method's facts from the model) must then pass for the
-new one too; collecting the whole suite must not fail."""
+"""The fork test: the README's "Adding a method" example saved as prompts/vpt.py and one line added
+to prompts.METHODS, on a copy of the repository, and nothing else edited. Every test that runs per
+method (they read the methods from the registry, and each method's facts from the model) must then
+pass for the new one too; collecting the whole suite must not fail."""
 import os
 import re
 import shutil
@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOT_COPIED = (".git", ".venv", "runs", "data_root", "__pycache__", ".pytest_cache", ".whl", ".device",
-              "gpu_out", "toy_world.png")
+NOT_COPIED = (".git", ".venv", "runs", "data_root", "__pycache__", ".pytest_cache", ".whl",
+              ".device", "gpu_out", "toy_world.png")
 
 
 def readme_example():
-    """The first python block after the "## Adding a method" heading (as tests/test_registry.py reads it)."""
+    """The first python block after the "## Adding a method" heading (as
+    tests/test_registry.py reads it)."""
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     section = text[text.index("## Adding a method"):]
@@ -31,10 +32,12 @@ def test_the_readme_method_plus_one_registry_line_passes_the_suite(tmp_path):
     assert len(after.splitlines()) == len(before.splitlines()) + 1
     registry.write_text(after)
     env = {**os.environ, "CLIP_CACHE": str(tmp_path / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests",
-                             "-k", "vpt", "--ignore", "tests/test_fork.py"],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                             "tests", "-k", "vpt", "--ignore", "tests/test_fork.py"],
                             cwd=fork, env=env, capture_output=True, text=True, timeout=900)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    summary = (
+        result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
     assert passed >= 10, summary  # the per-method tests ran for vpt, not just collected nothing

@@ -1,6 +1,6 @@
-"""train.py's CUDA-graph step (--cuda_graphs): the bookkeeping everywhere, with a stand-in for the graph
-that replays the step's Python; the real capture where a GPU exists (MMPROMPT_TEST_GPU=1 lets the tests
-see it: conftest hides GPUs otherwise)."""
+"""train.py's CUDA-graph step (--cuda_graphs): the bookkeeping everywhere, with a stand-in for the
+graph that replays the step's Python; the real capture where a GPU exists (MMPROMPT_TEST_GPU=1 lets
+the tests see it: conftest hides GPUs otherwise)."""
 import types
 
 import pytest
@@ -18,8 +18,9 @@ CLASSNAMES = ["cat", "dog", "sea lion", "hot air balloon"]
 
 
 class ReplayedInPython(speed.GraphedStep):
-    """GraphedStep with the CUDA parts replaced: 'capturing' records nothing and computes nothing, as a
-    real capture, and a 'replay' runs the step on the static inputs and writes into the same outputs."""
+    """GraphedStep with the CUDA parts replaced: 'capturing' records nothing and computes
+    nothing, as a real capture, and a 'replay' runs the step on the static inputs and writes
+    into the same outputs."""
     captures = 0
     fail = False
 
@@ -65,15 +66,16 @@ def learned_after(graphs, method="maple", fail=False, required=False):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for n in (4, 4, 2):
-            images, labels = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g)
+            images, labels = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,),
+                                                                                   generator=g)
             losses.append(float(step(images, labels)["loss"]))
     return prompts.common.learned_state(model), step, losses
 
 
 def test_a_replayed_step_learns_what_the_eager_one_does():
     """2 warm-up steps, then a capture per lr (2 in all); the partial batches of 2 run eagerly. Same
-    tensors, bit for bit, when the replay is the step itself: the bookkeeping loses no step and feeds
-    each replay its own batch."""
+    tensors, bit for bit, when the replay is the step itself: the bookkeeping loses no step and
+    feeds each replay its own batch."""
     eager, _, eager_losses = learned_after(graphs=False)
     graphed, step, losses = learned_after(graphs=True)
     assert step.captures == 2
@@ -102,8 +104,8 @@ def test_cuda_graphs_on_is_refused_without_a_gpu(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (MMPROMPT_TEST_GPU=1)")
 @pytest.mark.parametrize("method", list(prompts.METHODS))
 def test_the_cuda_graph_learns_what_eager_bf16_does(method):
-    """On a GPU, bf16 with the frozen matrices cast once: 6 steps captured and replayed vs eager. The
-    same tensors to bf16 rounding (replay order of kernels may differ in the last bit)."""
+    """On a GPU, bf16 with the frozen matrices cast once: 6 steps captured and replayed vs eager.
+    The same tensors to bf16 rounding (replay order of kernels may differ in the last bit)."""
     results = []
     for graphs in ("off", "on"):
         torch.manual_seed(0)

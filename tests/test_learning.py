@@ -1,22 +1,24 @@
 """Learning signal, not just shapes: prompt learning must fix what a hand-written prompt gets wrong.
 
-A tiny CLIP is pre-trained from scratch for a few CPU seconds on a synthetic world of 10 classes. Each class
-is a colour (hue = label / 10 of the circle), and every image comes in one of two renderings:
+A tiny CLIP is pre-trained from scratch for a few CPU seconds on a synthetic world of 10
+classes. Each class is a colour (hue = label / 10 of the circle), and every image comes
+in one of two renderings:
     bright: hue h,              captioned "a photo of a {name}."
     dark:   hue h + half a step, darker, captioned "a photo of dark {name}."
-So a dark cat has the hue halfway between a bright cat and a bright dog, and only the word "dark" in its
-caption tells the model so. The downstream data set is dark images only, evaluated with the folder
-data sets' template "a photo of a {}.": zero-shot CLIP then reads them as bright ones and confuses
-neighbouring classes (well above chance, far from perfect). A learned context can find what "dark" did,
-from 16 shots per class; the image-side prompts (IVLP, MaPLe, PromptSRC, APLe, PMPO) and CoCoOp's
-image-conditioned context can also use the image features.
-Classes are hues, so the random resized crops and flips of train.py keep an image's class.
+So a dark cat has the hue halfway between a bright cat and a bright dog, and only the word "dark" in
+its caption tells the model so. The downstream data set is dark images only, evaluated with the
+folder data sets' template "a photo of a {}.": zero-shot CLIP then reads them as bright ones and
+confuses neighbouring classes (well above chance, far from perfect). A learned context can find what
+"dark" did, from 16 shots per class; the image-side prompts (IVLP, MaPLe, PromptSRC, APLe, PMPO) and
+CoCoOp's image-conditioned context can also use the image features. Classes are hues, so the random
+resized crops and flips of train.py keep an image's class.
 
-Everything is seeded and runs on one CPU thread. Seen with seeds 0-6 (this file uses 0): zero-shot base
-accuracy 59-85 %, CoOp, APLe and PMPO 100 % on the same held-out base images (with lr 0: CoOp stays at
-zero-shot, APLe and PMPO fall below it, so the test fails). Seed 0 only: IVLP and MaPLe 100 %, CoCoOp 97,
-KgCoOp 94 and PromptSRC 89 (the last two are pulled toward the hand-written prompt by design); with lr 0
-all five stay below zero-shot + MARGIN (CoCoOp 67, KgCoOp 60, IVLP 50, MaPLe 47, PromptSRC 43, zero-shot 59).
+Everything is seeded and runs on one CPU thread. Seen with seeds 0-6 (this file uses 0): zero-shot
+base accuracy 59-85 %, CoOp, APLe and PMPO 100 % on the same held-out base images (with lr 0: CoOp
+stays at zero-shot, APLe and PMPO fall below it, so the test fails). Seed 0 only: IVLP and MaPLe 100
+%, CoCoOp 97, KgCoOp 94 and PromptSRC 89 (the last two are pulled toward the hand-written prompt by
+design); with lr 0 all five stay below zero-shot + MARGIN (CoCoOp 67, KgCoOp 60, IVLP 50, MaPLe 47,
+PromptSRC 43, zero-shot 59).
 """
 import json
 import math
@@ -44,22 +46,26 @@ from tests.tiny import TINY_CONFIG, tiny_flags
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEED = 0
-NAMES = sorted(["cat", "dog", "fish", "bird", "horse", "frog", "bear", "lion", "wolf", "duck"])  # one BPE token each
+# one BPE token each
+NAMES = sorted(["cat", "dog", "fish", "bird", "horse", "frog", "bear", "lion", "wolf", "duck"])
 CAPTIONS = ("a photo of a {}.", "a photo of dark {}.")  # rendering 0 (bright), rendering 1 (dark)
 BRIGHT, DARK = 0, 1
-MARGIN = 10.0  # percentage points a method must gain over zero-shot on the base classes (seen: 15-41)
+# percentage points a method must gain over zero-shot on the base classes (seen: 15-41)
+MARGIN = 10.0
 
 
-# -- the world ---------------------------------------------------------------------------------------------
+# -- the world -------------------------------------------------------------------------------------
 
 def draw(labels, rendering, rng, size=32):
-    """Images [B, size, size, 3] in [0, 1]: the class hue (shifted half a class for dark ones) plus noise."""
+    """Images [B, size, size, 3] in [0, 1]: the class hue (shifted half a class for
+    dark ones) plus noise."""
     labels, rendering = np.asarray(labels), np.asarray(rendering)
     B = len(labels)
     hue = ((labels + 0.5 * rendering) / len(NAMES) + rng.normal(0, 0.01, B)) % 1.0
     saturation = rng.uniform(0.6, 1.0, B)
     value = np.where(rendering == DARK, rng.uniform(0.35, 0.55, B), rng.uniform(0.7, 1.0, B))
-    pixels = hsv_to_rgb(hue, saturation, value)[:, None, None] + rng.normal(0, 0.08, (B, size, size, 3))
+    pixels = hsv_to_rgb(hue, saturation, value)[:, None, None] + rng.normal(0, 0.08,
+                                                                            (B, size, size, 3))
     return np.clip(pixels, 0, 1)
 
 
@@ -73,26 +79,30 @@ def normalize(pixels):
 
 
 def pretrain(seed, steps=200, batch=48, lr=2e-3):
-    """CLIP's contrastive loss on (image, caption) pairs of both renderings, AdamW with a one-cycle schedule.
+    """CLIP's contrastive loss on (image, caption) pairs of both renderings, AdamW
+    with a one-cycle schedule.
 
-    A batch's text side is the 20 captions (10 classes x 2 renderings); an image's target is its caption and
-    a caption's target is spread over its images. Half of the images go through train.py's augmentation,
-    so that prompt learning later trains on images of the kind the encoder has seen. Only the rows of the
-    token embedding the captions use are learned (a small table, written back at the end), which spares
-    AdamW 3M untouched values per step.
+    A batch's text side is the 20 captions (10 classes x 2 renderings); an image's target is its
+    caption and a caption's target is spread over its images. Half of the images go through
+    train.py's augmentation, so that prompt learning later trains on images of the kind the encoder
+    has seen. Only the rows of the token embedding the captions use are learned (a small table,
+    written back at the end), which spares AdamW 3M untouched values per step.
     """
     torch.manual_seed(seed)
     model = CLIP(**{**TINY_CONFIG, "transformer_heads": 1})  # OpenAI's initialisation
     rng = np.random.default_rng(seed)
     n = len(NAMES)
-    text = tokenize([caption.format(name) for caption in CAPTIONS for name in NAMES])  # [20, 77]: rendering-major
+    # [20, 77]: rendering-major
+    text = tokenize([caption.format(name) for caption in CAPTIONS for name in NAMES])
     used = torch.unique(text)
     row = torch.zeros(model.token_embedding.num_embeddings, dtype=torch.long)
     row[used] = torch.arange(len(used))
     words = torch.nn.Parameter(model.token_embedding.weight.detach()[used].clone())
     model.token_embedding.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [words], lr=lr, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + [words],
+                                  lr=lr, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                                   pct_start=0.1)
     model.train()
     for _ in range(steps):
         labels, rendering = rng.integers(0, n, batch), rng.integers(0, 2, batch)
@@ -144,23 +154,27 @@ def world(tmp_path_factory):
     torch.save(model.state_dict(), tmp / "clip.pt")
     return SimpleNamespace(tmp=tmp, model=str(tmp / "clip.pt"),
                            dark=write_world(str(tmp / "dark"), DARK, seed=SEED + 1),
-                           bright=write_world(str(tmp / "bright"), BRIGHT, seed=SEED + 2), zeroshot={})
+                           bright=write_world(str(tmp / "bright"), BRIGHT, seed=SEED + 2),
+                           zeroshot={})
 
 
 def zeroshot(world, dataset, subsample):
-    """eval.py --method zeroshot, once per (data set, subsample): eval.py never overwrites a result."""
+    """eval.py --method zeroshot, once per (data set, subsample): eval.py
+    never overwrites a result."""
     name = dataset.rsplit("/", 1)[-1]
     if (name, subsample) not in world.zeroshot:
-        result = eval_py.main(["--method", "zeroshot", "--dataset", dataset, "--model", world.model, "--subsample",
-                               subsample, "--workers", "0", "--out", str(world.tmp / f"zeroshot_{name}_{subsample}.json")])
+        result = eval_py.main(["--method", "zeroshot", "--dataset", dataset, "--model", world.model,
+                               "--subsample", subsample, "--workers", "0", "--out",
+                               str(world.tmp / f"zeroshot_{name}_{subsample}.json")])
         world.zeroshot[name, subsample] = result["accuracy"]
     return world.zeroshot[name, subsample]
 
 
-# -- the tests ---------------------------------------------------------------------------------------------
+# -- the tests -------------------------------------------------------------------------------------
 
 def test_pretraining_learned_the_world(world):
-    """With the captions it was trained on (bright images, "a photo of a {}.") CLIP is near perfect."""
+    """With the captions it was trained on (bright images, "a photo of a
+    {}.") CLIP is near perfect."""
     assert zeroshot(world, world.bright, "all") >= 95
 
 
@@ -175,9 +189,12 @@ def test_zeroshot_above_chance_but_not_perfect(world):
 @pytest.mark.parametrize("method", prompts.METHODS)
 def test_prompt_learning_beats_zeroshot(world, method):
     base_zeroshot = zeroshot(world, world.dark, "base")
-    settings = tiny_flags(method, 10)  # the tiny CLIP's sizes, 10 epochs; every method's own learning rate
-    metrics = train.main(["--method", method, "--dataset", world.dark, "--model", world.model, "--shots", "16",
-                          "--batch_size", "16", "--workers", "0", "--out", str(world.tmp / method), *settings])
-    print(f"{method}: base {metrics['base_acc']:.1f} % (zero-shot {base_zeroshot:.1f} %), novel {metrics['novel_acc']:.1f} %")
+    # the tiny CLIP's sizes, 10 epochs; every method's own learning rate
+    settings = tiny_flags(method, 10)
+    metrics = train.main(["--method", method, "--dataset", world.dark, "--model", world.model,
+                          "--shots", "16", "--batch_size", "16", "--workers", "0", "--out",
+                          str(world.tmp / method), *settings])
+    print(f"{method}: base {metrics['base_acc']:.1f} % (zero-shot {base_zeroshot:.1f} %), novel "
+          f"{metrics['novel_acc']:.1f} %")
     assert math.isfinite(metrics["base_acc"])
     assert metrics["base_acc"] >= base_zeroshot + MARGIN

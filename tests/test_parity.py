@@ -17,14 +17,16 @@ SOT, EOT = 49406, 49407
 
 def hf_clip(embed_dim, image_size, patch, v_width, v_layers, t_width, t_layers, seed=0):
     cfg = transformers.CLIPConfig(
-        text_config=dict(hidden_size=t_width, intermediate_size=4 * t_width, num_hidden_layers=t_layers,
-                         num_attention_heads=t_width // 64, max_position_embeddings=77, vocab_size=49408,
-                         hidden_act="quick_gelu", bos_token_id=SOT, eos_token_id=EOT, pad_token_id=0),
-        vision_config=dict(hidden_size=v_width, intermediate_size=4 * v_width, num_hidden_layers=v_layers,
-                           num_attention_heads=v_width // 64, image_size=image_size, patch_size=patch,
-                           hidden_act="quick_gelu"),
+        text_config=dict(hidden_size=t_width, intermediate_size=4 * t_width,
+                         num_hidden_layers=t_layers, num_attention_heads=t_width // 64,
+                         max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
+                         bos_token_id=SOT, eos_token_id=EOT, pad_token_id=0),
+        vision_config=dict(hidden_size=v_width, intermediate_size=4 * v_width,
+                           num_hidden_layers=v_layers, num_attention_heads=v_width // 64,
+                           image_size=image_size, patch_size=patch, hidden_act="quick_gelu"),
         projection_dim=embed_dim)
-    cfg._attn_implementation = "eager"  # the plain softmax(QK^T)V path, not the fused kernel clip/ uses
+    # the plain softmax(QK^T)V path, not the fused kernel clip/ uses
+    cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.CLIPModel(cfg).eval()
     with torch.no_grad():
@@ -57,12 +59,16 @@ def to_openai(hf):
         "visual.proj": sd["visual_projection.weight"].t(),
         "logit_scale": sd["logit_scale"],
     }
-    for hf_tower, ours, n_layers in (("text_model", "transformer", hf.config.text_config.num_hidden_layers),
-                                     ("vision_model", "visual.transformer", hf.config.vision_config.num_hidden_layers)):
+    for hf_tower, ours, n_layers in (("text_model", "transformer",
+                                      hf.config.text_config.num_hidden_layers),
+                                     ("vision_model", "visual.transformer",
+                                      hf.config.vision_config.num_hidden_layers)):
         for i in range(n_layers):
             h, o = f"{hf_tower}.encoder.layers.{i}.", f"{ours}.resblocks.{i}."
             for kind in ("weight", "bias"):
-                out[o + f"attn.in_proj_{kind}"] = torch.cat([sd[h + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+                out[o + f"attn.in_proj_{kind}"] = torch.cat(
+                    [sd[h + f"self_attn.{x}_proj.{kind}"] for x in "qkv"]
+                )
                 out[o + f"attn.out_proj.{kind}"] = sd[h + f"self_attn.out_proj.{kind}"]
                 out[o + f"ln_1.{kind}"] = sd[h + f"layer_norm1.{kind}"]
                 out[o + f"ln_2.{kind}"] = sd[h + f"layer_norm2.{kind}"]
@@ -77,7 +83,11 @@ def random_text(n, seed=0):
     text = torch.zeros(n, 77, dtype=torch.int)
     for i in range(n):
         length = [3, 10, 75, 20, 7][i % 5]
-        text[i, 0], text[i, 1:length + 1], text[i, length + 1] = SOT, torch.randint(1, 49000, (length,), generator=g), EOT
+        text[i, 0], text[i, 1 : length + 1], text[i, length + 1] = (
+            SOT,
+            torch.randint(1, 49000, (length,), generator=g),
+            EOT,
+        )
     return text
 
 
@@ -86,8 +96,10 @@ def rel_err(a, b):
 
 
 CONFIGS = {
-    "tiny": dict(embed_dim=64, image_size=32, patch=8, v_width=64, v_layers=2, t_width=64, t_layers=2),
-    "ViT-B/16": dict(embed_dim=512, image_size=224, patch=16, v_width=768, v_layers=12, t_width=512, t_layers=12),
+    "tiny": dict(embed_dim=64, image_size=32, patch=8, v_width=64, v_layers=2, t_width=64,
+                 t_layers=2),
+    "ViT-B/16": dict(embed_dim=512, image_size=224, patch=16, v_width=768, v_layers=12, t_width=512,
+                     t_layers=12),
 }
 
 
@@ -101,7 +113,8 @@ def test_features_and_logits_match_huggingface(name):
     cfg = CONFIGS[name]
     hf = hf_clip(**cfg)
     ours = build_model(to_openai(hf))  # load_state_dict(strict=True) inside
-    images = torch.randn(3, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
+    images = torch.randn(3, 3, cfg["image_size"], cfg["image_size"],
+                         generator=torch.Generator().manual_seed(1))
     text = random_text(5)
     with torch.no_grad():
         ref_img = pooled(hf.get_image_features(pixel_values=images))
@@ -118,12 +131,14 @@ def test_text_cut_is_exact():
 
     Under the causal mask no kept token attends to a cut position, so the cut is exact in exact
     arithmetic. In float32 the softmax and attention sums run over n instead of 77 keys, grouped
-    differently, so the last bits may move (docs/performance.md gives the figure bench.py
-    measured; some shapes come out bit-identical). A cut in the wrong place or a leaking mask is off by far more.
+    differently, so the last bits may move (docs/performance.md gives the figure
+    bench.py measured; some shapes come out bit-identical). A cut in the wrong place or
+    a leaking mask is off by far more.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     ours = build_model(to_openai(hf_clip(**CONFIGS["tiny"])))
-    text = random_text(5)[[0, 1, 3, 4]]  # longest prompt 20 tokens: the cut drops 55 of 77 positions
+    # longest prompt 20 tokens: the cut drops 55 of 77 positions
+    text = random_text(5)[[0, 1, 3, 4]]
     for kernel in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
         with torch.no_grad(), sdpa_kernel(kernel):
             cut, full = ours.encode_text(text), full_length_text_features(ours, text)

@@ -1,7 +1,9 @@
-"""A fork's whole job: one file in prompts/ and one registry line. The file is the README's example, as printed.
+"""A fork's whole job: one file in prompts/ and one registry line. The file is the
+README's example, as printed.
 
-The "Adding a method" code block of README.md is written to a module, registered in prompts.METHODS, and must
-then train, save, evaluate with eval.py, show its options in --help and learn only its own tensors.
+The "Adding a method" code block of README.md is written to a module, registered in
+prompts.METHODS, and must then train, save, evaluate with eval.py, show its options in --help and
+learn only its own tensors.
 """
 import importlib.util
 import json
@@ -15,7 +17,11 @@ import eval as eval_py
 import prompts
 import options
 import train
-from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401 (one_thread is a fixture)
+from tests.synthetic import (
+    one_thread,
+    save_tiny_clip,
+    write_folder,
+)  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -44,14 +50,17 @@ def test_readme_method_trains_saves_and_evaluates(vpt, tmp_path):
     model = save_tiny_clip(tmp_path / "tiny.pt")
     folder = write_folder(tmp_path / "images", ["cat", "dog", "fish", "bird"], per_class=6)
     out = tmp_path / "run"
-    metrics = train.main(["--method", "vpt", "--dataset", f"folder:{folder}", "--model", model, "--out", str(out),
-                          "--workers", "0", "--shots", "2", "--batch_size", "2", "--epochs", "2"])
+    metrics = train.main(["--method", "vpt", "--dataset", f"folder:{folder}", "--model", model,
+                          "--out", str(out), "--workers", "0", "--shots", "2", "--batch_size", "2",
+                          "--epochs", "2"])
     assert set(metrics) == {"base_acc", "novel_acc", "hm"}
     ckpt = torch.load(out / "prompt_learner.pt", weights_only=True)
     assert ckpt["method"] == "vpt"
-    assert {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()} == {"vision_prompts": (2, 4, 64)}
-    result = eval_py.main(["--ckpt", str(out / "prompt_learner.pt"), "--dataset", f"folder:{folder}",
-                           "--subsample", "new", "--workers", "0", "--out", str(tmp_path / "eval.json")])
+    assert {k: tuple(v.shape) for k,
+            v in ckpt["state_dict"].items()} == {"vision_prompts": (2, 4, 64)}
+    result = eval_py.main(["--ckpt", str(out / "prompt_learner.pt"), "--dataset",
+                           f"folder:{folder}", "--subsample", "new", "--workers", "0", "--out",
+                           str(tmp_path / "eval.json")])
     assert result["accuracy"] == metrics["novel_acc"]  # the same prompts on the same novel classes
     with open(out / "config.json") as f:
         assert json.load(f)["n_ctx_vision"] == 4

@@ -1,6 +1,7 @@
-"""The work saved where it changes no result: length buckets for the text encoder (prompts.common.encode_by_length)
-and class features computed once while the text side is frozen (PromptedCLIP). Each is checked against the
-full computation: features and gradients equal to float32 rounding (or exactly)."""
+"""The work saved where it changes no result: length buckets for the text encoder
+(prompts.common.encode_by_length) and class features computed once while the text side is frozen
+(PromptedCLIP). Each is checked against the full computation: features and gradients equal to
+float32 rounding (or exactly)."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -18,8 +19,8 @@ from tests.tiny import tiny_clip
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 3 to 12 tokens between start and end of text, in no order of length
-CLASSNAMES = ["sea lion", "cat", "golden retriever", "cat", "chocolate cake with cream cheese frosting",
-              "airport terminal", "x"]
+CLASSNAMES = ["sea lion", "cat", "golden retriever", "cat",
+              "chocolate cake with cream cheese frosting", "airport terminal", "x"]
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +57,18 @@ def test_buckets_do_each_prompts_own_work(clip3):
         return counter.get_total_flops()
     alone = sum(flops(lambda: clip3.encode_text(t[None])) for t in text)
     assert flops(lambda: encode_by_length(clip3, text)) == alone
-    assert flops(lambda: clip3.encode_text(text)) > 1.4 * alone  # the batch cut pads all to the longest
+    # the batch cut pads all to the longest
+    assert flops(lambda: clip3.encode_text(text)) > 1.4 * alone
 
 
 def test_buckets_equal_the_full_77_tokens_in_training_with_deep_prompts(clip3):
-    """APLe's text side in its joint stage: learnable context at the input and deep prompts in layers 1-2.
-    Features and the gradients of both equal those of the full 77-token forward to float32 rounding."""
+    """APLe's text side in its joint stage: learnable context at the input and deep prompts
+    in layers 1-2. Features and the gradients of both equal those of the full 77-token
+    forward to float32 rounding."""
     model = aple(clip3)
     model.set_stage("joint")
-    weights = torch.randn(len(CLASSNAMES), clip3.text_projection.shape[1], generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(len(CLASSNAMES), clip3.text_projection.shape[1],
+                          generator=torch.Generator().manual_seed(0))
     learner = model.prompt_learner
 
     def features_and_grads(full):
@@ -86,7 +90,8 @@ def test_buckets_equal_the_full_77_tokens_in_training_with_deep_prompts(clip3):
 
 
 def test_buckets_carry_per_prompt_deep_prompts(clip3):
-    """Deep prompts of shape [B, n, width] (one set per prompt) go into the bucket with their prompt."""
+    """Deep prompts of shape [B, n, width] (one set per prompt) go into the
+    bucket with their prompt."""
     text = tokenize([f"a photo of a {name}." for name in CLASSNAMES])
     g = torch.Generator().manual_seed(2)
     deep = {1: torch.randn(len(text), 2, clip3.transformer.width, generator=g),
@@ -104,7 +109,8 @@ def count_calls(model, name):
 
 
 def sgd_steps(model, steps=2, clear=False):
-    """`steps` SGD steps of model.loss on fixed batches; clear=True drops the cached class features each step."""
+    """`steps` SGD steps of model.loss on fixed batches; clear=True drops the cached
+    class features each step."""
     g = torch.Generator().manual_seed(3)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
@@ -112,7 +118,8 @@ def sgd_steps(model, steps=2, clear=False):
     for _ in range(steps):
         if clear:
             model.train()
-        images, labels = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, len(CLASSNAMES), (4,), generator=g)
+        images, labels = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, len(CLASSNAMES),
+                                                                               (4,), generator=g)
         loss = model.loss(images, labels)
         optimizer.zero_grad()
         loss.backward()
@@ -122,9 +129,10 @@ def sgd_steps(model, steps=2, clear=False):
 
 
 def test_frozen_text_side_is_computed_once_per_stage(clip3):
-    """APLe's vision stage learns no text parameter: its class features are computed at the first step and
-    reused, with the same losses and learned prompts as recomputing them every step. The joint stage
-    learns the text side again and recomputes it every step; evaluation always recomputes."""
+    """APLe's vision stage learns no text parameter: its class features are computed at the
+    first step and reused, with the same losses and learned prompts as recomputing them
+    every step. The joint stage learns the text side again and recomputes it every step;
+    evaluation always recomputes."""
     models = []
     for clear in (False, True):
         torch.manual_seed(0)
@@ -142,7 +150,8 @@ def test_frozen_text_side_is_computed_once_per_stage(clip3):
     assert torch.equal(cached.cached_text_features(), fresh.text_features())
 
     calls = count_calls(cached, "text_features")
-    cached.set_stage("joint")  # the text side learns again: its features need a gradient at every step
+    # the text side learns again: its features need a gradient at every step
+    cached.set_stage("joint")
     sgd_steps(cached, steps=2)
     assert len(calls) == 2 and cached.cached_text_features().requires_grad
     cached.eval()
@@ -175,7 +184,8 @@ def all_rows_text(clip_model, text, deep_prompts):
     """encode_text with every row of the last block computed, then the end-of-text row read off."""
     eot, n = text.argmax(-1), int(text.argmax(-1).max()) + 1
     x = clip_model.token_embedding(text[:, :n]) + clip_model.positional_embedding[:n]
-    x = clip_model.transformer.forward_nld(x, deep_prompts, prompt_start=1)  # [B, n, width]: no keep
+    # [B, n, width]: no keep
+    x = clip_model.transformer.forward_nld(x, deep_prompts, prompt_start=1)
     return clip_model.ln_final(x[torch.arange(len(x)), eot]) @ clip_model.text_projection
 
 
@@ -186,51 +196,66 @@ def all_rows_image(clip_model, images, deep_prompts):
     x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], dim=1) + v.positional_embedding
     deep_prompts = dict(deep_prompts)
     if 0 in deep_prompts:
-        x = torch.cat([x, deep_prompts.pop(0).expand(len(x), -1, -1)], dim=1)  # layer 0's prompts, appended
-    x = v.transformer.forward_nld(v.ln_pre(x), deep_prompts, prompt_start=v.positional_embedding.shape[0])
+        # layer 0's prompts, appended
+        x = torch.cat([x, deep_prompts.pop(0).expand(len(x), -1, -1)], dim=1)
+    x = v.transformer.forward_nld(v.ln_pre(x), deep_prompts,
+                                  prompt_start=v.positional_embedding.shape[0])
     return v.ln_post(x[:, 0]) @ v.proj
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_last_block_computes_only_the_rows_read(clip3, checkpointing):
-    """The last block of each encoder computes only the end-of-text (text) and CLS (image) rows: features
-    and the gradients of deep prompts in every layer, the last one included, equal those of the block run
-    on every row, to float32 rounding; and the FLOPs drop by exactly the other rows' share of that block."""
+    """The last block of each encoder computes only the end-of-text (text) and CLS (image) rows:
+    features and the gradients of deep prompts in every layer, the last one included, equal those
+    of the block run on every row, to float32 rounding; and the FLOPs drop by exactly the other
+    rows' share of that block."""
     g = torch.Generator().manual_seed(0)
     text = tokenize([f"a photo of a {name}." for name in CLASSNAMES])
     images = torch.randn(3, 3, 32, 32, generator=g)
-    text_prompts = torch.randn(3, 2, clip3.ln_final.weight.shape[0], generator=g).mul_(0.02).requires_grad_()
-    vision_prompts = torch.randn(3, 2, clip3.visual.conv1.out_channels, generator=g).mul_(0.02).requires_grad_()
+    text_prompts = torch.randn(3, 2, clip3.ln_final.weight.shape[0],
+                               generator=g).mul_(0.02).requires_grad_()
+    vision_prompts = torch.randn(3, 2, clip3.visual.conv1.out_channels,
+                                 generator=g).mul_(0.02).requires_grad_()
     for transformer in (clip3.transformer, clip3.visual.transformer):
         transformer.grad_checkpointing = checkpointing
 
     def features_and_grads(keep):
         text_prompts.grad = vision_prompts.grad = None
-        deep_text, deep_vision = layer_dict(text_prompts[1:], 1), layer_dict(vision_prompts, 0)  # text: layers 1, 2
+        # text: layers 1, 2
+        deep_text, deep_vision = layer_dict(text_prompts[1:], 1), layer_dict(vision_prompts, 0)
         if keep:
-            features = (clip3.encode_text(text, deep_prompts=deep_text), clip3.encode_image(images, deep_vision))
+            features = (clip3.encode_text(text, deep_prompts=deep_text),
+                        clip3.encode_image(images, deep_vision))
         else:
-            features = (all_rows_text(clip3, text, deep_text), all_rows_image(clip3, images, deep_vision))
+            features = (all_rows_text(clip3, text, deep_text),
+                        all_rows_image(clip3, images, deep_vision))
         sum(f.square().sum() for f in features).backward()
         return features, (text_prompts.grad.clone(), vision_prompts.grad.clone())
 
     try:
-        (kept, kept_grads), (every, every_grads) = features_and_grads(True), features_and_grads(False)
+        (kept, kept_grads), (every,
+                             every_grads) = features_and_grads(True), features_and_grads(False)
     finally:
         for transformer in (clip3.transformer, clip3.visual.transformer):
             transformer.grad_checkpointing = False
     for a, b in zip(kept, every):
         assert rel_err(a.detach(), b.detach()) < 1e-6
     for a, b in zip(kept_grads, every_grads):
-        assert b[-1].abs().sum() > 0  # the last layer's prompts reach the kept row through its keys and values
+        # the last layer's prompts reach the kept row through its keys and values
+        assert b[-1].abs().sum() > 0
         assert (a - b).norm() / b.norm() < 1e-5
 
     flops = []
     for encode in (clip3.encode_image, lambda x: all_rows_image(clip3, x, {})):
-        # the plain attention kernel: its matmuls are counted (the CPU's fused one is not counted at all)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        # the plain attention kernel: its matmuls are counted (the CPU's fused
+        # one is not counted at all)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(
+            display=False
+        ) as counter:
             encode(images)
         flops.append(counter.get_total_flops())
-    T, w = clip3.visual.positional_embedding.shape[0], clip3.visual.conv1.out_channels  # tokens, width
-    # per other row: q, out_proj and the MLP (1 + 1 + 8 width^2) and its attention scores and sum (2 T width)
+    # tokens, width
+    T, w = clip3.visual.positional_embedding.shape[0], clip3.visual.conv1.out_channels
+    # per other row: q, out_proj and the MLP (1 + 1 + 8 width^2) and its attention
+    # scores and sum (2 T width)
     assert flops[1] - flops[0] == len(images) * (T - 1) * 2 * (10 * w * w + 2 * T * w)

@@ -1,4 +1,5 @@
-"""eval.py --summary's side-by-side table: one row per method, the papers' order, HM from the seed means."""
+"""eval.py --summary's side-by-side table: one row per method, the papers' order,
+HM from the seed means."""
 import json
 import os
 
@@ -22,8 +23,10 @@ def test_side_by_side(tmp_path):
     text = eval_py.summary([str(tmp_path)])
     table = text[text.index("side by side"):].splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| method")]
-    assert rows[0] == "| zeroshot | 1 | 40.00 | 50.00 | 44.44 |"  # zero-shot first, whatever the folder order
-    assert rows[1] == "| pmpo | 2 | 85.00 ± 7.07 | 65.00 ± 7.07 | 73.67 |"  # HM of the means: 2*85*65/150
+    # zero-shot first, whatever the folder order
+    assert rows[0] == "| zeroshot | 1 | 40.00 | 50.00 | 44.44 |"
+    # HM of the means: 2*85*65/150
+    assert rows[1] == "| pmpo | 2 | 85.00 ± 7.07 | 65.00 ± 7.07 | 73.67 |"
 
 
 def test_no_side_by_side_for_one_method(tmp_path):
@@ -32,7 +35,8 @@ def test_no_side_by_side_for_one_method(tmp_path):
 
 
 def test_a_seed_run_twice_with_the_same_settings_counts_once(tmp_path):
-    """The quick start's run and the benchmark's are one seed: the row counts 2, a note names both."""
+    """The quick start's run and the benchmark's are one seed: the row
+    counts 2, a note names both."""
     fake_run(tmp_path / "quick", "pmpo", 1, 90.0, 60.0)
     fake_run(tmp_path / "bench", "pmpo", 1, 90.0, 60.0)
     fake_run(tmp_path / "bench", "pmpo", 2, 80.0, 70.0)

@@ -1,6 +1,6 @@
-"""No host sync inside a training step: on a GPU each one drains the launch queue (bench.HostSyncs says which
-ops). Counted on the CPU, where the same ops are dispatched: every registered method's step, and train.py's
-loop over a whole toy run."""
+"""No host sync inside a training step: on a GPU each one drains the launch queue (bench.HostSyncs
+says which ops). Counted on the CPU, where the same ops are dispatched: every registered method's
+step, and train.py's loop over a whole toy run."""
 import types
 
 import pytest
@@ -16,7 +16,8 @@ from tests.synthetic import one_thread  # noqa: F401 (a fixture)
 from tests.tiny import tiny_clip, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CLASSNAMES = ["cat", "dog", "sea lion", "hot air balloon", "a"]  # several prompt lengths: several buckets
+# several prompt lengths: several buckets
+CLASSNAMES = ["cat", "dog", "sea lion", "hot air balloon", "a"]
 
 
 def test_the_counter_sees_a_read_back():
@@ -28,10 +29,11 @@ def test_the_counter_sees_a_read_back():
 
 @pytest.mark.parametrize("method", list(prompts.METHODS))
 def test_a_train_step_reads_nothing_back(method):
-    """Batch 4 in the method's last stage (everything it defines learns), after one warm-up step (what a method
-    makes once, e.g. PromptSRC's teacher features, may read back then)."""
+    """Batch 4 in the method's last stage (everything it defines learns), after one warm-up step
+    (what a method makes once, e.g. PromptSRC's teacher features, may read back then)."""
     clip_model = tiny_clip().requires_grad_(False)
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method), "method": method}
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
+           "method": method}
     model = prompts.build(method, clip_model, CLASSNAMES, "a photo of a {}.", cfg)
     model.set_stage(model.stages(cfg)[-1][0])
     model.train()
@@ -48,8 +50,9 @@ def test_a_train_step_reads_nothing_back(method):
 
 
 def test_the_training_loop_reads_back_once_an_epoch(tmp_path, monkeypatch, capsys):
-    """A toy run of PMPO (12 steps an epoch): at most 0.1 read-backs per step, data loading and evaluation
-    excluded (the crops' random draws are CPU numbers; evaluation reads its count back once)."""
+    """A toy run of PMPO (12 steps an epoch): at most 0.1 read-backs per step, data
+    loading and evaluation excluded (the crops' random draws are CPU numbers; evaluation
+    reads its count back once)."""
     monkeypatch.setenv("CLIP_CACHE", str(tmp_path / "cache"))
     steps, syncs, counting = [], HostSyncs(), []  # counting: non-empty while train() counts
     loading = ((torch.utils.data.DataLoader, "__iter__"), (_BaseDataLoaderIter, "__next__"))

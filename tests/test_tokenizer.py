@@ -1,8 +1,8 @@
 """Tests for clip/tokenizer.py.
 
-The reference is open_clip's copy of OpenAI's tokenizer (open_clip_torch==3.3.0, installed by .ci/run with
---no-deps). `import open_clip` would pull in torchvision, so its tokenizer.py and zero_shot_metadata.py are
-loaded as single files; neither has relative imports.
+The reference is open_clip's copy of OpenAI's tokenizer (open_clip_torch==3.3.0, installed by
+.ci/run with --no-deps). `import open_clip` would pull in torchvision, so its tokenizer.py and
+zero_shot_metadata.py are loaded as single files; neither has relative imports.
 
 Class names of the ten non-ImageNet benchmarks are in data/benchmark_classnames.json, taken from the
 prompt lists OpenAI published with CLIP (data/prompts.md). ImageNet's come from open_clip.
@@ -19,7 +19,14 @@ import pytest
 import regex
 import torch
 
-from clip.tokenizer import VOCAB_PATH, SimpleTokenizer, bytes_to_unicode, clean_text, default_tokenizer, tokenize
+from clip.tokenizer import (
+    VOCAB_PATH,
+    SimpleTokenizer,
+    bytes_to_unicode,
+    clean_text,
+    default_tokenizer,
+    tokenize,
+)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "benchmark_classnames.json")
 EXPECTED_CLASS_COUNTS = {
@@ -43,28 +50,32 @@ TEMPLATES = {
 
 EDGE_CASES = [
     # accents and other scripts
-    "café crème brûlée", "Ångström naïve façade Ærøskøbing", "Straße ß ẞ", "İstanbul ǅ Ǉ", "Ελληνικά λέξεις",
-    "русский текст", "日本語のテキスト", "中文 汉字 測試", "한국어 문장", "العربية نص عربي", "עברית", "हिन्दी", "ภาษาไทย",
+    "café crème brûlée", "Ångström naïve façade Ærøskøbing", "Straße ß ẞ", "İstanbul ǅ Ǉ",
+    "Ελληνικά λέξεις", "русский текст", "日本語のテキスト", "中文 汉字 測試", "한국어 문장", "العربية نص عربي",
+    "עברית", "हिन्दी", "ภาษาไทย",
     # emoji, ZWJ sequences, skin tones, flags, variation selectors
     "I ❤️ NY", "🐶🐱 pets", "👨‍👩‍👧‍👦 family", "🏳️‍🌈 flag", "👍🏽 thumbs up", "🇯🇵🇫🇷", "a 😀 dog", "🧑🏿‍🚀",
     # what ftfy repairs or normalises
-    "Ã©tÃ© cafÃ©", "donâ€™t", "SchrÃ¶dinger", "e\u0301te\u0301 cafe\u0301", "ﬁne ﬂour", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ",
-    "“curly” ‘quotes’", "\ud83d\ude00 surrogate pair", "lone \ud800 surrogate",
+    "Ã©tÃ© cafÃ©", "donâ€™t", "SchrÃ¶dinger", "e\u0301te\u0301 cafe\u0301", "ﬁne ﬂour",
+    "ｆｕｌｌｗｉｄｔｈ ＡＢＣ", "“curly” ‘quotes’", "\ud83d\ude00 surrogate pair", "lone \ud800 surrogate",
     # HTML entities, unescaped twice after ftfy
-    "&amp;", "&lt;b&gt;", "&#39;", "it&#39;s", "&amp;amp;", "&amp;lt;b&amp;gt;", "fish &amp; chips", "&nbsp;nbsp",
-    "&copy; 2024", "&#x1F600;", "a &unknown; entity", "&", "a&b", "<b>bold</b> &amp; more", "&#133;", "&#28;x",
+    "&amp;", "&lt;b&gt;", "&#39;", "it&#39;s", "&amp;amp;", "&amp;lt;b&amp;gt;", "fish &amp; chips",
+    "&nbsp;nbsp", "&copy; 2024", "&#x1F600;", "a &unknown; entity", "&", "a&b",
+    "<b>bold</b> &amp; more", "&#133;", "&#28;x",
     # digits: one token each
-    "3.14 apples", "2023-10-05", "1,000,000", "007 agent", "½ cup", "Ⅻ roman", "٣ arabic digit", "x²³",
-    "12345678901234567890",
+    "3.14 apples", "2023-10-05", "1,000,000", "007 agent", "½ cup", "Ⅻ roman", "٣ arabic digit",
+    "x²³", "12345678901234567890",
     # apostrophes and contractions
-    "it's", "they'll", "O'Neil", "we're", "I've", "I'm", "he'd", "don't", "IT'S LOUD", "rock 'n' roll", "'s", "it’s",
-    "it'ſ", "'''", "'twas",
+    "it's", "they'll", "O'Neil", "we're", "I've", "I'm", "he'd", "don't", "IT'S LOUD",
+    "rock 'n' roll", "'s", "it’s", "it'ſ", "'''", "'twas",
     # whitespace
-    "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "non\u00a0breaking\u2009thin\u3000ideographic",
-    "zero\u200bwidth", "\u2028line separator", "", "   ", "\x0bvertical tab", "\x1cfile separator", "a\x85b",
+    "  leading and trailing  ", "tabs\tand\nnewlines\r\n",
+    "non\u00a0breaking\u2009thin\u3000ideographic", "zero\u200bwidth", "\u2028line separator", "",
+    "   ", "\x0bvertical tab", "\x1cfile separator", "a\x85b",
     # punctuation and symbols
-    "!", "!!!", "...", "C++ & C#", "e-mail@example.com", "https://example.com/a?b=c", "$100 €50 £20 ¥1000",
-    "#hashtag @mention", "(round) [square] {curly}", "snake_case camelCase", "a/b\\c", "~`^|<>", "°C ±5%",
+    "!", "!!!", "...", "C++ & C#", "e-mail@example.com", "https://example.com/a?b=c",
+    "$100 €50 £20 ¥1000", "#hashtag @mention", "(round) [square] {curly}", "snake_case camelCase",
+    "a/b\\c", "~`^|<>", "°C ±5%",
     # control characters and terminal escapes
     "bell\x07char", "null\x00byte", "\x1b[31mred\x1b[0m",
     # case and long words
@@ -114,8 +125,9 @@ def classnames(imagenet):
 def fuzz_strings(n=300, seed=0):
     """Random mixes of ASCII, whitespace, accents, CJK, emoji, entities and apostrophes."""
     rng = random.Random(seed)
-    pieces = list("abcXYZ019 .,!?'&;#-_/") + ["é", "ß", "日", "本", "😀", "\u200d", "❤️", "\t", "\n", "\u00a0",
-                                              "&amp;", "&#39;", "'s", "'ll", "Ã©", "ﬁ", "Ⅻ", "٣", "  "]
+    pieces = list("abcXYZ019 .,!?'&;#-_/") + ["é", "ß", "日", "本", "😀", "\u200d", "❤️", "\t", "\n",
+                                              "\u00a0", "&amp;", "&#39;", "'s", "'ll", "Ã©", "ﬁ",
+                                              "Ⅻ", "٣", "  "]
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
@@ -125,9 +137,11 @@ def corpus(classnames, imagenet):
     groups = {}
     for dataset, names in classnames.items():
         groups[dataset] = names + [TEMPLATES[dataset].format(name) for name in names]
-    templates = imagenet.OPENAI_IMAGENET_TEMPLATES  # 80 functions name -> prompt; use each on 12-13 classes
+    # 80 functions name -> prompt; use each on 12-13 classes
+    templates = imagenet.OPENAI_IMAGENET_TEMPLATES
     names = classnames["ImageNet"]
-    groups["ImageNet 80 templates"] = [templates[i % len(templates)](name) for i, name in enumerate(names)]
+    groups["ImageNet 80 templates"] = [templates[i % len(templates)](name) for i,
+                                       name in enumerate(names)]
     groups["edge cases"] = EDGE_CASES
     groups["fuzz"] = fuzz_strings()
     groups["over-long"] = OVER_LONG
@@ -138,7 +152,10 @@ def test_vocab_file_is_the_openai_one():
     with open(VOCAB_PATH, "rb") as f:
         data = f.read()
     assert len(data) == 1_356_917
-    assert hashlib.sha256(data).hexdigest() == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    assert (
+        hashlib.sha256(data).hexdigest()
+        == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    )
 
 
 def test_vocabulary_layout():
@@ -146,7 +163,8 @@ def test_vocabulary_layout():
     byte_to_char = bytes_to_unicode()
     assert len(set(byte_to_char.values())) == 256 and byte_to_char[ord(" ")] == "Ġ"
     assert len(tokenizer.encoder) == len(tokenizer.decoder) == 49408
-    assert tokenizer.decoder[0] == "!" and tokenizer.decoder[256] == "!</w>"  # pad id 0 is a real token
+    # pad id 0 is a real token
+    assert tokenizer.decoder[0] == "!" and tokenizer.decoder[256] == "!</w>"
     assert (tokenizer.sot_token, tokenizer.eot_token) == (49406, 49407)
     assert tokenizer.decoder[49405] == "jekyll</w>"  # the last merge CLIP uses ("jeky ll</w>")
 
@@ -175,7 +193,8 @@ def test_documented_encode(text, ids):
 
 
 def test_special_tokens_typed_in_text_stay_special():
-    # OpenAI's pre-tokenizer keeps "<|endoftext|>" whole; open_clip spells its specials differently, so
+    # OpenAI's pre-tokenizer keeps "<|endoftext|>" whole; open_clip spells
+    # its specials differently, so
     # these strings are left out of the comparison with it.
     tokenizer = default_tokenizer()
     assert tokenizer.encode("<|startoftext|>a dog<|ENDOFTEXT|>") == [49406, 320, 1929, 49407]
@@ -183,16 +202,21 @@ def test_special_tokens_typed_in_text_stay_special():
 
 
 def test_corpus_covers_all_benchmarks(classnames, corpus):
-    assert {dataset: len(names) for dataset, names in classnames.items()} == {"ImageNet": 1000, **EXPECTED_CLASS_COUNTS}
+    assert {dataset: len(names) for dataset, names in classnames.items()} == {
+        "ImageNet": 1000,
+        **EXPECTED_CLASS_COUNTS,
+    }
     assert set(TEMPLATES) == set(classnames)
     assert sum(len(texts) for texts in corpus.values()) >= 500
 
 
-@pytest.mark.parametrize("group", [*TEMPLATES, "ImageNet 80 templates", "edge cases", "fuzz", "over-long"])
+@pytest.mark.parametrize("group",
+                         [*TEMPLATES, "ImageNet 80 templates", "edge cases", "fuzz", "over-long"])
 def test_same_ids_as_reference(group, corpus, reference):
     texts = corpus[group]
     ours = default_tokenizer()
-    mismatches = [(t, ours.encode(t), reference.encode(t)) for t in texts if ours.encode(t) != reference.encode(t)]
+    mismatches = [(t, ours.encode(t),
+                   reference.encode(t)) for t in texts if ours.encode(t) != reference.encode(t)]
     assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:3]}"
     # The padded tensors too; open_clip truncates over-long texts, as truncate=True does.
     assert torch.equal(tokenize(texts, truncate=True).long(), reference(texts))
@@ -238,8 +262,8 @@ def test_tokenize_accepts_str_list_and_empty():
 
 
 @pytest.mark.parametrize("text", [
-    "a photo of a cat", "the quick brown fox jumps over the lazy dog", "kaiyangzhou", "great white shark",
-    "supercalifragilisticexpialidocious", "café 日本語",
+    "a photo of a cat", "the quick brown fox jumps over the lazy dog", "kaiyangzhou",
+    "great white shark", "supercalifragilisticexpialidocious", "café 日本語",
 ])
 def test_decode_round_trip(text):
     tokenizer = default_tokenizer()
@@ -259,13 +283,16 @@ def test_separate_instances_agree():
 
 
 def long_words(seed=0):
-    """Single words of 1,000 to 2,000 characters: repeated letters, random letters (the slow case of a
-    rescanning BPE), glued common words, CJK, accented letters and emoji (multi-byte characters)."""
+    """Single words of 1,000 to 2,000 characters: repeated letters, random letters (the slow
+    case of a rescanning BPE), glued common words, CJK, accented letters and emoji
+    (multi-byte characters)."""
     rng = random.Random(seed)
     pieces = ["photo", "cat", "dog", "the", "ing", "tion", "kaiyang", "zhou"]
-    return ["a" * 2000, "ab" * 1000, "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1500)),
-            "".join(rng.choice(pieces) for _ in range(300)), "".join(rng.choice("日本語中文漢字測試") for _ in range(1000)),
-            "é" * 1500, "😂" * 400, "".join(rng.choice("aeiouxyz") for _ in range(1500))]
+    return ["a" * 2000, "ab" * 1000,
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1500)),
+            "".join(rng.choice(pieces) for _ in range(300)),
+            "".join(rng.choice("日本語中文漢字測試") for _ in range(1000)), "é" * 1500, "😂" * 400,
+            "".join(rng.choice("aeiouxyz") for _ in range(1500))]
 
 
 def test_long_words_same_ids_as_reference(reference):
@@ -275,29 +302,39 @@ def test_long_words_same_ids_as_reference(reference):
 
 
 def test_a_32000_letter_word_is_tokenized(reference):
-    """BPE runs in O(n log n) on a word, and only the words needed for the first 77 tokens are encoded.
-    The reference rescans all pairs every round, so here it only sees the repeated letter (few rounds)."""
+    """BPE runs in O(n log n) on a word, and only the words needed for the first 77 tokens
+    are encoded. The reference rescans all pairs every round, so here it only sees the
+    repeated letter (few rounds)."""
     word = "a" * 32000
-    assert torch.equal(tokenize([word, "a dog " + word], truncate=True).long(), reference([word, "a dog " + word]))
+    assert torch.equal(tokenize([word, "a dog " + word], truncate=True).long(),
+                       reference([word, "a dog " + word]))
     rng = random.Random(1)
     letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(32000))
     tokens = tokenize(letters, truncate=True)
-    assert tokens[0, -1] == 49407 and tokens[0, :76].tolist() == [49406] + default_tokenizer().encode(letters)[:75]
-    with pytest.raises(RuntimeError, match=r"\.\.\. \(32000 characters\) is too long for context length 77"):
+    assert (
+        tokens[0, -1] == 49407
+        and tokens[0, :76].tolist() == [49406] + default_tokenizer().encode(letters)[:75]
+    )
+    with pytest.raises(RuntimeError,
+                       match=r"\.\.\. \(32000 characters\) is too long for context length 77"):
         tokenize(letters)
 
 
 @pytest.mark.parametrize("limit", [0, 1, 2, 5, 75, 76])
 def test_encode_with_limit_is_the_head_of_encode(limit, corpus):
     tokenizer = SimpleTokenizer()  # an empty cache: the limit must not store partial chunks
-    texts = corpus["over-long"] + corpus["edge cases"] + long_words(seed=2)[:3] + ["word " * 80 + "end"]
+    texts = (
+        corpus["over-long"] + corpus["edge cases"] + long_words(seed=2)[:3] + ["word " * 80 + "end"]
+    )
     for text in texts:
-        assert tokenizer.encode(text, limit=limit) == default_tokenizer().encode(text)[:limit], text[:20]
+        assert tokenizer.encode(text,
+                                limit=limit) == default_tokenizer().encode(text)[:limit], text[:20]
     assert [tokenizer.encode(t) for t in texts] == [default_tokenizer().encode(t) for t in texts]
 
 
 def test_every_merge_uses_tokens_learned_before_it():
-    """What makes the heap BPE replay the reference's rounds: a merge creates only pairs of higher rank."""
+    """What makes the heap BPE replay the reference's rounds: a merge creates
+    only pairs of higher rank."""
     tokenizer = default_tokenizer()
     learned_at = {}  # token -> the first merge that makes it
     for (first, second), rank in sorted(tokenizer.merge_rank.items(), key=lambda item: -item[1]):

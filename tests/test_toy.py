@@ -1,9 +1,11 @@
-"""The built-in toy world: the README's quick-start command, run as written, and the world's promises.
+"""The built-in toy world: the README's quick-start command, run as written,
+and the world's promises.
 
-The quick start runs in a fresh folder with an empty CLIP cache and no $DATA, as on a new machine: it
-reads the shipped toy CLIP and draws the data set itself. The other tests reuse what it drew. No test here depends
-on the CPU's kernels: the shipped file is read, not built, and zero-shot CLIP's accuracies on it are the same
-under AVX-512, AVX2 and scalar kernels (its logits differ in the last bits, never in their argmax here).
+The quick start runs in a fresh folder with an empty CLIP cache and no $DATA, as on a new machine:
+it reads the shipped toy CLIP and draws the data set itself. The other tests reuse what it drew. No
+test here depends on the CPU's kernels: the shipped file is read, not built, and zero-shot CLIP's
+accuracies on it are the same under AVX-512, AVX2 and scalar kernels (its logits differ in the last
+bits, never in their argmax here).
 """
 import json
 import os
@@ -35,8 +37,8 @@ def world(tmp_path_factory):
     cache = tmp_path_factory.mktemp("empty_cache")
     env = {k: v for k, v in os.environ.items() if k not in ("DATA", "CLIP_CACHE")}
     env.update(CLIP_CACHE=str(cache), PYTHONPATH=REPO)
-    done = subprocess.run([sys.executable, os.path.join(REPO, QUICK_START[0]), *QUICK_START[1:]], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, os.path.join(REPO, QUICK_START[0]), *QUICK_START[1:]],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     return SimpleNamespace(cwd=cwd, cache=cache, root=str(cwd / "data_root"), result=done,
                            run=cwd / "runs" / "toy" / "pmpo" / "base2novel" / "shots16_seed1")
 
@@ -44,8 +46,10 @@ def world(tmp_path_factory):
 def zeroshot(root):
     """Zero-shot CLIP on the toy world, as eval.py --benchmark toy computes it."""
     args = SimpleNamespace(device="cpu", precision="fp32")
-    cfg = dict(eval_batch_size=options.TOY.get("eval_batch_size", options.DEFAULTS["eval_batch_size"]), workers=0)
-    return train.zeroshot_metrics(train.load_frozen_clip("toy", "cpu"), train.read_dataset("toy", root), args, cfg)
+    cfg = dict(eval_batch_size=options.TOY.get("eval_batch_size",
+                                               options.DEFAULTS["eval_batch_size"]), workers=0)
+    return train.zeroshot_metrics(train.load_frozen_clip("toy", "cpu"),
+                                  train.read_dataset("toy", root), args, cfg)
 
 
 def readme_table():
@@ -62,11 +66,16 @@ def test_quick_start_runs_as_written(world):
     with open(world.run / "metrics.json") as f:
         metrics = json.load(f)
     assert set(metrics) == {"base_acc", "novel_acc", "hm"}
-    assert f"base_acc {metrics['base_acc']:.2f}  novel_acc {metrics['novel_acc']:.2f}  hm {metrics['hm']:.2f}" in out
+    assert (
+        f"base_acc {metrics['base_acc']:.2f}  novel_acc "
+        f"{metrics['novel_acc']:.2f}  hm {metrics['hm']:.2f}"
+        in out
+    )
     with open(world.run / "config.json") as f:
         config = json.load(f)
     assert config["model"] == "toy" and config["clip_sha256"] == toy.SHIPPED_SHA256
-    assert os.listdir(world.cache) == []  # nothing built or downloaded: the toy CLIP is read from the repository
+    # nothing built or downloaded: the toy CLIP is read from the repository
+    assert os.listdir(world.cache) == []
 
 
 def test_quick_start_prints_its_yardstick_and_folder(world, one_thread):
@@ -74,16 +83,21 @@ def test_quick_start_prints_its_yardstick_and_folder(world, one_thread):
     zs = zeroshot(world.root)
     expected = "  ".join(f"{k} {v:.2f}" for k, v in zs.items())
     assert f"zero-shot CLIP on the same test images: {expected}" in world.result.stdout
-    assert f"run folder: {os.path.join('runs', 'toy', 'pmpo', 'base2novel', 'shots16_seed1')}" in world.result.stdout
+    assert (
+        f"run folder: {os.path.join('runs', 'toy', 'pmpo', 'base2novel', 'shots16_seed1')}"
+        in world.result.stdout
+    )
 
 
 def test_shipped_toy_clip_is_the_pinned_file():
     assert toy.file_sha256(toy.SHIPPED) == toy.SHIPPED_SHA256
-    assert os.path.getsize(toy.SHIPPED) < 4_000_000  # a few MB at most: only the rows pre-training moved
+    # a few MB at most: only the rows pre-training moved
+    assert os.path.getsize(toy.SHIPPED) < 4_000_000
 
 
 def test_load_toy_reads_the_file(one_thread):
-    """clip.load("toy") = the file's tensors, and the filler for every token-embedding row it does not hold."""
+    """clip.load("toy") = the file's tensors, and the filler for every
+    token-embedding row it does not hold."""
     model, _ = clip.load("toy", device="cpu")
     packed = torch.load(toy.SHIPPED, weights_only=True)
     state = model.state_dict()
@@ -97,7 +111,8 @@ def test_load_toy_reads_the_file(one_thread):
     others[ids] = False
     assert torch.equal(weight[others], toy.filler_rows()[others])
     captions = clip.tokenize([c.format(n) for c in toy.CAPTIONS for n in toy.CLASSNAMES])
-    assert set(torch.unique(captions).tolist()) <= set(ids.tolist())  # every caption token was learned
+    # every caption token was learned
+    assert set(torch.unique(captions).tolist()) <= set(ids.tolist())
 
 
 def test_a_changed_file_is_refused(tmp_path, monkeypatch):
@@ -116,14 +131,15 @@ def test_pack_unpack_round_trip(one_thread):
 
 
 def test_build_says_whether_it_is_the_shipped_file(tmp_path, monkeypatch, capsys, one_thread):
-    """--build's two outcomes, on a 2-step pre-training (the real one takes 300 steps, and its result
-    depends on the CPU's kernels, which is why the file is shipped)."""
+    """--build's two outcomes, on a 2-step pre-training (the real one takes 300 steps, and its
+    result depends on the CPU's kernels, which is why the file is shipped)."""
     monkeypatch.setitem(toy.PRETRAIN, "steps", 2)
     out = str(tmp_path / "built.pt")
     assert not toy.build(out)
     assert "NOT the shipped" in capsys.readouterr().out
     first = open(out, "rb").read()
-    monkeypatch.setattr(toy, "SHIPPED", out)  # the same 2 steps again: the same weights, bit for bit
+    # the same 2 steps again: the same weights, bit for bit
+    monkeypatch.setattr(toy, "SHIPPED", out)
     assert toy.build(str(tmp_path / "again.pt"))
     assert "the same weights as the shipped" in capsys.readouterr().out
     assert torch.load(str(tmp_path / "again.pt"), weights_only=True).keys() == torch.load(
@@ -131,13 +147,16 @@ def test_build_says_whether_it_is_the_shipped_file(tmp_path, monkeypatch, capsys
 
 
 def test_readme_zeroshot_row_is_what_eval_computes(world, one_thread):
-    """The README's toy table starts with zero-shot CLIP on the shipped file: to the last printed digit."""
+    """The README's toy table starts with zero-shot CLIP on the shipped file: to
+    the last printed digit."""
     zs = zeroshot(world.root)
-    assert readme_table()["zeroshot"] == ["1", f"{zs['base_acc']:.2f}", f"{zs['novel_acc']:.2f}", f"{zs['hm']:.2f}"]
+    assert readme_table()["zeroshot"] == ["1", f"{zs['base_acc']:.2f}", f"{zs['novel_acc']:.2f}",
+                                          f"{zs['hm']:.2f}"]
 
 
 def test_readme_table_has_every_method_above_zeroshot_on_base():
-    """The table the README shows: three seeds of every method, each above zero-shot CLIP on base."""
+    """The table the README shows: three seeds of every method, each above
+    zero-shot CLIP on base."""
     table = readme_table()
     zeroshot_base = float(table["zeroshot"][1])
     for method in prompts.METHODS:
@@ -146,7 +165,8 @@ def test_readme_table_has_every_method_above_zeroshot_on_base():
 
 
 def test_world_is_a_folder_data_set(world):
-    """Written in the folder: layout (class folders + split.json), so folder:PATH reads the same data set."""
+    """Written in the folder: layout (class folders + split.json), so folder:PATH
+    reads the same data set."""
     toy_ds = data.build_dataset("toy", world.root)
     folder_ds = data.build_dataset(f"folder:{os.path.join(world.root, 'toy')}")
     assert toy_ds.classnames == folder_ds.classnames == sorted(toy.CLASSNAMES)
@@ -162,15 +182,18 @@ def test_zeroshot_above_chance_and_below_perfect(world, one_thread):
 
 
 def test_prompt_learning_beats_zeroshot_on_base(world, one_thread):
-    """By a margin far above what other CPU kernels move a fine-tuning (0 on the scalar ones here)."""
+    """By a margin far above what other CPU kernels move a fine-tuning (0 on
+    the scalar ones here)."""
     with open(world.run / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["base_acc"] >= zeroshot(world.root)["base_acc"] + MARGIN
 
 
 def test_same_seed_same_metrics_in_another_process(world, tmp_path, one_thread):
-    """The subprocess ran with torch's default threads, this one with one: same metrics to the last digit."""
-    metrics = train.main(["--method", "pmpo", "--dataset", "toy", "--root", world.root, "--out", str(tmp_path / "again")])
+    """The subprocess ran with torch's default threads, this one with one: same
+    metrics to the last digit."""
+    metrics = train.main(["--method", "pmpo", "--dataset", "toy", "--root", world.root, "--out",
+                          str(tmp_path / "again")])
     with open(world.run / "metrics.json") as f:
         assert metrics == json.load(f)
 
@@ -187,16 +210,21 @@ def test_rerun_with_another_clip_is_refused(world, tmp_path, one_thread):
             json.dump(content, f)
     with pytest.raises(SystemExit, match=f"made with another CLIP \\(sha256 {'0' * 64}; toy now is "
                                          f"{toy.SHIPPED_SHA256}\\)"):
-        train.main(["--method", "pmpo", "--dataset", "toy", "--root", world.root, "--out", str(out)])
+        train.main(["--method", "pmpo", "--dataset", "toy", "--root", world.root, "--out",
+                    str(out)])
 
 
 def test_benchmark_refuses_runs_of_another_clip(world, tmp_path):
-    """Today's table is never another toy CLIP's reprinted: a folder of an older CLIP stops the benchmark."""
+    """Today's table is never another toy CLIP's reprinted: a folder of an older
+    CLIP stops the benchmark."""
     folder = tmp_path / "bench" / "coop" / "base2novel" / "shots16_seed2"
     os.makedirs(folder)
     with open(folder / "config.json", "w") as f:
-        json.dump(dict(method="coop", dataset="toy", model="toy"), f)  # before sha256s were recorded
-    with pytest.raises(SystemExit, match=re.escape(f"{folder} was made with another CLIP (sha256 not recorded")):
+        # before sha256s were recorded
+        json.dump(dict(method="coop", dataset="toy", model="toy"), f)
+    with pytest.raises(SystemExit,
+                       match=re.escape(f"{folder} was made with another "
+                                       f"CLIP (sha256 not recorded")):
         eval_py.main(["--benchmark", "toy", "--root", world.root, "--out", str(tmp_path / "bench")])
     assert not os.path.exists(tmp_path / "bench" / "zeroshot")  # refused before any run
 
@@ -204,7 +232,8 @@ def test_benchmark_refuses_runs_of_another_clip(world, tmp_path):
 def test_real_data_path_untouched():
     """--dataset caltech101 gets the ViT-B/16 defaults, not the toy's."""
     for method in prompts.METHODS:
-        assert options.settings(method, "caltech101", {}) == options.settings(method, "folder:/x", {})
+        assert options.settings(method, "caltech101", {}) == options.settings(method, "folder:/x",
+                                                                              {})
     args = options.parse_args(["--method", "pmpo", "--dataset", "caltech101"])
     assert args.model == "ViT-B/16" and args.epochs == prompts.METHODS["pmpo"].DEFAULTS["epochs"]
 
@@ -220,8 +249,8 @@ def test_picture(tmp_path):
 
 
 def test_clip_snippet_prints_what_its_page_says(capsys):
-    """docs/clip.md's first example (linked from the README), run as printed, prints what the page shows:
-    the shipped toy CLIP's answer."""
+    """docs/clip.md's first example (linked from the README), run as printed, prints what the page
+    shows: the shipped toy CLIP's answer."""
     with open(os.path.join(REPO, "docs", "clip.md")) as f:
         section = f.read()
     code = section[section.index("```python\n") + 10:section.index("```\n\nIt prints")]
@@ -231,11 +260,16 @@ def test_clip_snippet_prints_what_its_page_says(capsys):
 
 
 def test_help_on_the_toy_world_shows_its_values(capsys):
-    """`train.py --method M --dataset toy --help` shows the values a toy run uses, not ViT-B/16's."""
+    """`train.py --method M --dataset toy --help` shows the values a toy
+    run uses, not ViT-B/16's."""
     with pytest.raises(SystemExit):
         options.parse_args(["--method", "pmpo", "--dataset", "toy", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     toy = {**options.TOY, **prompts.toy_defaults("pmpo")}
     assert f"--epochs EPOCHS training epochs (default: {toy['epochs']})" in text
     assert f"(default: {toy['model']})" in text and f"(default: {toy['threads']})" in text
-    assert "--device DEVICE cpu, cuda, cuda:1, mps (default: cuda if a GPU is seen, else cpu; here: cpu)" in text
+    assert (
+        "--device DEVICE cpu, cuda, cuda:1, mps (default: cuda if a GPU "
+        "is seen, else cpu; here: cpu)"
+        in text
+    )

@@ -1,4 +1,5 @@
-"""clip/transform.py against torchvision's rules for Resize(224) + CenterCrop(224), worked out by hand.
+"""clip/transform.py against torchvision's rules for Resize(224) +
+CenterCrop(224), worked out by hand.
 
 torchvision cannot be imported beside the CPU torch here, so the expected sizes and offsets are
 computed from its documented formulas: long side int(224 * long / short), crop offset
@@ -26,7 +27,8 @@ def test_resize_shorter_side(size, resized):
 
 @pytest.mark.parametrize("width, left", [(226, 1), (225, 0), (227, 2), (298, 37), (229, 2)])
 def test_center_crop_offsets_round_half_to_even(width, left):
-    """(225-224)/2 = 0.5 -> 0 and (227-224)/2 = 1.5 -> 2: banker's rounding, as torchvision's int(round(.))."""
+    """(225-224)/2 = 0.5 -> 0 and (227-224)/2 = 1.5 -> 2: banker's rounding, as
+    torchvision's int(round(.))."""
     columns = np.tile(np.arange(width, dtype=np.uint8), (224, 1))  # pixel value = its column
     crop = center_crop(Image.fromarray(columns), 224)
     assert crop.size == (224, 224)
@@ -38,9 +40,13 @@ def test_preprocess_pixels():
     img = Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8))
     x = Preprocess(224)(img)
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
-    # the same pipeline spelled out: PIL bicubic resize to 298x224, crop at left 37, /255, CLIP mean/std
-    ref = np.asarray(img.resize((298, 224), Image.BICUBIC).crop((37, 0, 261, 224)), dtype=np.float32) / 255
-    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    # the same pipeline spelled out: PIL bicubic resize to 298x224, crop at
+    # left 37, /255, CLIP mean/std
+    ref = np.asarray(img.resize((298, 224), Image.BICUBIC).crop((37, 0, 261, 224)),
+                     dtype=np.float32) / 255
+    ref = (
+        torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(MEAN).view(3, 1, 1)
+    ) / torch.tensor(STD).view(3, 1, 1)
     assert torch.equal(x, ref)
 
 

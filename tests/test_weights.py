@@ -1,6 +1,6 @@
 """clip/clip.py: OpenAI-format archives and state_dicts load to the same model; downloads resume,
-fall back to the next mirror and are sha256-checked; damaged files give clear errors. CPU, no network:
-downloads come from a server on 127.0.0.1 that each test starts itself."""
+fall back to the next mirror and are sha256-checked; damaged files give clear errors. CPU, no
+network: downloads come from a server on 127.0.0.1 that each test starts itself."""
 import hashlib
 import http.server
 import io
@@ -41,18 +41,23 @@ class OpenAIArchive(nn.Module):
 
 def save_archive(model, path):
     image, text = inputs(model)
-    with warnings.catch_warnings():  # the tracer warns that encode_text's int(eot.max()) becomes a constant
+    # the tracer warns that encode_text's int(eot.max()) becomes a constant
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.trace(OpenAIArchive(model), (image, text), check_trace=False).save(str(path))
 
 
 def inputs(model):
-    """Two images and two token sequences (end-of-text = the highest id, as clip.tokenize makes them)."""
+    """Two images and two token sequences (end-of-text = the highest id, as
+    clip.tokenize makes them)."""
     g = torch.Generator().manual_seed(1)
     vocab = model.token_embedding.num_embeddings
-    image = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution, generator=g)
+    image = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution,
+                        generator=g)
     text = torch.zeros(2, model.context_length, dtype=torch.long)
-    text[0, :5], text[1, :9] = torch.randint(1, vocab - 1, (5,), generator=g), torch.randint(1, vocab - 1, (9,), generator=g)
+    text[0, :5], text[1, :9] = torch.randint(1, vocab - 1, (5,), generator=g), torch.randint(
+        1, vocab - 1, (9,), generator=g
+    )
     text[0, 5], text[1, 9] = vocab - 1, vocab - 1
     return image, text
 
@@ -69,11 +74,13 @@ def assert_same_features(model, reference):
 
 
 def openai_fp16(key):
-    """The tensors OpenAI stores in fp16: Conv/Linear/attention weights and biases, and the projections."""
-    return any(part in key for part in ("conv1.", "attn.", "mlp.")) or key in ("text_projection", "visual.proj")
+    """The tensors OpenAI stores in fp16: Conv/Linear/attention weights and
+    biases, and the projections."""
+    return any(part in key for part in ("conv1.", "attn.", "mlp.")) or key in ("text_projection",
+                                                                               "visual.proj")
 
 
-# --- 1. loading files ---------------------------------------------------------------------------------
+# --- 1. loading files -----------------------------------------------------------------------------
 
 def test_archive_and_state_dict_load_to_the_original_model(tmp_path):
     model = tiny_clip()
@@ -82,12 +89,15 @@ def test_archive_and_state_dict_load_to_the_original_model(tmp_path):
     torch.save(model.state_dict(), plain)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated
-        assert set(torch.jit.load(str(archive)).state_dict()) == set(model.state_dict()) | JIT_METADATA
+        assert (
+            set(torch.jit.load(str(archive)).state_dict()) == set(model.state_dict()) | JIT_METADATA
+        )
     for path in (archive, plain):
         loaded, preprocess = weights.load(str(path), device="cpu")
         assert not loaded.training and preprocess.n_px == 32
         assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in loaded.parameters())
-        assert_same_features(loaded, model)  # so the archive and the state_dict also agree with each other
+        # so the archive and the state_dict also agree with each other
+        assert_same_features(loaded, model)
 
 
 def test_training_checkpoint_with_module_prefix_loads(tmp_path):
@@ -107,17 +117,24 @@ def test_fp16_state_dict_loads_as_float32(tmp_path):
     rounded = tiny_clip()
     rounded.load_state_dict({k: v.float() for k, v in half.items()})
     assert_same_features(loaded, rounded)
-    assert not torch.equal(features(loaded)[0], features(model)[0])  # the fp16 rounding really happened
+    # the fp16 rounding really happened
+    assert not torch.equal(features(loaded)[0], features(model)[0])
 
 
-# --- 2. downloads, from a local server ------------------------------------------------------------------
+# --- 2. downloads, from a local server ------------------------------------------------------------
 
 class Server:
-    """An HTTP file server on 127.0.0.1 that honours Range (unless told not to) and can cut its
-    first response after `cut_after` bytes. `requests` records each request's path and Range header."""
+    """An HTTP file server on 127.0.0.1 that honours Range (unless told not to) and can
+    cut its first response after `cut_after` bytes. `requests` records each request's
+    path and Range header."""
 
     def __init__(self, files, cut_after=None, honour_range=True):
-        self.files, self.cut_after, self.honour_range, self.requests = files, cut_after, honour_range, []
+        self.files, self.cut_after, self.honour_range, self.requests = (
+            files,
+            cut_after,
+            honour_range,
+            [],
+        )
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -136,7 +153,8 @@ class Server:
         data = self.files.get(h.path.lstrip("/"))
         if data is None:
             return h.send_error(404)
-        start = int(re.fullmatch(r"bytes=(\d+)-", h.headers["Range"])[1]) if h.headers.get("Range") else 0
+        start = int(re.fullmatch(r"bytes=(\d+)-",
+                                 h.headers["Range"])[1]) if h.headers.get("Range") else 0
         start = start if self.honour_range else 0
         h.send_response(206 if start else 200)
         if start:
@@ -144,7 +162,8 @@ class Server:
         h.send_header("Content-Length", str(len(data) - start))
         h.end_headers()
         cut = self.cut_after if self.cut_after is not None and len(self.requests) == 1 else None
-        h.wfile.write(data[start:][:cut])  # then the connection closes (HTTP/1.0), after `cut` bytes if cut
+        # then the connection closes (HTTP/1.0), after `cut` bytes if cut
+        h.wfile.write(data[start:][:cut])
 
     def close(self):
         self.httpd.shutdown()
@@ -176,12 +195,14 @@ def tiny_model(tmp_path, monkeypatch):
         return servers[-1]
 
     def host(*mirrors, sha=sha):
-        """Serve "Tiny/8" from the first of `mirrors`, as OpenAI's URLs do: HOST/SHA256/tiny-8.pt."""
+        """Serve "Tiny/8" from the first of `mirrors`, as OpenAI's URLs do:
+        HOST/SHA256/tiny-8.pt."""
         monkeypatch.setattr(weights, "MIRRORS", list(mirrors))
         monkeypatch.setitem(weights._MODELS, "Tiny/8", f"{mirrors[0]}{sha}/tiny-8.pt")
 
     root = tmp_path / "cache"
-    yield SimpleNamespace(model=model, data=data, serve=serve, host=host, root=root, file=root / "tiny-8.pt")
+    yield SimpleNamespace(model=model, data=data, serve=serve, host=host, root=root,
+                          file=root / "tiny-8.pt")
     for server in servers:
         server.close()
 
@@ -249,9 +270,13 @@ def test_all_mirrors_failing_is_a_clear_error(tiny_model, monkeypatch):
         message = str(error.value)
         assert dead in message and "404" in message
         assert len(empty.requests) == 1  # a 404 is an answer: no retries
-        # and it says how to go on without a network: the file name, its sha256, the folder, --model PATH
+        # and it says how to go on without a network: the file name, its
+        # sha256, the folder, --model PATH
         sha = hashlib.sha256(tiny_model.data).hexdigest()
-        assert f"put tiny-8.pt (sha256 {sha}) into {tiny_model.root}" in message and "--model PATH" in message
+        assert (
+            f"put tiny-8.pt (sha256 {sha}) into {tiny_model.root}" in message
+            and "--model PATH" in message
+        )
     finally:
         empty.close()
 
@@ -265,14 +290,16 @@ def test_damaged_cached_file_is_downloaded_again(tiny_model, capsys):
     assert "downloading it again" in capsys.readouterr().err
 
 
-# --- 3. damaged files and other checkpoints ---------------------------------------------------------
+# --- 3. damaged files and other checkpoints -------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["archive", "state_dict"])
 def test_truncated_file_is_a_clear_error(tmp_path, kind):
     path = tmp_path / "model.pt"
-    save_archive(tiny_clip(), path) if kind == "archive" else torch.save(tiny_clip().state_dict(), path)
+    save_archive(tiny_clip(), path) if kind == "archive" else torch.save(tiny_clip().state_dict(),
+                                                                         path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(RuntimeError, match=re.escape(str(path)) + ".*truncated or damaged.*Delete it"):
+    with pytest.raises(RuntimeError,
+                       match=re.escape(str(path)) + ".*truncated or damaged.*Delete it"):
         weights.load(str(path), device="cpu")
 
 
@@ -284,9 +311,11 @@ def test_garbage_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("state_dict, reason", [
-    ({"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "visual.attnpool.c_proj.weight": torch.zeros(8, 8),
+    ({"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+      "visual.attnpool.c_proj.weight": torch.zeros(8, 8),
       "token_embedding.weight": torch.zeros(10, 8)}, "ResNet CLIP"),
-    ({"encoder.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(3)}, "not an OpenAI-layout CLIP"),
+    ({"encoder.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(3)},
+     "not an OpenAI-layout CLIP"),
     ({k: v for k, v in tiny_clip().state_dict().items() if k != "ln_final.bias"}, "does not fit"),
     ({"model": {"weight": torch.zeros(3)}, "epoch": 3}, "expected a state_dict"),
     ([torch.zeros(3)], "expected a state_dict"),
@@ -298,13 +327,17 @@ def test_other_checkpoints_are_a_clear_error(tmp_path, state_dict, reason):
         weights.load(str(path), device="cpu")
 
 
-# --- 4. names --------------------------------------------------------------------------------------------
+# --- 4. names -------------------------------------------------------------------------------------
 
 def test_available_models_are_the_four_vits():
     assert weights.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
-    for name, url in weights._MODELS.items():  # OpenAI's URLs: MIRRORS[0] + sha256 + "/" + file name
+    # OpenAI's URLs: MIRRORS[0] + sha256 + "/" + file name
+    for name, url in weights._MODELS.items():
         sha, filename = url.removeprefix(weights.MIRRORS[0]).split("/")
-        assert re.fullmatch(r"[0-9a-f]{64}", sha) and filename == name.replace("/", "-").replace("@", "-") + ".pt"
+        assert (
+            re.fullmatch(r"[0-9a-f]{64}", sha)
+            and filename == name.replace("/", "-").replace("@", "-") + ".pt"
+        )
 
 
 def test_unknown_name_lists_the_models(tmp_path):

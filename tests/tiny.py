@@ -1,4 +1,5 @@
-"""A tiny random CLIP for fast CPU tests: same layout and names as OpenAI's, a few MB instead of 350."""
+"""A tiny random CLIP for fast CPU tests: same layout and names as OpenAI's, a
+few MB instead of 350."""
 import functools
 import math
 
@@ -8,14 +9,15 @@ import options
 import prompts
 from clip.model import CLIP
 
-TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                   context_length=77, vocab_size=49408, transformer_width=64, transformer_layers=2)
+TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,
+                   vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
+                   transformer_layers=2)
 
 
 @torch.no_grad()
 def tiny_clip(seed=0, **overrides):
-    """A float32 CLIP in eval mode with every tensor drawn from `seed` (so LayerNorms and biases are not
-    the trivial 1/0 either, and a bug that ignores one of them shows up in the features).
+    """A float32 CLIP in eval mode with every tensor drawn from `seed` (so LayerNorms and biases are
+    not the trivial 1/0 either, and a bug that ignores one of them shows up in the features).
 
     overrides: any CLIP argument, e.g. vocab_size=512 for a smaller file. transformer_heads defaults
     to transformer_width // 64, like the vision side. The caller's global RNG is left untouched.
@@ -31,7 +33,8 @@ def tiny_clip(seed=0, **overrides):
             p.copy_(math.log(1 / 0.07) + 0.1 * noise)
         elif ".ln_" in name or name.startswith("ln_"):  # LayerNorm: weight near 1, bias near 0
             p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
-        elif p.dim() >= 2:  # matrices: ~unit-variance outputs, so 2 layers stay well away from 0 or inf
+        # matrices: ~unit-variance outputs, so 2 layers stay well away from 0 or inf
+        elif p.dim() >= 2:
             p.copy_(noise * p[0].numel() ** -0.5)
         else:  # biases, class embedding
             p.copy_(0.02 * noise)
@@ -39,9 +42,10 @@ def tiny_clip(seed=0, **overrides):
 
 
 def tiny_settings(method):
-    """What `method` needs to fit the tiny CLIP (2 + 2 layers), read from its DEFAULTS: each option counted
-    in layers (depth; n_prompts, PMPO's one partition of the prompted layers per prompt) at most 2. Every
-    test that builds or trains a method reads it from here, so a new method needs no test edit."""
+    """What `method` needs to fit the tiny CLIP (2 + 2 layers), read from its DEFAULTS: each
+    option counted in layers (depth; n_prompts, PMPO's one partition of the prompted layers per
+    prompt) at most 2. Every test that builds or trains a method reads it from here, so a new
+    method needs no test edit."""
     defaults = prompts.METHODS[method].DEFAULTS
     layers = TINY_CONFIG["vision_layers"]
     return {k: min(defaults[k], layers) for k in ("depth", "n_prompts") if k in defaults}
@@ -50,14 +54,17 @@ def tiny_settings(method):
 @functools.lru_cache(maxsize=None)
 def stage_count(method):
     """How many stages `method` trains in (APLe: 3), from the model itself."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method), "method": method}
-    return len(prompts.build(method, tiny_clip(), ["cat", "dog"], "a photo of a {}.", cfg).stages(cfg))
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
+           "method": method}
+    return len(prompts.build(method, tiny_clip(), ["cat", "dog"], "a photo of a {}.",
+                             cfg).stages(cfg))
 
 
 def tiny_flags(method, epochs):
-    """train.py flags for `method` on the tiny CLIP, trained `epochs` epochs in all (at least one per
-    stage: see stage_count). A method with stage_epochs (APLe) gets them split over its stages, the last
-    taking the remainder; one with a GPA Gaussian (PromptSRC) gets its mean at the paper's 15/20 of the run."""
+    """train.py flags for `method` on the tiny CLIP, trained `epochs` epochs in all (at least one
+    per stage: see stage_count). A method with stage_epochs (APLe) gets them split over its
+    stages, the last taking the remainder; one with a GPA Gaussian (PromptSRC) gets its mean at
+    the paper's 15/20 of the run."""
     defaults = prompts.METHODS[method].DEFAULTS
     flags = [f for key, value in tiny_settings(method).items() for f in (f"--{key}", str(value))]
     if "gpa_mean" in defaults:
