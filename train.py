@@ -152,6 +152,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
     # then stage II jointly. CoOp and PMPO have one stage.
     stages = model.stages(cfg)
     restart = model.schedule_restarts(cfg)  # each stage its own warm-up and cosine (APLe's option)
+    power = model.lr_shape(cfg)  # 1: cosine; 2: squared cosine (KgCoOp's published runs)
     warn_warmup_only_stages(stages, cfg, restart, log)
     done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
     for stage_index, (stage, epochs) in enumerate(stages):
@@ -170,8 +171,9 @@ def train(model, train_items, args, cfg, out, log, state=None):
                 continue
             if state:  # first epoch of a resumed run: the random streams go on where they stopped
                 restore_rng(state, loader)
+            lr = lr_at(*schedule_position(stages, stage_index, epoch, restart), cfg, power)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(*schedule_position(stages, stage_index, epoch, restart), cfg)
+                group["lr"] = lr
             start = time.time()
             where = f"stage {stage!r}, epoch {epoch + 1}"
             sums = LossSums(where, out, params)  # the loss and its terms, summed on the device
@@ -294,13 +296,15 @@ def harmonic_mean(base, novel):
     return 2 * base * novel / (base + novel) if base + novel else 0.0
 
 
-def lr_at(epoch, epochs, cfg):
+def lr_at(epoch, epochs, cfg, power=1):
     """Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), WARMUP_RECOUNT=True:
     warmup_lr for the warm-up epochs, then the cosine starts over, so the first epoch after warm-up
-    trains at the full lr. epoch counts from 0."""
+    trains at the full lr. epoch counts from 0. power (the method's model.lr_shape(cfg)) raises the
+    cosine factor: 2 is two such schedulers stepping one optimiser, KgCoOp's published runs."""
     if epoch < cfg["warmup_epochs"]:
         return cfg["warmup_lr"]
-    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (epoch - cfg["warmup_epochs"]) / epochs))
+    cosine = 0.5 * (1 + math.cos(math.pi * (epoch - cfg["warmup_epochs"]) / epochs))
+    return cfg["lr"] * cosine ** power
 
 
 def schedule_position(stages, stage_index, epoch, restart):

@@ -61,6 +61,11 @@ class PromptedCLIP(nn.Module):
         """Whether each stage restarts the warm-up and cosine lr schedule (else one runs over all)."""
         return False
 
+    def lr_shape(self, cfg):
+        """The power train.lr_at raises the cosine factor (1 + cos(pi t / T)) / 2 to: 1, the CoOp
+        family's cosine; KgCoOp overrides it (its published runs' squared cosine)."""
+        return 1
+
     def set_stage(self, stage):
         """Called as each stage starts; with one stage, everything the method defines stays trainable."""
 

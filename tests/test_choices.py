@@ -206,6 +206,41 @@ def test_aple_one_schedule_over_all_stages(folder):
     assert logged_lrs(lines) == pytest.approx([1e-5, lr] * 3, rel=1e-2)
 
 
+def cosine_factor(epoch, epochs, warmup=1):
+    """Dassl's cosine after a recounted warm-up: (1 + cos(pi t / T)) / 2, t = epoch - warmup."""
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / epochs))
+
+
+@pytest.mark.parametrize("flags, power", [((), 2), (("--schedule", "cosine"), 1)])
+def test_kgcoop_squared_cosine_by_default(folder, flags, power):
+    """KgCoOp's published runs: lr ((1 + cos) / 2)^2 after the warm-up epoch
+    (docs/methods/kgcoop.md); --schedule cosine: the repository head's single cosine. The warm-up
+    epoch stays at warmup_lr."""
+    lr, epochs = 0.01, 4
+    lines = run(folder, f"kgcoop_{power}", "kgcoop", "--epochs", str(epochs), "--lr", str(lr),
+                *flags)
+    expected = [1e-5] + [lr * cosine_factor(e, epochs) ** power for e in range(1, epochs)]
+    assert logged_lrs(lines) == pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize("method", list(prompts.METHODS))
+def test_lr_at_keeps_the_cosine_for_a_shape_of_one(tiny, method):
+    """lr_at with a method's lr_shape (read from its model): the Dassl cosine raised to that power,
+    the warm-up epochs at warmup_lr; with power 1 the same floats as the plain cosine."""
+    model = tiny_method(method, tiny)
+    cfg, power = model.cfg, model.lr_shape(model.cfg)
+    for epochs in (1, 5, 100):
+        for epoch in range(epochs + 1):
+            t = epoch - cfg["warmup_epochs"]
+            plain = (cfg["warmup_lr"] if t < 0 else
+                     cfg["lr"] * 0.5 * (1 + math.cos(math.pi * t / epochs)))
+            got = train.lr_at(epoch, epochs, cfg, power)
+            if power == 1 or epoch < cfg["warmup_epochs"]:
+                assert got == plain  # bit for bit
+            else:
+                assert got == pytest.approx(cfg["lr"] * (plain / cfg["lr"]) ** power, rel=1e-12)
+
+
 @pytest.mark.parametrize("schedule, warned", [("one", ["language"]), ("restart", ["language", "vision", "joint"])])
 def test_a_stage_with_only_warmup_epochs_is_warned_about(schedule, warned):
     logs = []

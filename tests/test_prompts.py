@@ -52,8 +52,9 @@ DEEP_B16 = {"prompt_learner.ctx": 4 * 512, "text_prompts": 8 * 4 * 512, "vision_
     ("cocoop", 35_360, {"prompt_learner.ctx": 4 * 512, "meta_net.linear1.weight": 32 * 512, "meta_net.linear1.bias": 32,
                         "meta_net.linear2.weight": 512 * 32, "meta_net.linear2.bias": 512}),
     ("kgcoop", 2_048, {"prompt_learner.ctx": 4 * 512}),
-    # 2 + 2 tokens in 9 layers of each encoder
-    ("ivlp", 23_040, {"prompt_learner.ctx": 2 * 512, "text_prompts": 8 * 2 * 512, "vision_prompts": 9 * 2 * 768}),
+    # 2 + 2 tokens in all 12 layers of each encoder (its official config): 12*2*512 + 12*2*768
+    ("ivlp", 30_720, {"prompt_learner.ctx": 2 * 512, "text_prompts": 11 * 2 * 512,
+                      "vision_prompts": 12 * 2 * 768}),
     # 2 text tokens in 9 layers, and 9 x Linear(512 -> 768) with bias coupling them to the vision side
     ("maple", 3_555_072, {"prompt_learner.ctx": 2 * 512, "text_prompts": 8 * 2 * 512,
                           **{f"proj.{i}.weight": 768 * 512 for i in range(9)},
