@@ -1,7 +1,7 @@
 """Speed and memory of training and evaluation, plain path vs fast path, against the FLOP floor.
 
     python bench.py                      # on a GPU: ViT-B/16-sized random weights, the full table
-    python bench.py --tiny --device cpu  # a one-minute smoke run with a tiny CLIP (checks the script)
+    python bench.py --tiny --device cpu  # a one-minute smoke run with a tiny CLIP (checks it runs)
 
 Plain = float32, attention through the plain softmax(QK^T)V kernel, crops resized by PIL. Fast =
 what train.py and eval.py use on that device: on a GPU bf16 autocast, the fused attention kernels
@@ -168,8 +168,9 @@ def rated(fns, device, repeat):
     rate measured at the start of an 8- to 17-minute table would mis-state the rows run later.
     """
     dtypes = {False: torch.float32, True: fast_dtype(device)}
-    probes = [(dtype, fn, flops) for dtype in set(dtypes.values()) for fn,
-              flops in matmul_probes(device, dtype)]
+    probes = [(dtype, fn,
+               flops) for dtype in set(dtypes.values()) for fn, flops in matmul_probes(device,
+                                                                                       dtype)]
     seconds = timed(list(fns) + [fn for _, fn, _ in probes], device, repeat)
     rate = dict.fromkeys(dtypes.values(), 0.0)
     for (dtype, _, flops), probe_seconds in zip(probes, seconds[len(fns):]):

@@ -1,8 +1,8 @@
 """A paper's table in one command: every run of a benchmark, shared out over as many processes as
 you start, then the table. eval.py's --benchmark calls it.
 
-    python eval.py --benchmark toy                                  # 25 runs on a laptop, one at a time
-    torchrun --nproc_per_node 8 eval.py --benchmark base2novel      # 8 methods x 11 data sets x 3 seeds
+    python eval.py --benchmark toy                              # 25 runs on a laptop, one at a time
+    torchrun --nproc_per_node 8 eval.py --benchmark base2novel  # 8 methods x 11 data sets x 3 seeds
     torchrun --nproc_per_node 8 eval.py --benchmark crossdataset --methods pmpo
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         eval.py --benchmark fewshot --seeds 1 2 3                   # four machines

@@ -2,10 +2,13 @@
 runs as the papers' tables.
 
     python eval.py --method zeroshot --dataset caltech101 --subsample new
-    python eval.py --ckpt runs/caltech101/pmpo/base2novel/shots16_seed1/prompt_learner.pt --dataset caltech101 --subsample new
-    python eval.py --ckpt runs/imagenet/pmpo/crossdataset/shots16_seed1/prompt_learner.pt --dataset imagenet_a
+    python eval.py --ckpt runs/caltech101/pmpo/base2novel/shots16_seed1/prompt_learner.pt \
+        --dataset caltech101 --subsample new
+    python eval.py --ckpt runs/imagenet/pmpo/crossdataset/shots16_seed1/prompt_learner.pt \
+        --dataset imagenet_a
     python eval.py --summary runs/
-    python eval.py --benchmark toy          # zero-shot and every method on the toy world, seeds 1-3, then the table
+    python eval.py --benchmark toy   # zero-shot and every method on the toy world, seeds 1-3
+    torchrun --nproc_per_node 8 eval.py --benchmark base2novel   # a paper's table, over 8 GPUs
 
 Prompts are class-agnostic, so a checkpoint evaluates on any class list: the novel half of
 its data set, another data set (cross-dataset), an ImageNet shift (domain generalisation).
@@ -236,8 +239,8 @@ def summary(dirs):
                      f"and again, with the same settings, in {again} ({same}); counted once")
     if not tables:
         return "\n".join(notes + [f"no finished runs (metrics.json) under {', '.join(dirs)}"])
-    blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"], t) for k,
-              t in tables.items()]
+    blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"],
+                             t) for k, t in tables.items()]
     return "\n\n".join(blocks + side_by_side(tables) + notes)
 
 
@@ -334,16 +337,16 @@ def markdown_table(name, protocol, table):
             if c in row:
                 means[c].append(statistics.mean(row[c]))
         if protocol == "base2novel":
-            cells.append(
-                f"{train.harmonic_mean(statistics.mean(row['base_acc']), statistics.mean(row['novel_acc'])):.2f}"
-            )
+            hm = train.harmonic_mean(statistics.mean(row["base_acc"]),
+                                     statistics.mean(row["novel_acc"]))
+            cells.append(f"{hm:.2f}")
         lines.append(f"| {dataset} | {len(row['seed'])} | " + " | ".join(cells) + " |")
     if len(table) > 1:
         cells = [f"{statistics.mean(means[c]):.2f}" if means[c] else "" for c in columns]
         if protocol == "base2novel":
-            cells.append(
-                f"{train.harmonic_mean(statistics.mean(means['base_acc']), statistics.mean(means['novel_acc'])):.2f}"
-            )
+            hm = train.harmonic_mean(statistics.mean(means["base_acc"]),
+                                     statistics.mean(means["novel_acc"]))
+            cells.append(f"{hm:.2f}")
         lines.append("| **Average** | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

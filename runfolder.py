@@ -3,10 +3,10 @@ clip.files.atomic_write (a temporary name, fsync, rename): a kill or a full disk
 the previous version of each file, so the same command resumes after the last finished
 epoch. log.txt is appended.
 
-    config.json        the settings          prompt_learner.pt  the learned tensors, after every epoch
-    fewshot.json       the exact shots       train_state.pt     optimizer and random streams (resume)
-    log.txt            what train.py said    metrics.json       written last: the run is finished
-    .lock              held while a process runs in the folder
+    config.json    the settings          prompt_learner.pt  the learned tensors, after every epoch
+    fewshot.json   the exact shots       train_state.pt     optimizer and random streams (resume)
+    log.txt        what train.py said    metrics.json       written last: the run is finished
+    .lock          held while a process runs in the folder
 
 Also here: the progress line and the log, and reading input with a message instead of a traceback.
 """

@@ -44,7 +44,7 @@ class GraphedStep:
     kernels of a forward, backward and SGD step, which on a GPU otherwise cost more host time than
     the GPU spends on them (a prompt-learning step is small). PyTorch's whole-network capture:
     - the first `warmup` steps run eagerly on a side stream: CUDA's lazy set-up, the allocator's
-      cache and what a method makes on first use (PromptSRC's teacher features) stay out of the graph;
+      cache and what a method makes on first use (PromptSRC's teacher features) stay out of it;
     - the next step is captured on static input tensors (capturing computes nothing) and replayed;
       each later step copies its batch into those tensors and replays the graph;
     - SGD reads the lr as a number, so a new lr (each epoch) is captured anew; a batch of another

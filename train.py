@@ -1,6 +1,6 @@
 """Prompt learning for CLIP: every method of prompts/ (CoOp to PromptSRC, APLe, PMPO), one script.
 
-    python train.py --method pmpo --dataset toy          # the built-in toy world: a laptop, a minute
+    python train.py --method pmpo --dataset toy          # the built-in toy world: a laptop, minutes
     python train.py --method pmpo --dataset caltech101   # base-to-novel, 16 shots, seed 1
     python train.py --method coop --dataset oxford_pets --protocol fewshot --shots 4 --seed 2
     python train.py --method aple --dataset imagenet --protocol crossdataset  # then eval.py
@@ -13,6 +13,7 @@ method defines in prompts/<method>.py is learned, and only that is saved.
 Everything a run used goes into its folder: config.json, fewshot.json (the exact shots),
 log.txt, metrics.json and prompt_learner.pt (the learned tensors, config and class names).
 """
+
 import collections
 import math
 import os
@@ -164,8 +165,10 @@ def train(model, train_items, args, cfg, out, log, state=None):
         if state and state["stage"] == stage_index:
             optimizer.load_state_dict(state["optimizer"])
         step = train_step(model, optimizer, args, cfg)  # eager, or replayed as a CUDA graph
-        log(f"stage {stage!r}: {epochs} epochs, learning {sum(p.numel() for p in params):,} "
-            f"values{', the step replayed as a CUDA graph' if isinstance(step, GraphedStep) else ''}")
+        log(
+            f"stage {stage!r}: {epochs} epochs, learning {sum(p.numel() for p in params):,} values"
+            + (", the step replayed as a CUDA graph" if isinstance(step, GraphedStep) else "")
+        )
         for epoch in range(epochs):
             if [stage_index, epoch] in done:
                 continue
@@ -273,7 +276,8 @@ def evaluate(model, items, args, cfg):
         text_features = model.text_features()
         for step, (images, labels) in enumerate(loader):
             logits = model.logits(images.to(device, non_blocking=True), text_features)
-            correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()  # on the device
+            # on the device
+            correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()
             total += len(labels)
             progress(step + 1, len(labels))
     progress.close()

@@ -39,12 +39,14 @@ class _ModelURLs(dict):
 
 # name -> URL, as in openai/CLIP. The second-to-last part of each URL is the file's sha256.
 # The ResNet CLIPs are left out (model.py is ViT only).
-_MODELS = _ModelURLs({
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-})  # fmt: skip
+_CDN = "https://openaipublic.azureedge.net/clip/models/"
+_MODELS = _ModelURLs({name: f"{_CDN}{sha256}/{file}" for name, (sha256, file) in {
+    "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
+    "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
+    "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+                       "ViT-L-14-336px.pt"),
+}.items()})
 # OpenAI's CDN host has moved before: a URL on one of these hosts is tried on the others after it.
 MIRRORS = ["https://openaipublic.azureedge.net/clip/models/",
            "https://openaipublic.blob.core.windows.net/clip/models/"]

@@ -3,7 +3,8 @@
 Gives the same ids as OpenAI's clip/simple_tokenizer.py for every input. The pipeline is
 
     text --clean--> "a photo of a cat." --split into words--> ["a", "photo", "of", "a", "cat", "."]
-         --BPE each word--> [["a</w>"], ["photo</w>"], ...] --look up ids--> [320, 1125, 539, 320, 2368, 269]
+         --BPE each word--> [["a</w>"], ["photo</w>"], ...]
+         --look up ids--> [320, 1125, 539, 320, 2368, 269]
 
 and `tokenize` wraps that as [SOT] + ids + [EOT], zero-padded to 77 positions.
 
@@ -47,7 +48,8 @@ END_OF_WORD = "</w>"
 # The text is lower-cased before this, but IGNORECASE still matters at the edges
 # ("'ſ", long s, matches 's).
 WORD_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"""
+    r"""|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
 WHITESPACE = regex.compile(r"\s+")

@@ -5,8 +5,8 @@ nanoGPT has its character-level Shakespeare; this is the same idea for prompt le
 has 24 classes with made-up looks: each class name ("cat", "owl", ...) is a colour, one of 24 hues
 evenly spaced on the colour circle, drawn as 32-pixel images with noise. There are two renderings:
 
-    bright: the class hue, bright,                    captioned "a photo of a {name}."
-    dark:   the hue moved DARK_HUE_SHIFT of a hue step, darker,   captioned "a photo of a dark {name}."
+    bright: the class hue, bright;                           captioned "a photo of a {name}."
+    dark:   the hue moved DARK_HUE_SHIFT of a step, darker;  captioned "a photo of a dark {name}."
 
 `clip.load("toy")` reads a tiny CLIP (TOY_CLIP) pre-trained contrastively on both renderings of all
 24 classes, as real CLIP saw every class of the benchmarks in its captions. It ships with the
@@ -139,8 +139,8 @@ def pretrain(log=None):
             for step in range(cfg["steps"]):
                 labels, rendering = rng.integers(0, n, cfg["batch"]), rng.integers(0, 2,
                                                                                    cfg["batch"])
-                images = to_model_input(np.stack([draw(c, r, rng) for c,
-                                                  r in zip(labels, rendering)]))
+                images = to_model_input(np.stack([draw(c, r, rng) for c, r in zip(labels,
+                                                                                  rendering)]))
                 # the caption of each image, in [0, 48)
                 target = torch.from_numpy(rendering * n + labels)
                 loss = contrastive_loss(model, images, text, words[row[text]], target, 2 * n)

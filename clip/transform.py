@@ -62,4 +62,5 @@ class Preprocess:
         return normalize(to_tensor(img.convert("RGB")))
 
     def __repr__(self):
-        return f"Preprocess(resize shorter side to {self.n_px} (bicubic), center crop {self.n_px}, CLIP mean/std)"
+        return (f"Preprocess(resize shorter side to {self.n_px} (bicubic), "
+                f"center crop {self.n_px}, CLIP mean/std)")

@@ -1,7 +1,7 @@
 """Data for CLIP prompt learning, as CoOp/CoCoOp/MaPLe read it: same splits, same
 few-shot draws, same transforms.
 
-    ds = build_dataset("eurosat", root)                      # ds.train/val/test: list[Datum], ds.classnames, ds.template
+    ds = build_dataset("eurosat", root)  # ds.train/val/test: [Datum], ds.classnames, ds.template
     train, val = fewshot_split(ds.train, ds.val, 16, seed=1)  # CoOp's K-shot draw
     (train, val, test), classnames = subsample_classes("base", train, val, ds.test)
     loader = DataLoader(TrainSet(train, 224, seed=1), batch_size=4, shuffle=True)

@@ -54,8 +54,8 @@ def main(argv=None):
     items = [Datum(p, 0, "x") for p in paths]
     for workers in args.workers:
         t0 = time.time()
-        n = sum(len(labels) for _,
-                labels in test_loader(items, args.n_px, args.batch_size, workers))
+        n = sum(len(labels) for _, labels in test_loader(items, args.n_px, args.batch_size,
+                                                         workers))
         dt = time.time() - t0
         print(f"workers={workers}: {n} images in {dt:.1f} s = {n / dt:.0f} images/s")
 

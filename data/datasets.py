@@ -132,7 +132,8 @@ def datums(rows, image_dir):
 
 
 def read_split(path, image_dir):
-    """CoOp's split file: {"train"|"val"|"test": [[path relative to image_dir, label, classname], ...]}."""
+    """CoOp's split file:
+    {"train"|"val"|"test": [[path relative to image_dir, label, classname], ...]}."""
     with open(path) as f:
         try:
             split = json.load(f)

@@ -102,8 +102,10 @@ DOWNLOADS = {
     "imagenet_sketch": [drive_file(CLASSNAMES_ID, "imagenet-sketch", "classnames.txt")],
     "imagenetv2": [
         drive_file(CLASSNAMES_ID, "imagenetv2", "classnames.txt"),
-        Download(("https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz",
-                  "https://s3-us-west-2.amazonaws.com/imagenetv2public/imagenetv2-matched-frequency.tar.gz"),
+        Download(("https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
+                  "imagenetv2-matched-frequency.tar.gz",
+                  "https://s3-us-west-2.amazonaws.com/imagenetv2public/"
+                  "imagenetv2-matched-frequency.tar.gz"),
                  None, "imagenetv2", "imagenetv2/imagenetv2-matched-frequency-format-val")
     ],
     "imagenet_a": [
@@ -275,14 +277,17 @@ def prepare(name, root, keep=False):
     for entry in DOWNLOADS.get(name, []):
         try:
             fetch(entry, root, keep)
-        except (
-            Exception
-        ) as e:  # noqa: BLE001 (network, checksum, disk, archive: each is one line, then the next file)
+        # network, checksum, disk, archive: each is one line, then the next file
+        except Exception as e:  # noqa: BLE001
             print(f"  FAILED {entry.creates}: {one_line(e)}")
             todo[entry.creates] = page(entry)
-    todo.update({rel: source for rel,
-                 source in MANUAL.get(name,
-                                      {}).items() if not os.path.exists(os.path.join(root, rel))})
+    todo.update(
+        {
+            rel: source
+            for rel, source in MANUAL.get(name, {}).items()
+            if not os.path.exists(os.path.join(root, rel))
+        }
+    )
     try:
         ds = build_dataset(name, root)
         print(f"  ok: {len(ds.classnames)} classes, {len(ds.train)} train, "
@@ -291,9 +296,8 @@ def prepare(name, root, keep=False):
     except DatasetNotFound as err:
         if not todo:
             print(f"  not readable yet: {err}")
-    except (
-        Exception
-    ) as e:  # noqa: BLE001 (a damaged file among the downloads: say so, go on with the next data set)
+    # a damaged file among the downloads: say so, go on with the next data set
+    except Exception as e:  # noqa: BLE001
         print(f"  not readable: {one_line(e)}")
     return False, todo
 

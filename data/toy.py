@@ -6,7 +6,7 @@ The images are the *dark* rendering of clip/toy.py's 24 classes, the one its tem
 a split.json in CoOp's format, the layout of a `folder:` data set, so the run reads them through the
 same reader, few-shot draw, loaders and transforms as a real data set.
 
-    python -m data.toy --picture toy_world.png     # a grid of samples per class, base and novel marked
+    python -m data.toy --picture toy_world.png  # a grid of samples per class, base and novel marked
 """
 
 import argparse

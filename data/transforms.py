@@ -3,7 +3,7 @@
 test: CLIP's own preprocess, clip.transform.Preprocess(n_px): resize shorter side (bicubic), center
 crop. train: RandomResizedCrop(n_px, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) ->
 RandomHorizontalFlip(0.5)
-       -> ToTensor -> Normalize(CLIP mean/std), Dassl's INPUT.TRANSFORMS for every CoOp/MaPLe config.
+       -> ToTensor -> Normalize(CLIP mean/std): Dassl's INPUT.TRANSFORMS of every CoOp/MaPLe config.
 
 The crop follows torchvision's RandomResizedCrop.get_params draw for draw (same torch RNG calls,
 same float32 log-ratio), so with the same torch seed it picks the same boxes torchvision would.

@@ -5,11 +5,11 @@ A method is one module in prompts/ that defines
     HELP         one line of help per key of DEFAULTS, shown by `train.py --method NAME --help`
                  (options several methods share, lr, n_ctx, depth..., have theirs in
                  prompts.common.OPTION_HELP; a method's HELP may word one its own way)
-    CHOICES      the allowed values where a type allows more: a tuple of strings (fusion=("feature",
-                 "logit")) or a prompts.common.Range (n_prompts=Range(1), alpha=Range(0, 1)), on top of
-                 prompts.common.OPTION_CHOICES (lr > 0, batch_size, n_ctx, depth >= 1, ...). A number
-                 not listed must be >= 0; a True/False default takes yes/no. train.py refuses anything
-                 else before it creates a run folder.
+    CHOICES      the allowed values where a type allows more: a tuple of strings
+                 (fusion=("feature", "logit")) or a prompts.common.Range (n_prompts=Range(1),
+                 alpha=Range(0, 1)), on top of prompts.common.OPTION_CHOICES (lr > 0, batch_size,
+                 n_ctx, depth >= 1, ...). A number not listed must be >= 0; a True/False default
+                 takes yes/no. train.py refuses anything else before it creates a run folder.
     CustomCLIP   CustomCLIP(clip_model, classnames, template, cfg), a prompts.common.PromptedCLIP
 and, where it needs them,
     TOY          its settings on the built-in toy world (toy_defaults below)

@@ -3,7 +3,8 @@ Zhang, Xu. arXiv 2401.06827).
 
 No code of the paper is public and its method section could not be read (docs/methods/aple.md says
 what was, and quotes it), so every line below is marked:
-  [paper]  stated by the paper: its abstract, or the third-party summaries quoted in docs/methods/aple.md
+  [paper]  stated by the paper: its abstract, or the third-party summaries quoted in
+           docs/methods/aple.md
   [ours]   our choice where the paper is silent, with the reason, each exposed as an option.
 
 The three parts, as the paper names them:
@@ -16,15 +17,16 @@ The three parts, as the paper names them:
    prompts are learned one after the other, each with cross-entropy plus KL to zero-shot CLIP's
    class probabilities p_zs [paper]. Language first [ours; `first`], epochs split 7 / 7 / 6 of 20
    [ours; `stage_epochs`]; p_zs from the data set's hand-crafted template, zero-shot CLIP seeing the
-   image as it is, without the adapter [ours; `teacher_input`: p_zs is zero-shot CLIP's prediction, and
-   zero-shot CLIP has no adapter; "filtered" gives the teacher the student's input, as PromptSRC does].
+   image as it is, without the adapter [ours; `teacher_input`: p_zs is zero-shot CLIP's prediction,
+   and zero-shot CLIP has no adapter; "filtered" gives the teacher the student's input, as PromptSRC
+   does].
    The KL [ours; `kl_form`, `kl_temperature`, `kl_weight`]:
         KL = T^2 * sum_c p_zs,c^T (log p_zs,c^T - log p_c^T) / norm,   p^T = softmax(logits / T)
    with norm = batch size ("distill", the form of knowledge distillation, Hinton et al. 2015: a sum
    over classes, a mean over the batch) or batch x classes ("promptsrc", PromptSRC's L_SCL_logits).
    Default "distill", T = 1, weight 1: in APLe the KL is the only regulariser of stage I, and
-   PromptSRC's division by the classes makes it C times weaker (500 ImageNet base classes: stage I is
-   cross-entropy alone), where PromptSRC has two L1 terms (weights 25 and 10) to do the regularising.
+   PromptSRC's division by the classes makes it C times weaker (500 ImageNet base classes: stage I
+   is cross-entropy alone), where PromptSRC has two L1 terms (weights 25 and 10) to regularise.
 3. Multi-modal token adaptation (stage II) [paper]: both prompt sets trained jointly with
    cross-entropy only, "without zero-shot guidance" [paper].
 

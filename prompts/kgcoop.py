@@ -1,5 +1,5 @@
-"""KgCoOp: Knowledge-guided Context Optimization (Yao, Zhang, Xu. "Visual-Language Prompt Tuning with
-Knowledge-guided Context Optimization", CVPR 2023).
+"""KgCoOp: Knowledge-guided Context Optimization (Yao, Zhang, Xu. "Visual-Language Prompt Tuning
+with Knowledge-guided Context Optimization", CVPR 2023).
 
 CoOp, plus a penalty that keeps each learned class feature w_c near the hand-crafted one w_c^clip
 (frozen CLIP on the data set's template), so the context forgets less of CLIP's general knowledge
@@ -9,10 +9,11 @@ and novel classes suffer less [paper]. The paper writes the penalty as a mean sq
 KgCoOp/trainers/kgcoop.py; W = 8.0 from KgCoOp/scripts/run.sh, which passes it to base2new_train.sh,
 whose WEIGHT=$2) [paper]. We follow the code:
     L = CE + weight * (1 - mean_c cos(w_c, w_c^clip))
-The anchor is the data set's template (CoOp's; the KgCoOp repo words DTD's differently). The image side
-and the logits are CoOp's.
+The anchor is the data set's template (CoOp's; the KgCoOp repo words DTD's differently). The image
+side and the logits are CoOp's.
 
-Trainable: ctx, 4 x 512 = 2,048 for ViT-B/16 (the KgCoOp repo builds more modules, all frozen and unused).
+Trainable: ctx, 4 x 512 = 2,048 for ViT-B/16 (the KgCoOp repo builds more
+modules, all frozen and unused).
 
 Defaults: KgCoOp repo KgCoOp/configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml [paper]: 4 tokens from
 "a photo of a", SGD lr 0.002, batch 128, 100 epochs, 1 warm-up epoch at 1e-5.
@@ -40,7 +41,8 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
 )
 CHOICES = dict(schedule=("squared_cosine", "cosine"))  # and prompts.common.OPTION_CHOICES
 LR_POWER = dict(squared_cosine=2, cosine=1)  # power of the cosine factor (PromptedCLIP.lr_shape)
-# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots): [ours], see prompts/__init__.py.
+# On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
+# [ours], see prompts/__init__.py.
 TOY = dict(epochs=10, batch_size=16)
 
 

@@ -19,7 +19,7 @@ what was, and quotes it), so every choice is marked:
    as equally as they go: 9 layers / 4 = {0-2}, {3-4}, {5-6}, {7-8} [ours]. The projected tokens
    replace the prompt slots at every layer of the partition [ours, `inject`, MaPLe's per-layer
    replacement] or only at its first layer (`inject="first"`). One image forward carries all N
-   partitions [ours]. Cross-dataset / domain generalisation: depth 3 with 3 prompts (one layer each),
+   partitions [ours]. Cross-dataset / domain generalisation: depth 3 with 3 prompts (a layer each),
    lr 0.0026, 2 epochs [ours, MaPLe's cross-dataset config; 4 prompts cannot split 3 layers;
    prompts.protocol_defaults].
 3. Prior from manual prompts [paper]: the hand-crafted template's class features t_c^hand

@@ -38,8 +38,8 @@ def test_agreement_rows_count_every_image(clip_model):
         assert f"fast vs plain, {n_images} images: image features, min cosine" in rows
         assert "fast vs plain, 7 prompts: text features, min cosine" in rows
         assert float(rows[f"fast vs plain, {n_images} images: image features, min cosine"]) > 0.9999
-    buckets = [v for k,
-               v in rows.items() if k.startswith("length buckets vs all 77 positions, 7 prompts")]
+    buckets = [v for k, v in rows.items() if k.startswith("length buckets vs "
+                                                          "all 77 positions, 7 prompts")]
     # two attention kernels
     assert len(buckets) == 2 and all(float(v.split(",")[0]) < 1e-6 for v in buckets)
 

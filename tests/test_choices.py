@@ -1,6 +1,7 @@
-"""The choices that move a user's numbers on real data: float32 logits, --n_ctx with ctx_init, APLe's KL
-and schedule, each protocol's settings, PMPO's depth, the deep-prompt hook, and where each choice is
-documented. Tiny CLIPs and tiny data sets; every test here runs in well under a few seconds."""
+"""The choices that move a user's numbers on real data: float32 logits, --n_ctx with
+ctx_init, APLe's KL and schedule, each protocol's settings, PMPO's depth, the deep-prompt
+hook, and where each choice is documented. Tiny CLIPs and tiny data sets; every test here
+runs in well under a few seconds."""
 import json
 import math
 import os
@@ -17,8 +18,10 @@ import train
 from clip.tokenizer import tokenize
 from prompts import aple, pmpo, zeroshot
 from prompts.common import PromptLearner, cosine_logits
-from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401 (one_thread is a fixture)
-from tests.test_prompts import CLASSNAMES, TEMPLATE, tiny_method, vit_b16  # noqa: F401 (vit_b16 is a fixture)
+# one_thread is a fixture
+from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401
+# vit_b16 is a fixture
+from tests.test_prompts import CLASSNAMES, TEMPLATE, tiny_method, vit_b16  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,22 +29,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return train.load_frozen_clip(save_tiny_clip(tmp_path_factory.mktemp("tiny") / "tiny.pt"), "cpu")
+    return train.load_frozen_clip(save_tiny_clip(tmp_path_factory.mktemp("tiny") / "tiny.pt"),
+                                  "cpu")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A tiny CLIP and a `folder:` data set of four classes (two base), for short train.main runs."""
+    """A tiny CLIP and a `folder:` data set of four classes (two base), for
+    short train.main runs."""
     tmp = tmp_path_factory.mktemp("run")
     return SimpleNamespace(tmp=tmp, model=save_tiny_clip(tmp / "tiny.pt"),
-                           data=write_folder(tmp / "images", ["cat", "dog", "fish", "bird"], per_class=8))
+                           data=write_folder(tmp / "images", ["cat", "dog", "fish", "bird"],
+                                             per_class=8))
 
 
 def run(folder, name, method, *extra):
     """train.main on the folder data set; returns the run's log lines."""
     out = folder.tmp / name
-    train.main(["--method", method, "--dataset", f"folder:{folder.data}", "--model", folder.model, "--out", str(out),
-                "--workers", "0", "--shots", "2", "--batch_size", "2", *extra])
+    train.main(["--method", method, "--dataset", f"folder:{folder.data}", "--model", folder.model,
+                "--out", str(out), "--workers", "0", "--shots", "2", "--batch_size", "2", *extra])
     return (out / "log.txt").read_text().splitlines()
 
 
@@ -49,11 +55,11 @@ def images(seed=0, n=4):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-# -- 1. logits in float32 -----------------------------------------------------------------------------
+# -- 1. logits in float32 --------------------------------------------------------------------------
 
 def test_cosine_logits_are_float32_under_autocast():
-    """At CLIP's scale (100) two classes 0.05 logit apart tie in bf16 (step 0.125 to 0.25) and argmax picks
-    the lower index; in float32 they do not."""
+    """At CLIP's scale (100) two classes 0.05 logit apart tie in bf16 (step 0.125 to 0.25) and
+    argmax picks the lower index; in float32 they do not."""
     clip_model = SimpleNamespace(logit_scale=torch.tensor(math.log(100.0)))
     image = F.normalize(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
     other = F.normalize(torch.randn(1, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
@@ -65,14 +71,15 @@ def test_cosine_logits_are_float32_under_autocast():
         logits = cosine_logits(clip_model, image.bfloat16(), text)
     assert logits.dtype == torch.float32
     assert logits.argmax(-1).item() == 1
-    torch.testing.assert_close(logits, expected, atol=0.05, rtol=0)  # bf16 image features: ~2e-3 relative
+    # bf16 image features: ~2e-3 relative
+    torch.testing.assert_close(logits, expected, atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("method, overrides", [("coop", {}), ("aple", {}), ("pmpo", {}),
                                                ("pmpo", dict(fusion="logit")), ("zeroshot", None)])
 def test_every_method_gives_float32_logits_under_autocast(tiny, method, overrides):
-    """Training (loss() calls forward) and evaluation (train.evaluate calls logits()) both go through
-    cosine_logits."""
+    """Training (loss() calls forward) and evaluation (train.evaluate calls logits()) both go
+    through cosine_logits."""
     if method == "zeroshot":
         model = zeroshot.CustomCLIP(tiny, CLASSNAMES, TEMPLATE)
     else:
@@ -82,7 +89,7 @@ def test_every_method_gives_float32_logits_under_autocast(tiny, method, override
         assert model.logits(images(), model.text_features()).dtype == torch.float32
 
 
-# -- 2. --n_ctx with ctx_init --------------------------------------------------------------------------
+# -- 2. --n_ctx with ctx_init ----------------------------------------------------------------------
 
 def embed(clip_model, text):
     with torch.no_grad():
@@ -90,7 +97,8 @@ def embed(clip_model, text):
 
 
 def test_n_ctx_below_the_init_learns_its_first_words(tiny):
-    """MaPLe's and PromptSRC's prompt learners: n_ctx = 2 of "a photo of a" learns "a photo", keeps "of a"."""
+    """MaPLe's and PromptSRC's prompt learners: n_ctx = 2 of "a photo of a" learns
+    "a photo", keeps "of a"."""
     learner = PromptLearner(tiny, CLASSNAMES, n_ctx=2, ctx_init="a photo of a")
     assert learner.ctx.shape == (1, 2, 64)
     assert torch.equal(learner.ctx[0].detach(), embed(tiny, "a photo")[1:3])
@@ -129,7 +137,7 @@ def test_n_ctx_is_never_dropped(tiny, method):
             model(images(n=2))
 
 
-# -- 3. APLe's KL, and each loss term in the log -------------------------------------------------------
+# -- 3. APLe's KL, and each loss term in the log ---------------------------------------------------
 
 def test_kl_forms():
     g = torch.Generator().manual_seed(0)
@@ -139,7 +147,9 @@ def test_kl_forms():
         per_image = (p_zs * (p_zs.log() - log_p)).sum(-1)  # KL(p_zs || p) of each image: [4]
         distill = aple.kl_to_teacher(logits, teacher, T, "distill")
         torch.testing.assert_close(distill, T ** 2 * per_image.mean())
-        torch.testing.assert_close(aple.kl_to_teacher(logits, teacher, T, "promptsrc"), distill / 10)  # / classes
+        # / classes
+        torch.testing.assert_close(aple.kl_to_teacher(logits, teacher, T, "promptsrc"),
+                                   distill / 10)
 
 
 def test_aple_records_its_loss_terms(tiny):
@@ -150,7 +160,8 @@ def test_aple_records_its_loss_terms(tiny):
     loss = model.loss(images(), labels)
     assert set(model.loss_terms) == {"ce", "kl"}
     assert not any(t.requires_grad for t in model.loss_terms.values())
-    torch.testing.assert_close(loss.detach(), model.loss_terms["ce"] + model.loss_terms["kl"])  # kl_weight 1
+    # kl_weight 1
+    torch.testing.assert_close(loss.detach(), model.loss_terms["ce"] + model.loss_terms["kl"])
     with torch.no_grad():  # the KL is the distillation form against zero-shot CLIP on the raw image
         zs = cosine_logits(tiny, tiny.encode_image(images()), model.zs_text_features)
         expected = aple.kl_to_teacher(model(images()), zs, 1.0, "distill")
@@ -167,7 +178,8 @@ def test_aple_teacher_input(tiny):
     model.set_stage("language")
     model.loss(images(), torch.tensor([0, 1, 2, 1]))
     with torch.no_grad():
-        zs = cosine_logits(tiny, tiny.encode_image(aple.gaussian_adapter(images())), model.zs_text_features)
+        zs = cosine_logits(tiny, tiny.encode_image(aple.gaussian_adapter(images())),
+                           model.zs_text_features)
         expected = aple.kl_to_teacher(model(images()), zs, 1.0, "distill")
     torch.testing.assert_close(model.loss_terms["kl"], expected)
 
@@ -181,28 +193,37 @@ def test_aple_bad_choices_are_refused(tiny, key, value):
 
 def test_the_log_shows_each_loss_term(folder):
     lines = run(folder, "terms", "aple", "--depth", "2", "--stage_epochs", "1", "1", "1")
-    epochs = {line.split()[1]: line for line in lines if line.startswith("stage ") and " epoch " in line}
+    epochs = {
+        line.split()[1]: line for line in lines if line.startswith("stage ") and " epoch " in line
+    }
     assert re.search(r"loss \S+ \(ce \S+, kl \S+\)", epochs["language"]), epochs
     assert re.search(r"loss \S+ \(ce \S+, kl \S+\)", epochs["vision"]), epochs
     assert re.search(r"loss \S+ \(ce \S+\)  lr", epochs["joint"]), epochs
     lines = run(folder, "terms_coop", "coop", "--epochs", "1")
-    assert any(re.search(r"loss (\S+) \(ce \1\)", line) for line in lines), lines  # CE alone: the same number
+    # CE alone: the same number
+    assert any(re.search(r"loss (\S+) \(ce \1\)", line) for line in lines), lines
 
 
-# -- 4. one schedule over APLe's stages ------------------------------------------------------------------
+# -- 4. one schedule over APLe's stages ------------------------------------------------------------
 
 def logged_lrs(lines):
-    return [float(line.split(" lr ")[1].split()[0]) for line in lines if line.startswith("stage ") and " lr " in line]
+    return [
+        float(line.split(" lr ")[1].split()[0])
+        for line in lines
+        if line.startswith("stage ") and " lr " in line
+    ]
 
 
 def test_aple_one_schedule_over_all_stages(folder):
     lr = 0.01
-    lines = run(folder, "one", "aple", "--depth", "2", "--stage_epochs", "2", "2", "2", "--lr", str(lr))
-    expected = [1e-5] + [lr * 0.5 * (1 + math.cos(math.pi * e / 6)) for e in range(5)]  # Dassl's, over 6 epochs
+    lines = run(folder, "one", "aple", "--depth", "2", "--stage_epochs", "2", "2", "2", "--lr",
+                str(lr))
+    # Dassl's, over 6 epochs
+    expected = [1e-5] + [lr * 0.5 * (1 + math.cos(math.pi * e / 6)) for e in range(5)]
     assert logged_lrs(lines) == pytest.approx(expected, rel=1e-2)
     assert not any(line.startswith("warning: stage") for line in lines)
-    lines = run(folder, "restart", "aple", "--depth", "2", "--stage_epochs", "2", "2", "2", "--lr", str(lr),
-                "--stage_schedule", "restart")
+    lines = run(folder, "restart", "aple", "--depth", "2", "--stage_epochs", "2", "2", "2", "--lr",
+                str(lr), "--stage_schedule", "restart")
     assert logged_lrs(lines) == pytest.approx([1e-5, lr] * 3, rel=1e-2)
 
 
@@ -241,7 +262,8 @@ def test_lr_at_keeps_the_cosine_for_a_shape_of_one(tiny, method):
                 assert got == pytest.approx(cfg["lr"] * (plain / cfg["lr"]) ** power, rel=1e-12)
 
 
-@pytest.mark.parametrize("schedule, warned", [("one", ["language"]), ("restart", ["language", "vision", "joint"])])
+@pytest.mark.parametrize("schedule, warned",
+                         [("one", ["language"]), ("restart", ["language", "vision", "joint"])])
 def test_a_stage_with_only_warmup_epochs_is_warned_about(schedule, warned):
     logs = []
     cfg = {**options.DEFAULTS, "stage_schedule": schedule}
@@ -251,7 +273,7 @@ def test_a_stage_with_only_warmup_epochs_is_warned_about(schedule, warned):
     assert all("no epoch after the warm-up" in line for line in logs)
 
 
-# -- 5. each protocol's settings; a flag given wins -------------------------------------------------------
+# -- 5. each protocol's settings; a flag given wins ------------------------------------------------
 
 def parsed(*argv):
     return vars(options.parse_args(["--dataset", "caltech101", *argv]))
@@ -260,17 +282,21 @@ def parsed(*argv):
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "coop"], dict(epochs=200, n_ctx=4, ctx_init="a photo of a")),
     (["--method", "coop", "--dataset", "imagenet"], dict(epochs=50)),
-    *[(["--method", "coop", "--protocol", "fewshot", "--shots", str(k)], dict(epochs=e, n_ctx=16, ctx_init=""))
+    *[(["--method", "coop", "--protocol", "fewshot", "--shots", str(k)],
+       dict(epochs=e, n_ctx=16, ctx_init=""))
       for k, e in ((1, 50), (2, 100), (4, 100), (8, 200), (16, 200))],
-    (["--method", "coop", "--protocol", "fewshot", "--shots", "2", "--dataset", "imagenet"], dict(epochs=50)),
+    (["--method", "coop", "--protocol", "fewshot", "--shots", "2", "--dataset", "imagenet"],
+     dict(epochs=50)),
     (["--method", "coop", "--protocol", "crossdataset", "--dataset", "imagenet"], dict(epochs=50)),
-    (["--method", "aple", "--protocol", "crossdataset", "--dataset", "imagenet"], dict(depth=3, lr=0.0025)),
+    (["--method", "aple", "--protocol", "crossdataset", "--dataset", "imagenet"],
+     dict(depth=3, lr=0.0025)),
     (["--method", "pmpo", "--protocol", "crossdataset", "--dataset", "imagenet"],
      dict(depth=3, n_prompts=3, lr=0.0026, epochs=2)),
     (["--method", "pmpo"], dict(depth=9, n_prompts=4, lr=0.0035, epochs=5)),
     # a flag given wins over the protocol's setting
     (["--method", "coop", "--dataset", "imagenet", "--epochs", "7"], dict(epochs=7)),
-    (["--method", "coop", "--protocol", "fewshot", "--ctx_init", "a photo of a"], dict(n_ctx=16, ctx_init="a photo of a")),
+    (["--method", "coop", "--protocol", "fewshot", "--ctx_init", "a photo of a"],
+     dict(n_ctx=16, ctx_init="a photo of a")),
     (["--method", "pmpo", "--protocol", "crossdataset", "--n_prompts", "2", "--depth", "4"],
      dict(depth=4, n_prompts=2, epochs=2)),
 ])
@@ -280,10 +306,12 @@ def test_protocol_settings(argv, expected):
 
 
 def test_a_fewshot_file_sets_the_epochs_that_follow_from_its_shots(folder, monkeypatch):
-    """CoOp's few-shot epochs follow K, and a --fewshot-file decides K: 1 shot trains 50 epochs, not 16 shots' 200."""
+    """CoOp's few-shot epochs follow K, and a --fewshot-file decides K: 1 shot trains 50
+    epochs, not 16 shots' 200."""
     run(folder, "one_shot", "coop", "--protocol", "fewshot", "--shots", "1", "--epochs", "0")
     shots = str(folder.tmp / "one_shot" / "fewshot.json")
-    monkeypatch.setattr(train, "train", lambda *args, **kwargs: 0)  # the settings are what is tested
+    # the settings are what is tested
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: 0)
     for name, extra, epochs in (("file", [], 50), ("file_epochs", ["--epochs", "3"], 3)):
         run(folder, name, "coop", "--protocol", "fewshot", "--fewshot-file", shots, *extra)
         with open(folder.tmp / name / "config.json") as f:
@@ -291,25 +319,28 @@ def test_a_fewshot_file_sets_the_epochs_that_follow_from_its_shots(folder, monke
         assert (cfg["shots"], cfg["epochs"], cfg["n_ctx"]) == (1, epochs, 16)
 
 
-# -- 6. PMPO's depth -------------------------------------------------------------------------------------
+# -- 6. PMPO's depth -------------------------------------------------------------------------------
 
 def test_pmpo_partitions_layers_below_its_depth(vit_b16):
     model = pmpo.CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, dict(pmpo.DEFAULTS))  # depth 9, as MaPLe
     assert model.partitions == [[0, 1, 2], [3, 4], [5, 6], [7, 8]]
     with torch.no_grad():
-        assert sorted(model.vision_deep_prompts()) == list(range(9))  # layers 9-11 carry the tokens forward
+        # layers 9-11 carry the tokens forward
+        assert sorted(model.vision_deep_prompts()) == list(range(9))
 
 
-@pytest.mark.parametrize("overrides, words", [(dict(depth=3), "n_prompts"), (dict(depth=13), "depth")])
+@pytest.mark.parametrize("overrides, words",
+                         [(dict(depth=3), "n_prompts"), (dict(depth=13), "depth")])
 def test_pmpo_depth_is_checked(vit_b16, overrides, words):
     with pytest.raises(ValueError, match=words):
         pmpo.CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, {**pmpo.DEFAULTS, **overrides})
 
 
-# -- 7. the deep-prompt hook -------------------------------------------------------------------------------
+# -- 7. the deep-prompt hook -----------------------------------------------------------------------
 
 def test_a_vision_prompt_first_given_after_layer_0_is_appended(tiny):
-    """No slots before layer 1: its tokens join the sequence there, and layer 0 sees the plain image."""
+    """No slots before layer 1: its tokens join the sequence there, and layer
+    0 sees the plain image."""
     v = tiny.visual
     prompt = 0.1 * torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -332,14 +363,15 @@ def test_a_text_deep_prompt_longer_than_the_context_is_refused(tiny):
     learner = PromptLearner(tiny, CLASSNAMES, n_ctx=2, ctx_init="a photo of a")
     learner.encode(tiny, {1: torch.zeros(2, 64)})  # fits the 2 context slots
     with pytest.raises(ValueError, match="class name"):
-        learner.encode(tiny, {1: torch.zeros(3, 64)})  # would overwrite "of": prompt text after the context
+        # would overwrite "of": prompt text after the context
+        learner.encode(tiny, {1: torch.zeros(3, 64)})
     text = tokenize(["a cat."])  # [SOS] a cat . [EOS]: end-of-text at position 4
     tiny.encode_text(text, deep_prompts={1: torch.zeros(3, 64)})  # positions 1-3
     with pytest.raises(ValueError, match="end-of-text"):
         tiny.encode_text(text, deep_prompts={1: torch.zeros(4, 64)})
 
 
-# -- 8. provenance in the repository ------------------------------------------------------------------------
+# -- 8. provenance in the repository ---------------------------------------------------------------
 
 def read(path):
     with open(os.path.join(ROOT, path)) as f:
@@ -348,8 +380,8 @@ def read(path):
 
 @pytest.mark.parametrize("method", list(prompts.METHODS))
 def test_each_method_cites_its_page_in_the_repository(method):
-    """A method file that marks a choice [paper] names the page where the marks are sourced (a fork's
-    own method, with no [paper] mark, needs none)."""
+    """A method file that marks a choice [paper] names the page where the marks are sourced (a
+    fork's own method, with no [paper] mark, needs none)."""
     source = read(f"prompts/{method}.py")
     if "[paper]" not in source:
         pytest.skip(f"prompts/{method}.py marks no choice [paper]")
@@ -359,12 +391,14 @@ def test_each_method_cites_its_page_in_the_repository(method):
     assert "[paper]" in read(page)
 
 
-OUTSIDE = "/".join(("shared", "docs"))  # the team's design notes beside the repository, not in a clone
+# the team's design notes beside the repository, not in a clone
+OUTSIDE = "/".join(("shared", "docs"))
 
 
 def test_nothing_points_outside_the_repository():
     files = ["README.md", "CITATION.bib", "train.py", "eval.py",
-             *(f"prompts/{f}" for f in os.listdir(os.path.join(ROOT, "prompts")) if f.endswith(".py")),
+             *(f"prompts/{f}" for f in os.listdir(os.path.join(ROOT,
+                                                               "prompts")) if f.endswith(".py")),
              *(f"docs/{f}" for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))]
     for path in files:
         assert OUTSIDE not in read(path), path

@@ -218,7 +218,8 @@ def make_imagenetv2(root):
         ["tench", "goldfish", "great white shark"],
         (0, 0, 3),
         (
-            "imagenetv2/imagenetv2-matched-frequency-format-val/2/2abc7f1e0b36b2e4d4e32fd2b1c9f43b95a3.jpeg",
+            "imagenetv2/imagenetv2-matched-frequency-format-val/2/"
+            "2abc7f1e0b36b2e4d4e32fd2b1c9f43b95a3.jpeg",
             2,
             "great white shark",
         ),
@@ -420,7 +421,9 @@ class FakeDrive:
                              b"<html><title>Google Drive - Quota exceeded</title>too "
                              b"many users</html>", "text/html")
         if path == "/uc" and file_id in self.legacy and not confirmed:
-            link = f'<a id="uc-download-link" href="/uc?export=download&amp;confirm=TOKEN&amp;id={file_id}">Download anyway</a>'
+            link = (f'<a id="uc-download-link" '
+                    f'href="/uc?export=download&amp;confirm=TOKEN&amp;id={file_id}">'
+                    f'Download anyway</a>')
             return self.send(h, f"<html><title>Google Drive</title>{link}</html>".encode(),
                              "text/html")
         if path == "/uc" and file_id in self.large:

@@ -1,6 +1,6 @@
-"""prompts/: what each method learns (parameter counts at ViT-B/16 sizes, gradients only into prompts),
-CoOp's prompt construction, PMPO's depth partitions, APLe's Gaussian image adapter, and what each baseline
-(CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC) adds to it."""
+"""prompts/: what each method learns (parameter counts at ViT-B/16 sizes, gradients only into
+prompts), CoOp's prompt construction, PMPO's depth partitions, APLe's Gaussian image adapter, and
+what each baseline (CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC) adds to it."""
 import numpy as np
 import pytest
 import torch
@@ -12,7 +12,8 @@ from clip.model import CLIP
 from clip.tokenizer import tokenize
 from prompts import aple, pmpo, promptsrc, zeroshot
 from prompts.common import PromptLearner, learned_state, zeroshot_classifier
-from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401 (one_thread is a fixture)
+# one_thread is a fixture
+from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401
 from tests.tiny import stage_count, tiny_flags, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +24,8 @@ TEMPLATE = "a photo of a {}."
 
 @pytest.fixture(scope="module")
 def vit_b16():
-    """A randomly initialised, frozen CLIP with ViT-B/16's sizes (the counts depend only on shapes)."""
+    """A randomly initialised, frozen CLIP with ViT-B/16's sizes (the counts
+    depend only on shapes)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
@@ -32,7 +34,8 @@ def vit_b16():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny CLIP as train.py loads it: from a checkpoint file, through train.load_frozen_clip."""
+    """The tiny CLIP as train.py loads it: from a checkpoint file, through
+    train.load_frozen_clip."""
     path = save_tiny_clip(tmp_path_factory.mktemp("tiny") / "tiny.pt")
     return train.load_frozen_clip(path, "cpu")
 
@@ -41,26 +44,31 @@ def requires_grad_count(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# -- trainable parameters at ViT-B/16 sizes -----------------------------------------------------------
+# -- trainable parameters at ViT-B/16 sizes --------------------------------------------------------
 
-DEEP_B16 = {"prompt_learner.ctx": 4 * 512, "text_prompts": 8 * 4 * 512, "vision_prompts": 9 * 4 * 768}
+DEEP_B16 = {"prompt_learner.ctx": 4 * 512, "text_prompts": 8 * 4 * 512,
+            "vision_prompts": 9 * 4 * 768}
 
 
 @pytest.mark.parametrize("method, expected, parts", [
     ("coop", 2_048, {"prompt_learner.ctx": 4 * 512}),
     # the meta-net: Linear(512 -> 32), Linear(32 -> 512)
-    ("cocoop", 35_360, {"prompt_learner.ctx": 4 * 512, "meta_net.linear1.weight": 32 * 512, "meta_net.linear1.bias": 32,
+    ("cocoop", 35_360,
+     {"prompt_learner.ctx": 4 * 512, "meta_net.linear1.weight": 32 * 512,
+      "meta_net.linear1.bias": 32,
                         "meta_net.linear2.weight": 512 * 32, "meta_net.linear2.bias": 512}),
     ("kgcoop", 2_048, {"prompt_learner.ctx": 4 * 512}),
     # 2 + 2 tokens in all 12 layers of each encoder (its official config): 12*2*512 + 12*2*768
     ("ivlp", 30_720, {"prompt_learner.ctx": 2 * 512, "text_prompts": 11 * 2 * 512,
                       "vision_prompts": 12 * 2 * 768}),
-    # 2 text tokens in 9 layers, and 9 x Linear(512 -> 768) with bias coupling them to the vision side
+    # 2 text tokens in 9 layers, and 9 x Linear(512 -> 768) with bias
+    # coupling them to the vision side
     ("maple", 3_555_072, {"prompt_learner.ctx": 2 * 512, "text_prompts": 8 * 2 * 512,
                           **{f"proj.{i}.weight": 768 * 512 for i in range(9)},
                           **{f"proj.{i}.bias": 768 for i in range(9)}}),
     ("promptsrc", 46_080, DEEP_B16),
-    # PromptSRC's count: 4 x 512 text tokens at layer 0, 8 more layers of 4 x 512, 9 layers of 4 x 768
+    # PromptSRC's count: 4 x 512 text tokens at layer 0, 8 more layers of 4
+    # x 512, 9 layers of 4 x 768
     ("aple", 46_080, DEEP_B16),
     # 4 prompts x 4 tokens x 512, plus 4 x Linear(512 -> 768) with bias
     ("pmpo", 1_584_128, {"prompt_learner.ctx": 4 * 4 * 512,
@@ -90,19 +98,22 @@ def test_train_prints_trainable_parameters(tmp_path, capsys, method, expected):
     extra = tiny_flags(method, stage_count(method))  # one epoch a stage
     model = save_tiny_clip(tmp_path / "tiny.pt")
     folder = write_folder(tmp_path / "images", ["cat", "dog"], per_class=4)
-    train.main(["--method", method, "--dataset", f"folder:{folder}", "--model", model, "--out", str(tmp_path / "run"),
-                "--workers", "0", "--shots", "1", "--batch_size", "2", *extra])  # APLe: --stage_epochs
+    train.main(["--method", method, "--dataset", f"folder:{folder}", "--model", model, "--out",
+                str(tmp_path / "run"),
+                # APLe: --stage_epochs
+                "--workers", "0", "--shots", "1", "--batch_size", "2", *extra])
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(f"trainable parameters: {expected:,}") for line in lines), lines
     with open(tmp_path / "run" / "log.txt") as f:
         assert f"trainable parameters: {expected:,}" in f.read()
 
 
-# -- only the prompts learn -----------------------------------------------------------------------------
+# -- only the prompts learn ------------------------------------------------------------------------
 
 def tiny_method(method, clip_model, **overrides):
     """`method` on the tiny CLIP; its settings are kept as model.cfg."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method), **overrides, "method": method}
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
+           **overrides, "method": method}
     model = train.build_method(method, clip_model, CLASSNAMES, TEMPLATE, cfg)
     model.cfg = cfg
     return model
@@ -125,7 +136,8 @@ def assert_clip_untouched(model):
 
 
 def assert_nonzero_grad(name, p):
-    """Every slice along the first dim (a prompt, a layer's tokens) gets a gradient: none is dead weight."""
+    """Every slice along the first dim (a prompt, a layer's tokens) gets a
+    gradient: none is dead weight."""
     assert p.grad is not None, name
     grad = p.grad.reshape(p.shape[0], -1) if p.dim() > 1 else p.grad[None]
     assert (grad.abs().sum(-1) > 0).all(), f"{name}: some slices get no gradient"
@@ -140,7 +152,8 @@ def test_only_prompts_get_gradients(tiny, method):
     assert learned
     for name, p in learned:
         assert p.requires_grad, name
-        if name.startswith("meta_net.linear1"):  # CoCoOp: a hidden ReLU unit no image of the batch turns on
+        # CoCoOp: a hidden ReLU unit no image of the batch turns on
+        if name.startswith("meta_net.linear1"):
             assert p.grad.abs().sum() > 0, name  # gets no gradient (ReLU, not dead weight)
         else:
             assert_nonzero_grad(name, p)
@@ -148,10 +161,12 @@ def test_only_prompts_get_gradients(tiny, method):
 
 @pytest.mark.parametrize("method", prompts.METHODS)
 def test_text_checkpointing_gives_the_same_gradients(tiny, method):
-    """Activation checkpointing of the text encoder (train.py's --text_checkpointing) recomputes what it
-    did not keep: the loss and every gradient are bit-identical, deep text prompts (APLe) included."""
+    """Activation checkpointing of the text encoder (train.py's --text_checkpointing)
+    recomputes what it did not keep: the loss and every gradient are bit-identical, deep text
+    prompts (APLe) included."""
     model = tiny_method(method, tiny)
-    model.set_stage(model.stages(model.cfg)[-1][0])  # the last stage: everything the method defines learns
+    # the last stage: everything the method defines learns
+    model.set_stage(model.stages(model.cfg)[-1][0])
     grads = []
     for checkpointing in (False, True):
         tiny.transformer.grad_checkpointing = checkpointing
@@ -161,7 +176,8 @@ def test_text_checkpointing_gives_the_same_gradients(tiny, method):
             tiny.transformer.grad_checkpointing = False
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
-    if hasattr(model, "prompt_learner"):  # a method that learns text prompts: through the checkpointed encoder
+    # a method that learns text prompts: through the checkpointed encoder
+    if hasattr(model, "prompt_learner"):
         assert "prompt_learner.ctx" in grads[0]
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
@@ -173,7 +189,8 @@ def test_aple_stages_train_their_branch_only(tiny):
     assert {n for n, _ in model.named_parameters() if not n.startswith("clip.")} == everything
     stages = model.stages(model.cfg)
     assert [s for s, _ in stages] == ["language", "vision", "joint"]
-    expected = {"language": {"prompt_learner.ctx", "text_prompts"}, "vision": {"vision_prompts"}, "joint": everything}
+    expected = {"language": {"prompt_learner.ctx", "text_prompts"}, "vision": {"vision_prompts"},
+                "joint": everything}
     for stage, _ in stages:  # in order, as train.py runs them
         model.set_stage(stage)
         backward(model, seed=len(stage))
@@ -186,13 +203,13 @@ def test_aple_stages_train_their_branch_only(tiny):
 
 
 def test_aple_depth_beyond_the_encoders_is_refused(tiny):
-    """depth = 9 on a 2-layer CLIP would learn (and count, and save) prompts for layers that do not exist;
-    PMPO refuses n_prompts > layers the same way."""
+    """depth = 9 on a 2-layer CLIP would learn (and count, and save) prompts for layers that do not
+    exist; PMPO refuses n_prompts > layers the same way."""
     with pytest.raises((ValueError, SystemExit), match="depth"):
         tiny_method("aple", tiny, depth=9)
 
 
-# -- CoOp's prompt ------------------------------------------------------------------------------------
+# -- CoOp's prompt ---------------------------------------------------------------------------------
 
 def test_prompt_learner_init_is_the_hand_written_prompt(tiny):
     learner = PromptLearner(tiny, CLASSNAMES, n_ctx=4, ctx_init="a photo of a")
@@ -204,7 +221,8 @@ def test_prompt_learner_init_is_the_hand_written_prompt(tiny):
     with torch.no_grad():
         expected = tiny.token_embedding(tokens[:, :length])
     assert torch.equal(embeddings[0], expected)
-    assert torch.equal(learner.tokenized_prompts.argmax(-1), tokens.argmax(-1))  # same end-of-text positions
+    # same end-of-text positions
+    assert torch.equal(learner.tokenized_prompts.argmax(-1), tokens.argmax(-1))
 
 
 def test_prompt_learner_random_init(tiny):
@@ -231,18 +249,20 @@ def test_coop_at_init_equals_zeroshot(tiny):
     torch.testing.assert_close(learned, expected, atol=1e-6, rtol=0)
     with torch.no_grad():  # and so are the logits of zero-shot CLIP
         images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(model(images), zeroshot.CustomCLIP(tiny, CLASSNAMES, TEMPLATE)(images),
+        torch.testing.assert_close(model(images),
+                                   zeroshot.CustomCLIP(tiny, CLASSNAMES, TEMPLATE)(images),
                                    atol=1e-5, rtol=0)
 
 
-# -- PMPO's depth partitions -------------------------------------------------------------------------
+# -- PMPO's depth partitions -----------------------------------------------------------------------
 
 def test_pmpo_partitions():
     assert pmpo.partitions(12, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     for n in range(1, 13):
         parts = pmpo.partitions(12, n)
         assert len(parts) == n
-        assert [layer for part in parts for layer in part] == list(range(12))  # contiguous, in order, all
+        # contiguous, in order, all
+        assert [layer for part in parts for layer in part] == list(range(12))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1  # near-equal
     assert [len(p) for p in pmpo.partitions(12, 5)] == [3, 3, 2, 2, 2]
     for bad in (0, 13):
@@ -266,7 +286,7 @@ def test_pmpo_vision_prompts(vit_b16, inject, layers):
                 assert torch.equal(prompts[layer], expected), layer
 
 
-# -- APLe's Gaussian image adapter ---------------------------------------------------------------------
+# -- APLe's Gaussian image adapter -----------------------------------------------------------------
 
 def images(seed=0, shape=(2, 3, 32, 32)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -280,15 +300,18 @@ def test_gaussian_adapter_alpha_one_is_identity():
 def test_gaussian_adapter_keeps_constant_images():
     x = torch.tensor([0.7, -1.2, 2.5]).view(1, 3, 1, 1).expand(2, 3, 32, 48).contiguous()
     for alpha in (0.9, 0.0):
-        torch.testing.assert_close(aple.gaussian_adapter(x, sigma=0.05, alpha=alpha), x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(aple.gaussian_adapter(x, sigma=0.05, alpha=alpha), x, atol=1e-5,
+                                   rtol=0)
 
 
 def test_gaussian_adapter_commutes_with_normalisation():
-    """Filtering CLIP-normalised images equals normalising filtered raw images (gain 1 at DC, linear)."""
+    """Filtering CLIP-normalised images equals normalising filtered raw images
+    (gain 1 at DC, linear)."""
     x = images(1).abs()  # "raw" pixels
     a = torch.tensor([1 / 0.27, 1 / 0.26, 1 / 0.28]).view(1, 3, 1, 1)
     b = torch.tensor([-0.48 / 0.27, -0.46 / 0.26, -0.41 / 0.28]).view(1, 3, 1, 1)
-    torch.testing.assert_close(aple.gaussian_adapter(a * x + b), a * aple.gaussian_adapter(x) + b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aple.gaussian_adapter(a * x + b), a * aple.gaussian_adapter(x) + b,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_gaussian_adapter_is_a_low_pass():
@@ -304,15 +327,18 @@ def test_gaussian_adapter_is_a_low_pass():
     assert ratio_low > 0.99  # DC passes
     assert (Y.abs() <= X.abs() + 1e-4).all()  # never amplifies a frequency
     # a checkerboard (the highest frequency) keeps only the alpha * I part
-    checker = torch.from_numpy(np.indices((32, 32)).sum(0) % 2 * 2.0 - 1).float().expand(1, 3, 32, 32)
-    torch.testing.assert_close(aple.gaussian_adapter(checker, 0.05, 0.9), 0.9 * checker, atol=1e-5, rtol=0)
+    checker = torch.from_numpy(np.indices((32, 32)).sum(0) % 2 * 2.0 - 1).float().expand(1, 3, 32,
+                                                                                         32)
+    torch.testing.assert_close(aple.gaussian_adapter(checker, 0.05, 0.9), 0.9 * checker, atol=1e-5,
+                               rtol=0)
 
 
-# -- the baselines: CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC -----------------------------------------------
+# -- the baselines: CoCoOp, KgCoOp, IVLP, MaPLe, PromptSRC -----------------------------------------
 
 def test_cocoop_logits_are_per_image_and_chunking_changes_nothing(tiny):
-    """Each image against class features from its own context v_m + pi(x) (CoCoOp Eq. 3-5), written out one
-    image at a time; sending one image's prompts at a time or all at once gives the same numbers (to rounding)."""
+    """Each image against class features from its own context v_m + pi(x) (CoCoOp Eq. 3-5), written
+    out one image at a time; sending one image's prompts at a time or all at once gives the same
+    numbers (to rounding)."""
     model = tiny_method("cocoop", tiny)
     x = images(3, (5, 3, 32, 32))
     assert model.text_prompts_per_step(4) == 4 * len(CLASSNAMES)
@@ -322,20 +348,27 @@ def test_cocoop_logits_are_per_image_and_chunking_changes_nothing(tiny):
         for b in range(len(x)):
             ctx = model.prompt_learner.ctx[0] + model.meta_net(f[b])  # [M, width]
             t = model.prompt_learner.encode(tiny, ctx=ctx[None])[0]  # [n_cls, D]
-            torch.testing.assert_close(logits[b], tiny.logit_scale.exp() * t @ f[b], atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits[b], tiny.logit_scale.exp() * t @ f[b], atol=1e-5,
+                                       rtol=0)
         model.cfg = {**model.cfg, "prompts_per_chunk": 1}  # one image (3 prompts) per chunk
-        torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=0)  # batched matmuls: float32 rounding
-        model.meta_net.linear2.weight.zero_()  # no shift: CoOp's prompt "a photo of a {}.", i.e. zero-shot CLIP
+        # batched matmuls: float32 rounding
+        torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=0)
+        # no shift: CoOp's prompt "a photo of a {}.", i.e. zero-shot CLIP
+        model.meta_net.linear2.weight.zero_()
         model.meta_net.linear2.bias.zero_()
-        torch.testing.assert_close(model(x), zeroshot.CustomCLIP(tiny, CLASSNAMES, TEMPLATE)(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), zeroshot.CustomCLIP(tiny, CLASSNAMES, TEMPLATE)(x),
+                                   atol=1e-5, rtol=0)
 
 
 def test_kgcoop_loss(tiny):
-    """CE + 8 (1 - mean_c cos(w_c, w_c^clip)); at init the context is the template, so the penalty is ~0."""
+    """CE + 8 (1 - mean_c cos(w_c, w_c^clip)); at init the context is the
+    template, so the penalty is ~0."""
     model = tiny_method("kgcoop", tiny)
     x, y = images(4, (4, 3, 32, 32)), torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
-        assert model.loss(x, y) == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), abs=1e-5)
+        assert model.loss(x,
+                          y) == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(),
+                                              abs=1e-5)
         ctx = model.prompt_learner.ctx
         ctx.add_(0.05 * torch.randn(ctx.shape, generator=torch.Generator().manual_seed(1)))
         w = model.text_features()
@@ -349,7 +382,8 @@ def test_kgcoop_loss(tiny):
 
 @pytest.mark.parametrize("method", ["ivlp", "maple"])
 def test_two_tokens_learned_of_a_kept(tiny, method):
-    """IVLP and MaPLe learn "a photo" and keep "of a": at init the prompt is the template, word for word."""
+    """IVLP and MaPLe learn "a photo" and keep "of a": at init the prompt is the
+    template, word for word."""
     model = tiny_method(method, tiny)
     learner = model.prompt_learner
     assert learner.ctx.shape == (1, 2, 64)
@@ -361,7 +395,8 @@ def test_two_tokens_learned_of_a_kept(tiny, method):
 
 
 def test_maple_couples_each_layer(vit_b16):
-    model = prompts.METHODS["maple"].CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE, dict(prompts.maple.DEFAULTS))
+    model = prompts.METHODS["maple"].CustomCLIP(vit_b16, CLASSNAMES, TEMPLATE,
+                                                dict(prompts.maple.DEFAULTS))
     with torch.no_grad():
         vision = model.vision_deep_prompts()
         assert sorted(vision) == list(range(9))
@@ -373,22 +408,28 @@ def test_maple_couples_each_layer(vit_b16):
     for i in range(2, 9):
         assert torch.equal(model.proj[i].weight, model.proj[1].weight)
     assert not torch.equal(model.proj[0].weight, model.proj[1].weight)
-    assert model.proj[1].weight.data_ptr() != model.proj[2].weight.data_ptr()  # copies, not one shared tensor
+    # copies, not one shared tensor
+    assert model.proj[1].weight.data_ptr() != model.proj[2].weight.data_ptr()
 
 
 def test_zeroshot_classifier_template_average(tiny):
-    """A template list: the raw features averaged, then normalised (PromptSRC's t~), not the mean of unit vectors."""
+    """A template list: the raw features averaged, then normalised (PromptSRC's t~), not
+    the mean of unit vectors."""
     templates = ["a photo of a {}.", "a drawing of the {}.", "itap of a {}."]
     with torch.no_grad():
-        raw = torch.stack([tiny.encode_text(tokenize([t.format(c) for c in CLASSNAMES])) for t in templates])
+        raw = torch.stack(
+            [tiny.encode_text(tokenize([t.format(c) for c in CLASSNAMES])) for t in templates]
+        )
     expected = torch.nn.functional.normalize(raw.mean(0), dim=-1)
-    torch.testing.assert_close(zeroshot_classifier(tiny, CLASSNAMES, templates), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(zeroshot_classifier(tiny, CLASSNAMES, templates), expected,
+                               atol=1e-6, rtol=0)
 
 
 def test_promptsrc_gpa_weights():
     w = promptsrc.gpa_weights(20, 15, 1)  # the base-to-novel config
     assert sum(w) == pytest.approx(1)
-    assert [round(v, 4) for v in w[11:18]] == [0.0044, 0.0540, 0.2420, 0.3989, 0.2420, 0.0540, 0.0044]
+    assert [round(v, 4) for v in w[11:18]] == [0.0044, 0.0540, 0.2420, 0.3989, 0.2420, 0.0540,
+                                               0.0044]
     assert max(w[:11] + w[18:]) < 2e-4  # epochs 11 and 19: 1.3e-4
     assert promptsrc.gpa_weights(3, 1000, 1) == pytest.approx([0, 0, 1])  # far tails: no 0 / 0
     with pytest.raises(ValueError, match="gpa_std"):
@@ -415,7 +456,8 @@ def test_promptsrc_gpa_averages_the_epochs(tiny):
 
 
 def test_promptsrc_loss(tiny):
-    """CE + KL(p~ || p) / (B C) + 25 mean|t - t~| + 10 mean|f - f~|, with t~ over PromptSRC's 60 templates."""
+    """CE + KL(p~ || p) / (B C) + 25 mean|t - t~| + 10 mean|f - f~|, t~ over PromptSRC's 60
+    templates."""
     model = tiny_method("promptsrc", tiny)
     assert len(promptsrc.TEMPLATES) == len(set(promptsrc.TEMPLATES)) == 60
     x, y = images(5, (4, 3, 32, 32)), torch.tensor([0, 1, 2, 1])
@@ -429,7 +471,8 @@ def test_promptsrc_loss(tiny):
         z, z0 = scale * f @ t.t(), scale * f0 @ t0.t()
         p, p0 = z.softmax(-1), z0.softmax(-1)
         kl = (p0 * (p0.log() - p.log())).sum() / z.numel()
-        expected = F.cross_entropy(z, y) + kl + 25 * (t - t0).abs().mean() + 10 * (f - f0).abs().mean()
+        expected = F.cross_entropy(z,
+                                   y) + kl + 25 * (t - t0).abs().mean() + 10 * (f - f0).abs().mean()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     assert set(model.loss_terms) == {"ce", "kl", "text_l1", "image_l1"}
     assert sum(model.loss_terms.values()) == pytest.approx(loss.item(), abs=1e-5)

@@ -17,11 +17,8 @@ import eval as eval_py
 import prompts
 import options
 import train
-from tests.synthetic import (
-    one_thread,
-    save_tiny_clip,
-    write_folder,
-)  # noqa: F401 (one_thread is a fixture)
+# one_thread is a fixture
+from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -56,8 +53,8 @@ def test_readme_method_trains_saves_and_evaluates(vpt, tmp_path):
     assert set(metrics) == {"base_acc", "novel_acc", "hm"}
     ckpt = torch.load(out / "prompt_learner.pt", weights_only=True)
     assert ckpt["method"] == "vpt"
-    assert {k: tuple(v.shape) for k,
-            v in ckpt["state_dict"].items()} == {"vision_prompts": (2, 4, 64)}
+    assert {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()} == {"vision_prompts": (2, 4,
+                                                                                             64)}
     result = eval_py.main(["--ckpt", str(out / "prompt_learner.pt"), "--dataset",
                            f"folder:{folder}", "--subsample", "new", "--workers", "0", "--out",
                            str(tmp_path / "eval.json")])

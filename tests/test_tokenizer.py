@@ -140,8 +140,9 @@ def corpus(classnames, imagenet):
     # 80 functions name -> prompt; use each on 12-13 classes
     templates = imagenet.OPENAI_IMAGENET_TEMPLATES
     names = classnames["ImageNet"]
-    groups["ImageNet 80 templates"] = [templates[i % len(templates)](name) for i,
-                                       name in enumerate(names)]
+    groups["ImageNet 80 templates"] = [
+        templates[i % len(templates)](name) for i, name in enumerate(names)
+    ]
     groups["edge cases"] = EDGE_CASES
     groups["fuzz"] = fuzz_strings()
     groups["over-long"] = OVER_LONG
