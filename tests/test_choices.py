@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prompts
 import options
+import prompts
 import train
 from clip.tokenizer import tokenize
 from prompts import aple, pmpo, zeroshot

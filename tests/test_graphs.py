@@ -6,12 +6,12 @@ import types
 import pytest
 import torch
 
-import prompts
 import options
+import prompts
 import speed
 import train
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.tiny import tiny_clip, tiny_settings
+from tests.tiny import tiny_clip, tiny_settings, tiny_train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSNAMES = ["cat", "dog", "sea lion", "hot air balloon"]
@@ -47,16 +47,7 @@ def learned_after(graphs, method="maple", fail=False, required=False):
     """The learned tensors after two epochs of 3 batches (4, 4, then a partial 2) at two lrs; with
     graphs, the step is ReplayedInPython. Returns (learned state, the step, the losses seen)."""
     torch.manual_seed(0)
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           "method": method}
-    model = prompts.build(method, tiny_clip().requires_grad_(False), CLASSNAMES, "a photo of a {}.",
-                          cfg)
-    model.set_stage(model.stages(cfg)[-1][0])
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=5e-4)
-    args = types.SimpleNamespace(device="cpu", precision="fp32", cuda_graphs="off")
-    step = train.train_step(model, optimizer, args, cfg)
+    model, optimizer, step = tiny_train_step(method, CLASSNAMES, lr=1e-2)
     if graphs:
         step = ReplayedInPython(step, optimizer, required)
         step.fail = fail

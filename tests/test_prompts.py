@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import prompts
 import options
+import prompts
 import train
 from clip.model import CLIP
 from clip.tokenizer import tokenize

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import eval as eval_py
-import prompts
 import options
+import prompts
 import train
 # one_thread is a fixture
 from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401

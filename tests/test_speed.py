@@ -7,8 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import prompts
 import options
+import prompts
 import train
 from bench import full_length_text_features
 from clip.tokenizer import tokenize

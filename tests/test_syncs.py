@@ -1,19 +1,18 @@
 """No host sync inside a training step: on a GPU each one drains the launch queue (bench.HostSyncs
 says which ops). Counted on the CPU, where the same ops are dispatched: every registered method's
 step, and train.py's loop over a whole toy run."""
-import types
 
 import pytest
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-import prompts
 import options
+import prompts
 import train
 from bench import HostSyncs
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.tiny import tiny_clip, tiny_settings
+from tests.tiny import tiny_train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # several prompt lengths: several buckets
@@ -31,16 +30,7 @@ def test_the_counter_sees_a_read_back():
 def test_a_train_step_reads_nothing_back(method):
     """Batch 4 in the method's last stage (everything it defines learns), after one warm-up step
     (what a method makes once, e.g. PromptSRC's teacher features, may read back then)."""
-    clip_model = tiny_clip().requires_grad_(False)
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           "method": method}
-    model = prompts.build(method, clip_model, CLASSNAMES, "a photo of a {}.", cfg)
-    model.set_stage(model.stages(cfg)[-1][0])
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    args = types.SimpleNamespace(device="cpu", precision="fp32", cuda_graphs="off")
-    step = train.train_step(model, optimizer, args, cfg)
+    model, _, step = tiny_train_step(method, CLASSNAMES, lr=1e-3)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
     step(images, labels)
     with HostSyncs() as syncs:

@@ -2,11 +2,13 @@
 few MB instead of 350."""
 import functools
 import math
+import types
 
 import torch
 
 import options
 import prompts
+import train
 from clip.model import CLIP
 
 TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,
@@ -58,6 +60,22 @@ def stage_count(method):
            "method": method}
     return len(prompts.build(method, tiny_clip(), ["cat", "dog"], "a photo of a {}.",
                              cfg).stages(cfg))
+
+
+def tiny_train_step(method, classnames, lr, **args):
+    """(model, optimizer, step): `method` on the tiny CLIP in its last stage (everything it defines
+    learns) and train.py's step for it, SGD as train.py's; args: train_step's run arguments (device,
+    precision, cuda_graphs; default the CPU's)."""
+    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
+           "method": method}
+    model = prompts.build(method, tiny_clip().requires_grad_(False), classnames, "a photo of a {}.",
+                          cfg)
+    model.set_stage(model.stages(cfg)[-1][0])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    args = types.SimpleNamespace(**{"device": "cpu", "precision": "fp32", "cuda_graphs": "off", **args})
+    return model, optimizer, train.train_step(model, optimizer, args, cfg)
 
 
 def tiny_flags(method, epochs):
