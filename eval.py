@@ -223,8 +223,8 @@ def result_path(args, ckpt, model_name):
                else os.path.join("runs", "zeroshot", runfolder.safe_name(model_name), name))
     out = args.out or default
     if os.path.isdir(out) or out.endswith(("/", os.sep)):  # the result's file, not its folder
-        raise SystemExit(f"error: --out {out} is a folder; --out names the result's file, e.g. "
-                         f"{os.path.join(out, os.path.basename(default))}")
+        raise SystemExit(f"error: --out {out} exists as a folder (or ends in /); --out names "
+                         f"the result's file, e.g. {os.path.join(out, os.path.basename(default))}")
     if os.path.exists(out):
         raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
     if runfolder.unwritable(out):

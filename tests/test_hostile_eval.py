@@ -245,9 +245,9 @@ def out_cases(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "a file").write_text("x")
     return {"existing file": (str(tmp_path / "mine.json"), "exists"),
-            "existing folder": (str(tmp_path / "folder"), "is a folder"),
-            "existing folder/": (str(tmp_path / "folder") + "/", "is a folder"),
-            "new folder/": (str(tmp_path / "newdir") + "/", "is a folder"),
+            "existing folder": (str(tmp_path / "folder"), "as a folder"),
+            "existing folder/": (str(tmp_path / "folder") + "/", "as a folder"),
+            "new folder/": (str(tmp_path / "newdir") + "/", "as a folder"),
             "under a file": (str(tmp_path / "a file" / "e.json"), "is a file")}
 
 
