@@ -54,6 +54,9 @@ def parse_args(argv=None):
                    help="cpu, cuda, cuda:1, mps")
     shared = {k: options.DEFAULTS[k] for k in ("precision", "eval_batch_size", "workers")}
     options.add_options(p, shared, options.HELP, options.CHOICES)
+    p.add_argument("--allow_unfinished", action="store_true",
+                   help="evaluate a checkpoint of a run that has not finished (its result is "
+                        "marked unfinished; --summary leaves it out)")
     p.add_argument("--summary", nargs="+", metavar="DIR",
                    help="print the Markdown tables of the runs under DIR")
     p.add_argument("--benchmark", choices=benchmark.PROTOCOLS,
@@ -92,8 +95,16 @@ def parse_args(argv=None):
     return args
 
 
+# what train.py's save_checkpoint writes, with the type each value must have
+CHECKPOINT_KEYS = dict(method=str, config=dict, classnames=list, epoch=int,
+                       clip_architecture=dict, state_dict=dict)
+CONFIG_KEYS = ("method", "model", "protocol", "dataset")  # besides the method's own options
+
+
 def load_checkpoint(path, method=None):
-    """Read a train.py checkpoint; refuse anything else with a message that says what it is."""
+    """Read a train.py checkpoint and check every value it holds; refuse anything else with a
+    message that names the file and what is wrong. The one reader of prompt_learner.pt (its fit
+    to the method's model, which needs a CLIP, is checked in build_from_checkpoint)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path} (train.py writes "
                          f"<run folder>/prompt_learner.pt)")
@@ -109,31 +120,137 @@ def load_checkpoint(path, method=None):
     ):
         raise SystemExit(f"error: {path} is not a prompt checkpoint written by train.py "
                          f"(a CLIP checkpoint goes to --model instead)")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise SystemExit(f"error: {path} is damaged or was edited: {problem}. Use the "
+                         f"prompt_learner.pt that train.py wrote (or train again)")
     if method and method != ckpt["method"]:
         raise SystemExit(f"error: {path} holds {ckpt['method']} prompts, not {method}")
     runfolder.check_finite(ckpt["state_dict"], path)
     return ckpt
 
 
-def build_from_checkpoint(ckpt, clip_model, dataset, subsample, classnames, template):
+def checkpoint_problem(ckpt):
+    """What is wrong in a checkpoint's values (None if nothing): keys, types, the config's."""
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in ckpt:
+            return f"it has no {key!r}"
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            return f"its {key!r} is a {type(ckpt[key]).__name__}, not a {kind.__name__}"
+    if ckpt["epoch"] < 0:
+        return f"its epoch is {ckpt['epoch']}"
+    if not ckpt["classnames"] or not all(isinstance(c, str) and c for c in ckpt["classnames"]):
+        return "its classnames are not a list of names"
+    if not ckpt["state_dict"]:
+        return "its state_dict is empty: the learned tensors are missing"
+    bad = [k for k, t in ckpt["state_dict"].items() if not torch.is_tensor(t)]
+    if bad:
+        return f"its state_dict's {bad[0]} is a {type(ckpt['state_dict'][bad[0]]).__name__}, " \
+               f"not a tensor"
+    arch = ckpt["clip_architecture"]
+    if not all(type(arch.get(k)) is int for k in ("embed_dim", "image_resolution", "text_width")):
+        return f"its clip_architecture {arch} is not a CLIP's"
+    return config_problem(ckpt["config"], ckpt["method"])
+
+
+def config_problem(cfg, method):
+    """What is wrong in a checkpoint's config: the method's options, each of its default's type."""
+    if cfg.get("method") != method:
+        return f"it holds {method} prompts, but its config says method {cfg.get('method')!r}"
+    defaults = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS}
+    for key in (*CONFIG_KEYS, *prompts.METHODS[method].DEFAULTS):
+        if key not in cfg:
+            return f"its config has no {key!r}"
+    for key, value in cfg.items():
+        want = str if key in CONFIG_KEYS else type(defaults.get(key))
+        if value is None and key not in CONFIG_KEYS or want is type(None):  # e.g. fewshot_file
+            continue
+        ok = (isinstance(value, (list, tuple)) if want in (list, tuple)
+              else isinstance(value, (int, float)) and not isinstance(value, bool)
+              if want is float else type(value) is want)
+        if not ok:
+            return f"its config's {key} is {value!r}, not a {want.__name__}"
+    return None
+
+
+def build_from_checkpoint(ckpt, path, clip_model, dataset, subsample, classnames, template):
     """The checkpoint's method on this class list, with its learned tensors loaded and checked."""
     cfg = ckpt["config"]
     if ckpt["clip_architecture"] != prompts.clip_architecture(clip_model):
-        raise SystemExit(f"error: these prompts were learned on another CLIP ({cfg['model']}: "
-                         f"{ckpt['clip_architecture']}); pass --model {cfg['model']}")
+        raise SystemExit(f"error: the prompts in {path} were learned on another CLIP "
+                         f"({cfg['model']}: {ckpt['clip_architecture']}); pass --model "
+                         f"{cfg['model']}")
     trained_on = "base" if cfg["protocol"] == "base2novel" else "all"
     if dataset == cfg["dataset"] and subsample == trained_on and classnames != ckpt["classnames"]:
         raise SystemExit(f"error: {dataset}'s {subsample} classes here differ from the "
-                         f"{len(ckpt['classnames'])} the prompts were trained on (another "
-                         f"split file or data set version?)")
+                         f"{len(ckpt['classnames'])} the prompts in {path} were trained on "
+                         f"(another split file or data set version?)")
     model = train.build_method(cfg["method"], clip_model, classnames, template, cfg)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    # a method's buffers are rebuilt or training-only
-    missing = [k for k in missing if k in learned_state(model)]
-    if missing or unexpected:
-        raise SystemExit(f"error: the checkpoint does not fit {cfg['method']} with its saved "
-                         f"settings (missing {missing}, unexpected {unexpected})")
+    wanted = learned_state(model)  # a method's buffers are rebuilt or training-only
+    saved = ckpt["state_dict"]
+    missing = [k for k in wanted if k not in saved]
+    unexpected = [k for k in saved if k not in model.state_dict()]
+    shapes = [f"{k} {tuple(saved[k].shape)} {saved[k].dtype}, not {tuple(wanted[k].shape)}"
+              for k in wanted if k in saved and (saved[k].shape != wanted[k].shape
+                                                 or not saved[k].is_floating_point())]
+    if missing or unexpected or shapes:
+        raise SystemExit(f"error: {path} does not fit {cfg['method']} with its saved settings "
+                         f"(missing {missing}, unexpected {unexpected}, shapes {shapes})")
+    model.load_state_dict(saved, strict=False)
     return model
+
+
+def check_finished(path, allow):
+    """A checkpoint of a run that has not finished (killed, or still training) holds an epoch's
+    prompts, not the run's: refused, unless allowed (its result is then marked unfinished)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if runfolder.finished(folder):
+        return False
+    if not allow:
+        raise SystemExit(f"error: {path} is from a run that has not finished ({folder} has no "
+                         f"metrics.json: it was stopped, or is still training), so its prompts "
+                         f"are not the run's final ones. Finish the run (the same train.py "
+                         f"command resumes it), or pass --allow-unfinished to evaluate it anyway "
+                         f"(the result is marked unfinished, and --summary leaves it out)")
+    print(f"warning: {path} is from an unfinished run; its result is marked unfinished")
+    return True
+
+
+def result_path(args, ckpt, model_name):
+    """--out, or the default name; checked before anything is evaluated."""
+    name = f"{runfolder.safe_name(args.dataset)}_{args.subsample}.json"
+    default = (os.path.join(os.path.dirname(args.ckpt), "eval_" + name) if ckpt
+               else os.path.join("runs", "zeroshot", runfolder.safe_name(model_name), name))
+    out = args.out or default
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):  # the result's file, not its folder
+        raise SystemExit(f"error: --out {out} exists as a folder (or ends in /); --out names "
+                         f"the result's file, e.g. {os.path.join(out, os.path.basename(default))}")
+    if os.path.exists(out):
+        raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
+    if runfolder.unwritable(out):
+        raise SystemExit(f"error: --out {out} cannot be written: {runfolder.unwritable(out)}")
+    return out
+
+
+def save_result(path, result):
+    """Write a result next to no other: atomically under a private name, then hard-linked to
+    path, which fails if the name exists (another eval.py with the same --out finished first)."""
+    with runfolder.write_errors(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    staged = os.path.join(os.path.dirname(os.path.abspath(path)),
+                          f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    runfolder.save_json(staged, result)
+    try:
+        with runfolder.write_errors(path):
+            os.link(staged, path)
+    except SystemExit:
+        if os.path.exists(path):
+            raise SystemExit(f"error: {path} was written by another process while this one "
+                             f"evaluated; it is kept. Pass another --out to save this result") \
+                from None
+        raise
+    finally:
+        os.remove(staged)
 
 
 def main(argv=None):
@@ -144,16 +261,11 @@ def main(argv=None):
     if args.benchmark:
         return benchmark.run(args, args.train_args)
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
+    unfinished = check_finished(args.ckpt, args.allow_unfinished) if ckpt else False
     model_name = args.model or (
         ckpt["config"]["model"] if ckpt else options.shared_defaults(args.dataset)["model"]
     )
-    name = f"{runfolder.safe_name(args.dataset)}_{args.subsample}.json"
-    out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_" + name) if ckpt
-                       else os.path.join("runs", "zeroshot", runfolder.safe_name(model_name), name))
-    if os.path.exists(out):
-        raise SystemExit(f"error: {out} exists; pass another --out or delete it to evaluate again")
-    if runfolder.unwritable(out):
-        raise SystemExit(f"error: --out {out} cannot be written: {runfolder.unwritable(out)}")
+    out = result_path(args, ckpt, model_name)
 
     ds = train.read_dataset(args.dataset, args.root)
     (_, _, test), classnames = data.subsample_classes(args.subsample, ds.train, ds.val, ds.test)
@@ -165,8 +277,8 @@ def main(argv=None):
               f"{', '.join(names)}")
     clip_model = speed.keep_in_precision(train.load_frozen_clip(model_name, args.device), args)
     if ckpt:
-        model = build_from_checkpoint(ckpt, clip_model, args.dataset, args.subsample, classnames,
-                                      ds.template)
+        model = build_from_checkpoint(ckpt, args.ckpt, clip_model, args.dataset, args.subsample,
+                                      classnames, ds.template)
     else:
         model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
     cfg = dict(eval_batch_size=args.eval_batch_size, workers=args.workers)
@@ -174,10 +286,10 @@ def main(argv=None):
                   model=model_name, dataset=args.dataset, subsample=args.subsample,
                   classes=len(classnames), images=len(test),
                   accuracy=train.evaluate(model, test, args, cfg))
+    if unfinished:  # --summary leaves it out
+        result.update(unfinished=True, epoch=ckpt["epoch"])
     print(json.dumps(result, indent=2))
-    with runfolder.write_errors(out):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    runfolder.save_json(out, result)
+    save_result(out, result)
     return result
 
 
@@ -203,23 +315,15 @@ def summary(dirs):
                                                                                "metrics.json"),
                                                                                recursive=True)):
         folder = os.path.dirname(metrics_path)
-        cfg, values = runfolder.read_json(os.path.join(folder, "config.json")), runfolder.read_json(
-            metrics_path
-        )
-        if not isinstance(cfg, dict) or not {"method", "protocol", "dataset", "shots",
-                                             "seed"} <= set(cfg):
-            notes.append(f"skipped {folder}: its config.json is damaged")
-            continue
-        columns = ("base_acc", "novel_acc") if cfg["protocol"] == "base2novel" else ("accuracy",)
-        if not isinstance(values,
-                          dict) or not all(isinstance(values.get(c),
-                                                      (int, float)) for c in columns):
-            notes.append(f"skipped {folder}: its metrics.json is damaged")
+        cfg, why = read_run_config(os.path.join(folder, "config.json"))
+        values, why = (None, why) if why else read_metrics(metrics_path, cfg["protocol"])
+        if why:
+            notes.append(f"skipped {folder}: {why}")
             continue
         for path in sorted(glob.glob(os.path.join(folder, "eval_*.json"))):
-            e = runfolder.read_json(path)
-            if not isinstance(e, dict) or not isinstance(e.get("accuracy"), (int, float)):
-                notes.append(f"skipped {path}: damaged")
+            e, why = read_eval(path)
+            if why:
+                notes.append(f"skipped {path}: {why}")
                 continue
             values[f"{e['dataset']} ({e['subsample']})"] = e["accuracy"]
         settings = json.dumps({k: v for k, v in cfg.items() if k not in NOT_SETTINGS},
@@ -349,6 +453,58 @@ def markdown_table(name, protocol, table):
             cells.append(f"{hm:.2f}")
         lines.append("| **Average** | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# -- the files --summary reads: one reader per kind, each (value, None) or (None, what is wrong) ---
+
+def read_run_config(path):
+    """A run's config.json: the settings a table is grouped by."""
+    cfg = runfolder.read_json(path)
+    if not isinstance(cfg, dict):
+        return None, f"{path} is missing or damaged (not a JSON object)"
+    for key, kind in dict(method=str, protocol=str, dataset=str, shots=int, seed=int).items():
+        if not isinstance(cfg.get(key), kind) or isinstance(cfg.get(key), bool):
+            return None, f"{path}: {key} is {cfg.get(key)!r}, not a {kind.__name__}"
+    if cfg["shots"] < 1 or cfg["seed"] < 0:
+        return None, f"{path}: shots {cfg['shots']} or seed {cfg['seed']} is out of range"
+    if cfg["protocol"] not in options.PROTOCOLS:
+        return None, f"{path}: protocol {cfg['protocol']!r} is not one of {options.PROTOCOLS}"
+    return cfg, None
+
+
+def read_metrics(path, protocol):
+    """A run's metrics.json: every value an accuracy, with the protocol's columns."""
+    values = runfolder.read_json(path)
+    if not isinstance(values, dict):
+        return None, f"{path} is damaged (not a JSON object)"
+    columns = ("base_acc", "novel_acc") if protocol == "base2novel" else ("accuracy",)
+    missing = [c for c in columns if c not in values]
+    if missing:
+        return None, f"{path} has no {', '.join(missing)}"
+    for key, value in values.items():
+        if not is_accuracy(value):
+            return None, f"{path}: {key} is {value!r}, not an accuracy (a number in [0, 100])"
+    return values, None
+
+
+def read_eval(path):
+    """An eval_*.json beside a run (eval.py's result)."""
+    e = runfolder.read_json(path)
+    if not isinstance(e, dict):
+        return None, "damaged (not a JSON object)"
+    if e.get("unfinished"):
+        return None, f"evaluated from an unfinished run (epoch {e.get('epoch')})"
+    if not isinstance(e.get("dataset"), str) or e.get("subsample") not in ("all", "base", "new"):
+        return None, f"dataset {e.get('dataset')!r} / subsample {e.get('subsample')!r} are not " \
+                     f"eval.py's"
+    if not is_accuracy(e.get("accuracy")):
+        return None, f"accuracy is {e.get('accuracy')!r}, not a number in [0, 100]"
+    return e, None
+
+
+def is_accuracy(value):
+    """A percentage: a real number in [0, 100] (not true/false, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100
 
 
 if __name__ == "__main__":

@@ -343,6 +343,11 @@ def load_frozen_clip(name, device):
     with clear_errors():
         model, _ = clip.load(name, device=device)
     check_finite(model.state_dict(), f"the CLIP weights {name}")
+    tokens = len(clip.tokenizer.default_tokenizer().encoder)  # ids the prompts' tokens can take
+    if model.vocab_size < tokens:
+        raise SystemExit(f"error: the CLIP {name} has {model.vocab_size} token embeddings, fewer "
+                         f"than the tokenizer's {tokens} ids; it is not a CLIP of OpenAI's "
+                         f"vocabulary (pass another --model)")
     return model.requires_grad_(False).eval()  # frozen by construction: CLIP gets no gradient
 
 

@@ -749,5 +749,5 @@ def test_summary_groups_by_every_setting_but_the_seed(world, reference, tmp_path
     assert "| coop, lr 0.002 | 2 |" in tables[side] and "| coop, lr 0.01 | 1 |" in tables[side]
     assert "| caltech101 | 2 |" in tables["### coop, base2novel, 2 shots, lr 0.002"]
     assert "| caltech101 | 1 |" in tables["### coop, base2novel, 2 shots, lr 0.01"]
-    assert f"skipped {runs / 'broken'}: its metrics.json is damaged" in text
+    assert f"skipped {runs / 'broken'}: {runs / 'broken' / 'metrics.json'} is damaged" in text
     assert f"skipped {runs / 's2' / 'eval_imagenet_a_all.json'}: damaged" in text
