@@ -202,9 +202,9 @@ def read_rows(path, image_dir, keys, what, fix, contiguous=True):
     missing = sorted(set(range(len(name_of))) - set(name_of))
     if contiguous and missing:
         raise ValueError(f"{path}: the labels must be 0..{len(name_of) - 1}, one per class, but "
-                         f"{', '.join(map(str, missing[:5]))} {'is' if len(missing) == 1 else 'are'}"
-                         f" missing (labels {', '.join(map(str, sorted(name_of)[-3:]))} used). "
-                         f"{fix}")
+                         f"{', '.join(map(str, missing[:5]))} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing (the largest used: "
+                         f"{max(name_of)}). {fix}")
     return lists
 
 
@@ -306,8 +306,9 @@ def find_classnames(name, root, spec):
 
 def read_wnid_folders(name, root, folder, classnames, what, wnids=None):
     """Images in one sub-folder per WordNet id, and the sorted folder names; label = index of
-    the folder in sorted order (as CoOp). `wnids`: the class folders this split must have, as another split of the data set
-    (each split's own listing would shift every label after a missing folder)."""
+    the folder in sorted order (as CoOp). `wnids`: the class folders this split must have, as
+    another split of the data set (each split's own listing would shift every label after a
+    missing folder)."""
     need_dir(name, root, folder, what)
     found = subdirs(folder)
     if not found:
@@ -342,8 +343,8 @@ def read_imagenet(name, root, spec):
     classnames = find_classnames(name, root, spec)
     train, wnids = read_wnid_folders(name, root, os.path.join(image_dir, "train"), classnames,
                                      "train folder")
-    test, _ = read_wnid_folders(name, root, os.path.join(image_dir, "val"), classnames, "val folder",
-                             wnids)
+    test, _ = read_wnid_folders(name, root, os.path.join(image_dir, "val"), classnames,
+                                "val folder", wnids)
     return train, test, test, image_dir
 
 
