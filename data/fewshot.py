@@ -110,7 +110,10 @@ def load_fewshot(path, image_dir, classnames=None):
     train, val = read_rows(path, image_dir, ("train", "val"), "fewshot.json", fix,
                            contiguous=False)  # a class may have no training image
     for item in train + val if classnames is not None else []:
-        now = classnames[item.label] if item.label < len(classnames) else None
+        if item.label >= len(classnames):
+            raise ValueError(f"{path}: label {item.label} ({item.classname!r}) is not a class of "
+                             f"the data set, which has {len(classnames)}. {fix}")
+        now = classnames[item.label]
         if now != prompt_name(item.classname):
             raise ValueError(f"{path} gives label {item.label} the name {item.classname!r}, but "
                              f"the data set has {now!r} there ({len(classnames)} classes): it "

@@ -34,8 +34,8 @@ def ensure_world(path):
     if os.path.isfile(stamp):
         redraw = f"delete the folder {path} and it is drawn again"
         if read_world(stamp, redraw) != stamp_of_world():
-            raise ValueError(f"{path} holds a toy world drawn with other settings (clip/toy.py or "
-                             f"data/toy.py was changed); {redraw}")
+            raise ValueError(f"{stamp} records a toy world drawn with other settings (clip/toy.py "
+                             f"or data/toy.py was changed, or the file was edited); {redraw}")
         if not os.path.isfile(os.path.join(path, "split.json")):
             raise ValueError(f"{path} is a damaged toy world: its split.json is missing; {redraw}")
         return path
