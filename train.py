@@ -97,6 +97,11 @@ def run(args, cfg):
     for names in data.duplicate_classnames(ds.train, ds.val, ds.test):
         log(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
             f"{', '.join(names)}")
+    left_out = data.classes_left_out(fewshot_train, ds.test)
+    if cfg["protocol"] == "base2novel" and left_out:  # CoOp splits train's labels only
+        log(f"warning: {len(left_out)} class(es) have test images but no training images, so "
+            f"they are neither base nor novel and not evaluated (as CoOp): "
+            f"{', '.join(left_out[:10])}")
     log("learned tensors: " + ", ".join(f"{k} ({n:,})" for k, n in learned.items()))
     log(f"trainable parameters: {sum(learned.values()):,} (CLIP: frozen)")
 
@@ -370,7 +375,7 @@ def few_shot_data(ds, args, cfg):
     if not args.fewshot_file:
         return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
     try:
-        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir)
+        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir, ds.classnames)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: --fewshot_file {args.fewshot_file} is not a fewshot.json of "
                          f"train.py ({type(e).__name__}: {e})") from None

@@ -10,12 +10,14 @@ few-shot draws, same transforms.
 
 from data.datasets import (DATASETS, Dataset, DatasetNotFound, Datum, build_dataset,
                            duplicate_classnames, prompt_name)
-from data.fewshot import fewshot_split, load_fewshot, save_fewshot, subsample_classes
+from data.fewshot import (classes_left_out, fewshot_split, load_fewshot, save_fewshot,
+                          subsample_classes)
 from data.loaders import TestSet, TrainSet, load_image, test_loader
 from data.transforms import test_transform, train_transform
 
 __all__ = [
     "DATASETS", "Dataset", "DatasetNotFound", "Datum", "build_dataset", "duplicate_classnames",
-    "prompt_name", "fewshot_split", "subsample_classes", "save_fewshot", "load_fewshot",
+    "prompt_name", "classes_left_out", "fewshot_split", "subsample_classes", "save_fewshot",
+    "load_fewshot",
     "TrainSet", "TestSet", "test_loader", "load_image", "train_transform", "test_transform",
 ]  # fmt: skip

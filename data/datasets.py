@@ -49,16 +49,20 @@ def prompt_name(classname):
 
 
 def duplicate_classnames(*lists):
-    """Groups of the lists' class names whose prompts CLIP reads the same ("Cat"/"cat", "a_b"/"a
-    b"): the tokenizer lowercases and collapses whitespace. Such classes get identical features, so
-    one of them is never predicted."""
+    """Groups of the lists' class names whose prompts CLIP reads the same: the names' token ids
+    are compared, so the tokenizer's own cleaning decides ("Cat"/"cat", "a_b"/"a b", NFC/NFD
+    "café", fullwidth "ｃａｔ"/"cat"). Such classes get identical features, so one of them is
+    never predicted."""
+    from clip.tokenizer import default_tokenizer  # lazy: only the runs that read data need it
+
+    encode = default_tokenizer().encode
     names, groups = {}, {}
     for items in lists:
         for item in items:
             names.setdefault(item.label, item.classname)
     for label in sorted(names):
-        groups.setdefault(" ".join(prompt_name(names[label]).lower().split()),
-                          []).append(names[label])
+        ids = tuple(encode(prompt_name(names[label]), limit=77))  # what fits in a prompt
+        groups.setdefault(ids, []).append(names[label])
     return [group for group in groups.values() if len(group) > 1]
 
 
@@ -115,7 +119,15 @@ def need_images(name, items, listed_in):
 
 
 def subdirs(path):
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    """The class folders in `path`, sorted. Hidden ones (".name") are skipped, as CoOp's
+    listdir_nohidden does (.git, .ipynb_checkpoints, .Trash are no classes); one that holds
+    images is named in a note, since it may be a class hidden by mistake."""
+    entries = [e for e in os.scandir(path) if e.is_dir()]
+    for e in sorted(entries, key=lambda e: e.name):
+        if e.name.startswith(".") and files(e.path, IMAGE_EXTS):
+            print(f"note: skipping the hidden folder {e.path} (it holds images); rename it "
+                  f"without the leading '.' if it is a class")
+    return sorted(e.name for e in entries if not e.name.startswith("."))
 
 
 def files(path, exts=None):
@@ -126,35 +138,104 @@ def files(path, exts=None):
 
 
 def datums(rows, image_dir):
-    """Rows [path relative to image_dir, label, classname] (split files,
-    fewshot.json) -> list[Datum]."""
-    return [Datum(os.path.join(image_dir, rel), int(label), cname) for rel, label, cname in rows]
+    """Rows [path relative to image_dir, label, classname], already checked by read_rows ->
+    list[Datum]."""
+    return [Datum(os.path.join(image_dir, rel), label, cname) for rel, label, cname in rows]
+
+
+def load_json(path, what, fix):
+    """The parsed content of a JSON file of data/, or a ValueError naming the file, what it
+    should be and `fix` (what to do)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a valid {what}: not JSON ({err}); {fix}") from None
+
+
+def check_row(row, image_dir):
+    """What is wrong with one row [path relative to image_dir, label, class name], or None."""
+    if not isinstance(row, list) or len(row) != 3:
+        return "a row must be [image path, label, class name]"
+    rel, label, cname = row
+    if not isinstance(rel, str) or not rel.strip():
+        return "the image path must be a non-empty string"
+    inside = os.path.normpath(os.path.join(image_dir, rel))
+    if os.path.isabs(rel) or not inside.startswith(os.path.normpath(image_dir) + os.sep):
+        return f"the image path is outside the image folder {image_dir}"
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        return "the label must be an integer >= 0"
+    if not isinstance(cname, str) or not cname.strip():
+        return "the class name must be a non-empty string"
+    return None
+
+
+def read_rows(path, image_dir, keys, what, fix, contiguous=True):
+    """The one reader of split files (split_zhou_*.json, a folder's split.json) and fewshot.json:
+    {key: [[path relative to image_dir, label, class name], ...]} -> one list of Datum per key.
+
+    Every row is checked, and across rows one name per label and one label per name; with
+    `contiguous` the labels must be 0..n-1 (class names are looked up by label). A ValueError
+    names the file, the row and what is wrong, and ends with `fix`."""
+    content = load_json(path, what, fix)
+    if not isinstance(content, dict) or not all(k in content for k in keys):
+        has = sorted(content) if isinstance(content, dict) else f"a JSON {type(content).__name__}"
+        raise ValueError(f"{path} is not a valid {what}: it needs an object with the keys "
+                         f"{', '.join(keys)}; it has {has}. {fix}")
+    name_of, label_of, lists = {}, {}, []
+    for key in keys:
+        if not isinstance(content[key], list):
+            raise ValueError(f"{path}: {key!r} must be a list of [image path, label, class name] "
+                             f"rows, not a JSON {type(content[key]).__name__}. {fix}")
+        for i, row in enumerate(content[key]):
+            problem = check_row(row, image_dir)
+            if problem is None:
+                _, label, cname = row
+                if name_of.setdefault(label, cname) != cname:
+                    problem = f"label {label} is also named {name_of[label]!r}"
+                elif label_of.setdefault(cname, label) != label:
+                    problem = f"class {cname!r} also has the label {label_of[cname]}"
+            if problem:
+                raise ValueError(f"{path}: row {i} of {key!r}, {json.dumps(row)[:200]}: "
+                                 f"{problem}. {fix}")
+        lists.append(datums(content[key], image_dir))
+    missing = sorted(set(range(len(name_of))) - set(name_of))
+    if contiguous and missing:
+        raise ValueError(f"{path}: the labels must be 0..{len(name_of) - 1}, one per class, but "
+                         f"{', '.join(map(str, missing[:5]))} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing (the largest used: "
+                         f"{max(name_of)}). {fix}")
+    return lists
 
 
 def read_split(path, image_dir):
     """CoOp's split file:
     {"train"|"val"|"test": [[path relative to image_dir, label, classname], ...]}."""
-    with open(path) as f:
-        try:
-            split = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"split file {path} is not valid JSON: {err}") from err
-    if not all(k in split for k in ("train", "val", "test")):
-        raise ValueError(f"split file {path} needs the keys train, val and "
-                         f"test; it has {sorted(split)}")
-    return datums(split["train"], image_dir), datums(split["val"], image_dir), datums(split["test"],
-                                                                                      image_dir)
+    return read_rows(path, image_dir, ("train", "val", "test"), "split file",
+                     "Restore the file, or fix it by hand.")
 
 
 def read_classnames(path):
-    """ImageNet's classnames.txt: 'n01440764 tench' per line -> {wnid:
-    class name}, in file order."""
+    """ImageNet's classnames.txt (CoOp's): 'n01440764 tench' per line -> {wnid: class name}, in
+    file order; a ValueError naming the file and line if one is not that."""
+    fix = "Restore it: `python -m data.prepare imagenet` fetches CoOp's copy."
     names = {}
-    with open(path) as f:
-        for line in f:
-            wnid, _, cname = line.strip().partition(" ")
-            if wnid:
-                names[wnid] = cname
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a class list (not UTF-8 text: {err}). {fix}") from None
+    for number, line in enumerate(lines, 1):
+        wnid, _, cname = line.strip().partition(" ")
+        if not wnid:
+            continue
+        problem = ("it has no class name after the WordNet id" if not cname.strip() else
+                   f"{wnid} is also on line {list(names).index(wnid) + 1}" if wnid in names
+                   else None)
+        if problem:
+            raise ValueError(f"{path}: line {number}, {line[:100]!r}: {problem}; each line must "
+                             f"be 'nXXXXXXXX class name'. {fix}")
+        names[wnid] = cname.strip()
     return names
 
 
@@ -223,26 +304,35 @@ def find_classnames(name, root, spec):
     raise not_found(name, root, own, f"ImageNet's classnames.txt{also}")
 
 
-def read_wnid_folders(name, root, folder, classnames, what):
-    """Images in one sub-folder per WordNet id; label = index of the folder in
-    sorted order (as CoOp)."""
+def read_wnid_folders(name, root, folder, classnames, what, wnids=None):
+    """Images in one sub-folder per WordNet id, and the sorted folder names; label = index of
+    the folder in sorted order (as CoOp). `wnids`: the class folders this split must have, as
+    another split of the data set (each split's own listing would shift every label after a
+    missing folder)."""
     need_dir(name, root, folder, what)
-    wnids = subdirs(folder)
-    if not wnids:
+    found = subdirs(folder)
+    if not found:
         raise DatasetNotFound(
             f"{name}: {folder} has no class sub-folders (nXXXXXXXX/). "
             "For ImageNet's val set, sort the 50,000 flat files into "
             "class folders first (valprep.sh)."
         )
+    if wnids is not None and found != wnids:
+        lack, extra = sorted(set(wnids) - set(found)), sorted(set(found) - set(wnids))
+        said = [f"lacks {len(lack)} class folder(s) the other split has: {', '.join(lack[:5])}"
+                ] * bool(lack) + [f"has {len(extra)} the other split lacks: "
+                                  f"{', '.join(extra[:5])}"] * bool(extra)
+        raise DatasetNotFound(f"{name}: {folder} {'; and '.join(said)}. Every split needs the "
+                              f"same classes (labels are folder positions); restore the folders.")
     items = []
-    for label, wnid in enumerate(wnids):
+    for label, wnid in enumerate(found):
         if wnid not in classnames:
             raise DatasetNotFound(f"{name}: folder {os.path.join(folder, wnid)} is "
                                   f"not a class in classnames.txt")
         class_dir = os.path.join(folder, wnid)
         items += [Datum(os.path.join(class_dir, f), label,
                         classnames[wnid]) for f in files(class_dir)]
-    return items
+    return items, found
 
 
 def read_imagenet(name, root, spec):
@@ -251,9 +341,10 @@ def read_imagenet(name, root, spec):
     image_dir = os.path.join(root, spec.folder, spec.image_dir)
     need_dir(name, root, image_dir, "image folder")
     classnames = find_classnames(name, root, spec)
-    train = read_wnid_folders(name, root, os.path.join(image_dir, "train"), classnames,
-                              "train folder")
-    test = read_wnid_folders(name, root, os.path.join(image_dir, "val"), classnames, "val folder")
+    train, wnids = read_wnid_folders(name, root, os.path.join(image_dir, "train"), classnames,
+                                     "train folder")
+    test, _ = read_wnid_folders(name, root, os.path.join(image_dir, "val"), classnames,
+                                "val folder", wnids)
     return train, test, test, image_dir
 
 
@@ -263,7 +354,8 @@ def read_imagenet_variant(name, root, spec):
     image_dir = os.path.join(root, spec.folder, spec.image_dir)
     need_dir(name, root, image_dir, "image folder")
     classnames = find_classnames(name, root, spec)
-    return [], [], read_wnid_folders(name, root, image_dir, classnames, "image folder"), image_dir
+    test, _ = read_wnid_folders(name, root, image_dir, classnames, "image folder")
+    return [], [], test, image_dir
 
 
 def read_imagenetv2(name, root, spec):

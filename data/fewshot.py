@@ -13,7 +13,7 @@ import os
 import random
 
 from clip.files import atomic_write
-from data.datasets import classnames_of, datums
+from data.datasets import classnames_of, prompt_name, read_rows
 
 
 def sample_per_class(items, shots, rng):
@@ -74,6 +74,15 @@ def subsample_classes(subsample, *lists):
     return out, classnames_of(*out)
 
 
+def classes_left_out(train, *lists):
+    """Names of the classes with images in `lists` but none in `train`. CoOp's base/novel split
+    (subsample_classes) is cut from train's labels only, so under base2novel such a class is
+    neither base nor novel: it is never evaluated. Kept as CoOp does; train.py warns."""
+    trained = {item.label for item in train}
+    return sorted({item.classname for items in lists for item in items
+                   if item.label not in trained})
+
+
 # -----------------------------------------------------------------------------
 # fewshot.json: the sampled lists, paths relative to the data set's image
 # folder, so they can be shared
@@ -94,7 +103,19 @@ def save_fewshot(path, train, val, image_dir):
         f.write('{"train": ' + rows(train) + ',\n"val": ' + rows(val) + "}\n")
 
 
-def load_fewshot(path, image_dir):
-    with open(path) as f:
-        data = json.load(f)
-    return datums(data["train"], image_dir), datums(data["val"], image_dir)
+def load_fewshot(path, image_dir, classnames=None):
+    """fewshot.json -> (train, val), every row checked (data.datasets.read_rows); with the data
+    set's `classnames`, each label must be one of them under the same name."""
+    fix = "Delete it to draw the shots anew from --seed, or restore it."
+    train, val = read_rows(path, image_dir, ("train", "val"), "fewshot.json", fix,
+                           contiguous=False)  # a class may have no training image
+    for item in train + val if classnames is not None else []:
+        if item.label >= len(classnames):
+            raise ValueError(f"{path}: label {item.label} ({item.classname!r}) is not a class of "
+                             f"the data set, which has {len(classnames)}. {fix}")
+        now = classnames[item.label]
+        if now != prompt_name(item.classname):
+            raise ValueError(f"{path} gives label {item.label} the name {item.classname!r}, but "
+                             f"the data set has {now!r} there ({len(classnames)} classes): it "
+                             f"was drawn from another data set or version. {fix}")
+    return train, val

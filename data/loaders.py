@@ -22,15 +22,23 @@ def load_image(path):
     resizing sees RGB pixels too)."""
     try:
         with Image.open(path) as img:
-            # 16-bit grey: PIL's convert clips at 255
-            if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-                # 0..65535 -> 0..255
-                grey = (np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255)
-                img = Image.fromarray(grey.astype(np.uint8))
+            # 16-bit grey (PIL opens a 16-bit PNG as mode I): PIL's convert clips at 255
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                img = grey_to_8bit(np.asarray(img, dtype=np.float64), img.mode)
             return img.convert("RGB")
     # e.g. truncated
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def grey_to_8bit(grey, mode):
+    """0..65535 -> 0..255. Float pixels, or 32-bit integers outside that range, have no agreed
+    scale (clipping would read them all white or black): refused."""
+    low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+    if mode == "F" or not (0 <= low and high <= 65535):
+        raise ValueError(f"{mode!r} pixels span {low:g}..{high:g}, which have no 8-bit scale; "
+                         f"convert the image to 8 or 16 bits per channel")
+    return Image.fromarray((grey / 257).round().clip(0, 255).astype(np.uint8))
 
 
 def default_workers():

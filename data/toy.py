@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from clip import toy
 from clip.files import atomic_write
+from data.datasets import load_json
 
 # Images per class and split; 16 shots are drawn from the 32. [ours] 100 test images a class: one
 # image is 0.08 points of a half's accuracy, well under the seeds' spread.
@@ -31,12 +32,13 @@ def ensure_world(path):
     """Write the data set into `path` unless the same world is already there; returns path."""
     stamp = os.path.join(path, "world.json")
     if os.path.isfile(stamp):
-        with open(stamp) as f:
-            if json.load(f) == stamp_of_world():
-                return path
-        raise ValueError(f"{path} holds a toy world drawn with other settings (clip/toy.py or "
-                         f"data/toy.py was changed); "
-                         f"delete that folder and it is drawn again")
+        redraw = f"delete the folder {path} and it is drawn again"
+        if read_world(stamp, redraw) != stamp_of_world():
+            raise ValueError(f"{stamp} records a toy world drawn with other settings (clip/toy.py "
+                             f"or data/toy.py was changed, or the file was edited); {redraw}")
+        if not os.path.isfile(os.path.join(path, "split.json")):
+            raise ValueError(f"{path} is a damaged toy world: its split.json is missing; {redraw}")
+        return path
     if os.path.exists(path):
         raise ValueError(f"{path} exists but is not a toy world (no world.json); move it "
                          f"away or pass another --root")
@@ -72,6 +74,15 @@ def write_world(path):
         json.dump(split, f)
     with atomic_write(os.path.join(path, "world.json")) as f:
         json.dump(stamp_of_world(), f)
+
+
+def read_world(path, fix):
+    """world.json: the stamp of the world in its folder, or a ValueError naming the file."""
+    stamp = load_json(path, "toy world stamp", fix)
+    if not isinstance(stamp, dict):
+        raise ValueError(f"{path} is not a valid toy world stamp: it must be a JSON object, not "
+                         f"a {type(stamp).__name__}; {fix}")
+    return stamp
 
 
 def stamp_of_world():
