@@ -105,6 +105,7 @@ def run(args, extra):
     start = time.time()
     failures = work(todo, args, device, rank, world)
     if world > 1:
+        sys.stdout.flush()  # all of this process's lines before the table, not inside it
         everyone = [None] * world
         torch.distributed.all_gather_object(everyone, failures)  # also the barrier
         failures = [f for rank_failures in everyone for f in rank_failures]
@@ -112,7 +113,8 @@ def run(args, extra):
     if rank == 0:
         from eval import summary  # the papers' layout
         table = summary(sorted({job.folder for job in todo}))
-        print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s")
+        print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
+              flush=True)
         for folder, message in failures:
             print(f"failed: {folder}: {message}", file=sys.stderr)
     if world > 1:
