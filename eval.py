@@ -352,4 +352,5 @@ def markdown_table(name, protocol, table):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with runfolder.interrupted():
+        main(sys.argv[1:])
