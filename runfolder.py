@@ -12,7 +12,6 @@ epoch. log.txt is appended.
 Also here: the progress line and the log, and reading input with a message instead of a traceback.
 """
 
-import errno
 import fcntl
 import json
 import os
@@ -20,7 +19,7 @@ import random
 import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -318,13 +317,11 @@ def lock_run_folder(out):
         f.close()
         raise SystemExit(f"error: another process (pid {pid}) is running in {out}; wait for it "
                          f"to end, or pick another --out") from None
-    try:  # the pid only tells a second process whom it waits for: a full disk may leave it out
+    # the lock is the flock; the pid only tells a second process whom it waits for, so a full
+    # disk (ENOSPC) may leave it out
+    with suppress(OSError):
         os.ftruncate(f.fileno(), 0)
         os.write(f.fileno(), str(os.getpid()).encode())
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            f.close()
-            raise SystemExit(f"error: could not write {path}: {e.strerror or e}") from None
     RUN_LOCKS[key] = f
 
 
