@@ -84,7 +84,8 @@ def test_a_users_folder_is_refused_and_left_alone(world, colleague, tmp_path, ca
     out = tmp_path / "mine"
     out.mkdir()
     for name, content in USER_FILES[case].items():
-        (out / name).write_bytes(content if content is not None else (colleague / name).read_bytes())
+        content = (colleague / name).read_bytes() if content is None else content
+        (out / name).write_bytes(content)
     before = snapshot(out)
     kind, text = outcome(lambda: train.main(argv(world, out)), capsys)
     assert snapshot(out) == before, f"lost: {case}"

@@ -39,7 +39,7 @@ BASE, NOVEL = CLASSES[:3], CLASSES[3:]
 METHODS = tuple(prompts.METHODS)
 EPOCHS = {m: max(2, stage_count(m)) for m in METHODS}  # at least one a stage: a run stays short
 FAST = {m: tiny_flags(m, EPOCHS[m]) for m in METHODS}  # fit the tiny CLIP
-RUN_FILES = ["config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt"]
+RUN_FILES = [".run_folder", "config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt"]
 
 
 @pytest.fixture(scope="module")
