@@ -274,8 +274,8 @@ def read_checkpoint(path, cfg=None, expected=None, kind="prompt_learner"):
     if missing:
         raise SystemExit(f"error: {path} is not a {kind}.pt of train.py (no {', '.join(missing)})")
     tensors = ckpt["state_dict" if kind == "prompt_learner" else "learned"]
-    if not isinstance(tensors, dict):
-        raise SystemExit(f"error: {path} is not a {kind}.pt of train.py (its tensors are missing)")
+    if not isinstance(tensors, dict) or not isinstance(ckpt.get("epoch", 0), int):
+        raise SystemExit(f"error: {path} is not a {kind}.pt of train.py (no tensors or epoch)")
     check_finite(tensors, path)
     if kind == "prompt_learner" and cfg is not None:
         old = ckpt["config"] if isinstance(ckpt["config"], dict) else {}

@@ -144,7 +144,9 @@ FOREIGN = {  # how the foreign prompt_learner.pt is made: extra argv (and anothe
 }
 
 
-NOT_CHECKPOINTS = {"a list": [1, 2], "no tensors": {"method": "coop", "epoch": 1}}
+NOT_CHECKPOINTS = {"a list": [1, 2], "no tensors": {"method": "coop", "epoch": 1},
+                   "epoch as text": dict(method="coop", config={}, classnames=[], epoch="1",
+                                         state_dict={})}
 
 
 @pytest.mark.parametrize("case", [*FOREIGN, *NOT_CHECKPOINTS])
