@@ -508,4 +508,5 @@ def is_accuracy(value):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with runfolder.interrupted():
+        main(sys.argv[1:])

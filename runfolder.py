@@ -7,6 +7,7 @@ epoch. log.txt is appended.
     fewshot.json   the exact shots       train_state.pt     optimizer and random streams (resume)
     log.txt        what train.py said    metrics.json       written last: the run is finished
     .lock          held while a process runs in the folder
+    .run_folder    written first, when the folder is made: only a folder with it is ever written in
 
 Also here: the progress line and the log, and reading input with a message instead of a traceback.
 """
@@ -15,9 +16,10 @@ import fcntl
 import json
 import os
 import random
+import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -27,7 +29,12 @@ from prompts import clip_architecture
 from prompts.common import learned_state
 
 RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt",
-             "train_state.pt", ".lock")
+             "train_state.pt", ".lock", ".run_folder")
+MARKER = ".run_folder"
+# atomic_write's temporary names for the run files: ".config.json.k3j_9x2a.tmp" (tempfile.mkstemp)
+TEMP_NAME = re.compile(r"\.(%s)\.[a-z0-9_]+\.tmp" % "|".join(map(re.escape, RUN_FILES)))
+# keys every config.json of train.py has had (a folder from before the marker file counts as ours)
+CONFIG_KEYS = ("method", "dataset", "protocol", "shots", "seed", "model")
 
 
 @contextmanager
@@ -60,6 +67,66 @@ def read_json(path):
         return None
 
 
+def read_config(path, cfg=None):
+    """A run's config.json: None if missing or damaged (0 bytes after a full disk; the checkpoint
+    holds a copy), else a dict whose values have the types of cfg's (a hand edit is refused)."""
+    config = read_json(path)
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise SystemExit(f"error: {path} holds a JSON {type(config).__name__}, not the run's "
+                         f"settings (an object); restore it, or delete the folder to start over")
+    for key, value in (cfg or {}).items():
+        if key in config and not same_type(config[key], value):
+            raise SystemExit(f"error: {path}: {key} is {config[key]!r} "
+                             f"({type(config[key]).__name__}), not a {type(value).__name__} as "
+                             f"train.py writes it; restore it (e.g. {key}: {value!r}), or delete "
+                             f"the folder to start over")
+    return config
+
+
+def same_type(recorded, value):
+    """JSON's types for a setting: an int may stand for a float, a list for a tuple."""
+    if value is None or recorded is None:
+        return True
+    if isinstance(value, bool) or isinstance(recorded, bool):
+        return isinstance(value, bool) and isinstance(recorded, bool)
+    if isinstance(value, float):
+        return isinstance(recorded, (int, float))
+    if isinstance(value, (list, tuple)):
+        return isinstance(recorded, list)
+    return isinstance(recorded, type(value))
+
+
+def check_ours(out):
+    """Refuse, touching nothing, a folder this program did not make: its files may merely carry
+    run-file names (a user's own config.json, a colleague's prompt_learner.pt)."""
+    if not os.path.isdir(out) or is_run_folder(out):
+        return
+    names = sorted(os.listdir(out))
+    raise SystemExit(f"error: --out {out} exists and is not a run folder of train.py (no {MARKER} "
+                     f"file; it holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); "
+                     f"nothing in it was changed. Pick another --out (a new or empty folder).")
+
+
+def is_run_folder(out):
+    """Written by this program: its marker file, or a config.json of ours from before the marker
+    existed; or it holds nothing a user made (empty, a lock and temporary files of ours)."""
+    names = os.listdir(out)
+    if MARKER in names or all(n == ".lock" or TEMP_NAME.fullmatch(n) for n in names):
+        return True
+    config = read_json(os.path.join(out, "config.json"))
+    return isinstance(config, dict) and all(k in config for k in CONFIG_KEYS)
+
+
+def make_run_folder(out):
+    """Make `out` (or take an empty one) and mark it as a run folder first."""
+    with write_errors(out):
+        os.makedirs(out, exist_ok=True)
+    with write_errors(out), open(os.path.join(out, MARKER), "a"):
+        pass  # empty: whole or absent without atomic_write (its name is all it says)
+
+
 def check_out_folder(out):
     """--out must be (or become) a folder this process can write in; checked before it is made."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -80,39 +147,33 @@ def unwritable(path):
     return None
 
 
-def prepare_run_folder(out, cfg, stages):
+def prepare_run_folder(out, cfg, stages, expected=None):
     """Create `out`, or resume the unfinished run with the same settings in it; hold its lock.
-    Returns the saved training state (None for a new run)."""
+    Returns the saved training state (None for a new run). expected: what the run's checkpoints
+    must hold (expected_state), so that another run's prompts are never resumed from."""
     check_out_folder(out)
-    old = recorded_config(out)
+    check_ours(out)
+    old = recorded_config(out, cfg)
     if finished(out):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json)"
                          f"{other_clip(old, cfg)}. Pick another --out, or delete that folder to "
                          f"run again.")
-    # may change between a run and its resume
-    speed = ("device", "workers", "threads", "cuda_graphs")
     changed = {k: (old.get(k), v) for k, v in cfg.items()
-               if old.get(k) != v and k not in speed} if old is not None else {}
+               if old.get(k) != v and k not in SPEED_KEYS} if old is not None else {}
     if changed and trained_in(out):
         differences = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise SystemExit(f"error: {out} holds an unfinished run with other settings "
                          f"({differences}). Pick another --out, or delete that folder.")
-    foreign = [name for name in (os.listdir(out) if os.path.isdir(out) else [])
-               if name not in RUN_FILES and not name.endswith(".tmp")]
-    if old is None and foreign:
-        raise SystemExit(f"error: {out} exists and is not a run folder of this script; "
-                         f"pick another --out.")
-    with write_errors(out):
-        os.makedirs(out, exist_ok=True)
+    make_run_folder(out)
     lock_run_folder(out)
     for name in os.listdir(out):  # what a killed process was writing (atomic_write's temp names)
-        if name.startswith(".") and name.endswith(".tmp"):
+        if TEMP_NAME.fullmatch(name):
             os.remove(os.path.join(out, name))
     if changed:  # a run stopped before its first epoch ended (bad image, NaN): nothing to keep
         print(f"note: {out} holds no finished epoch of its earlier settings; starting it over")
     if changed or read_json(os.path.join(out, "config.json")) is None:  # or new, or restored above
         save_json(os.path.join(out, "config.json"), cfg)
-    return load_train_state(out, stages)
+    return load_train_state(out, stages, cfg, expected)
 
 
 def other_clip(old, cfg):
@@ -136,46 +197,46 @@ def trained_in(out):
                for name in ("prompt_learner.pt", "train_state.pt"))
 
 
-def recorded_config(out):
+def recorded_config(out, cfg=None):
     """The settings of the run in `out`: config.json, or the checkpoint's copy if it is damaged."""
     path = os.path.join(out, "config.json")
-    config = read_json(path)
+    config = read_config(path, cfg)
     if config is not None or not os.path.exists(path):
         return config
     try:
-        ckpt_path = os.path.join(out, "prompt_learner.pt")
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
-    except Exception:  # no readable checkpoint: only a run without a finished epoch restarts
+        config = read_checkpoint(os.path.join(out, "prompt_learner.pt"))["config"]
+        if not isinstance(config, dict):
+            raise SystemExit
+        return config
+    except SystemExit:  # no readable checkpoint: only a run without a finished epoch restarts
         if os.path.exists(os.path.join(out, "train_state.pt")):
             raise SystemExit(f"error: {path} is damaged and no checkpoint holds the run's "
                              f"settings; delete the folder {out} to start the run over") from None
         return None
 
 
-def load_train_state(out, stages):
+def load_train_state(out, stages, cfg=None, expected=None):
     path = os.path.join(out, "train_state.pt")
     if not os.path.exists(path):
         return None
     try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:
-        return checkpoint_state(out, stages, f"{path} is damaged ({type(e).__name__})")
-    check_finite(state["learned"], path)
-    return state
+        return read_checkpoint(path, cfg, expected, kind="train_state")
+    except Damaged as e:
+        return checkpoint_state(out, stages, str(e.code).removeprefix("error: "), cfg, expected)
 
 
-def checkpoint_state(out, stages, damage):
+def checkpoint_state(out, stages, damage, cfg=None, expected=None):
     """A damaged train_state.pt: go on from the last checkpoint's prompts, so no more than the
     interrupted epoch is lost. Only the SGD momentum and the random streams start afresh."""
     path = os.path.join(out, "prompt_learner.pt")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        learned, epochs_done = ckpt["state_dict"], ckpt["epoch"]
-    except Exception:
-        raise SystemExit(f"error: {damage}, and {path} cannot be read either. Delete both and "
-                         f"run the same command again: the run restarts from its first epoch, "
-                         f"with its settings and shots kept.") from None
-    check_finite(learned, path)
+        ckpt = read_checkpoint(path, cfg, expected)
+    except SystemExit as e:
+        raise SystemExit(f"error: {damage}, and {path} cannot be read either: "
+                         f"{str(e.code).removeprefix('error: ')}. Delete both and run the same "
+                         f"command again: the run restarts from its first epoch, with its "
+                         f"settings and shots kept.") from None
+    learned, epochs_done = ckpt["state_dict"], ckpt["epoch"]
     epochs = [[i, epoch] for i, (_, n) in enumerate(stages) for epoch in range(n)]
     return dict(done=epochs[:epochs_done], stage=None, rng=None, learned=learned,
                 note=f"warning: {damage}; going on from prompt_learner.pt with a fresh SGD "
@@ -183,12 +244,72 @@ def checkpoint_state(out, stages, damage):
                      f"uninterrupted run's")
 
 
+SPEED_KEYS = ("device", "workers", "threads", "cuda_graphs")  # may change between run and resume
+CHECKPOINT_KEYS = dict(prompt_learner=("method", "config", "classnames", "epoch", "state_dict"),
+                       train_state=("done", "stage", "optimizer", "rng", "learned"))
+
+
+def expected_state(model, cfg):
+    """What a checkpoint of this run holds: its method, class names and learned tensors' shapes
+    (prompt_learner.pt: the parameters; train_state.pt: with the buffers)."""
+    def shapes(buffers):
+        return {k: tuple(v.shape) for k, v in learned_state(model, buffers=buffers).items()}
+    return dict(method=cfg["method"], classnames=list(model.classnames),
+                prompt_learner=shapes(False), train_state=shapes(True))
+
+
+class Damaged(SystemExit):
+    """A checkpoint that cannot be read at all (a full disk, a kill on a filesystem without
+    atomic renames), as opposed to one that can but belongs elsewhere."""
+
+
+def read_checkpoint(path, cfg=None, expected=None, kind="prompt_learner"):
+    """prompt_learner.pt or train_state.pt (kind), checked against the run it should belong to
+    (cfg, expected_state): SystemExit naming the file and what is wrong, else the dict."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise Damaged(f"error: {path} is damaged ({type(e).__name__})") from None
+    missing = [k for k in CHECKPOINT_KEYS[kind] if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} is not a {kind}.pt of train.py (no {', '.join(missing)})")
+    tensors = ckpt["state_dict" if kind == "prompt_learner" else "learned"]
+    if not isinstance(tensors, dict) or not isinstance(ckpt.get("epoch", 0), int):
+        raise SystemExit(f"error: {path} is not a {kind}.pt of train.py (no tensors or epoch)")
+    check_finite(tensors, path)
+    if kind == "prompt_learner" and cfg is not None:
+        old = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+        # keys an older train.py did not record are not held against it
+        other = [f"{k}: {old[k]!r} (this run: {v!r})" for k, v in cfg.items()
+                 if k in old and k not in SPEED_KEYS and k != "clip_sha256" and old[k] != v]
+        if other:
+            raise SystemExit(f"error: {path} belongs to another run ({', '.join(other[:3])})")
+    if expected is None:
+        return ckpt
+    if kind == "prompt_learner" and ckpt["method"] != expected["method"]:
+        raise SystemExit(f"error: {path} holds {ckpt['method']!r} prompts, this run is "
+                         f"{expected['method']!r}")
+    if kind == "prompt_learner" and list(ckpt["classnames"]) != expected["classnames"]:
+        raise SystemExit(f"error: {path} was trained on other classes than this run's")
+    shapes = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in tensors.items()}
+    if shapes != expected[kind]:
+        wrong = sorted(set(shapes.items()) ^ set(expected[kind].items()))
+        raise SystemExit(f"error: {path} holds other learned tensors than this run's "
+                         f"({', '.join(f'{k} {s}' for k, s in wrong[:3])})")
+    return ckpt
+
+
 def lock_run_folder(out):
     """One process per run folder: a second train.py on the same --out is refused."""
     key = os.path.abspath(out)
     if key in RUN_LOCKS:  # an earlier run of this process ended in an exception: still ours
         return
-    f = open(os.path.join(out, ".lock"), "a+")
+    path = os.path.join(out, ".lock")
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder, where train.py keeps its lock file; remove "
+                         f"it (rmdir {path}) and run the same command again")
+    with write_errors(path):
+        f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -197,9 +318,11 @@ def lock_run_folder(out):
         f.close()
         raise SystemExit(f"error: another process (pid {pid}) is running in {out}; wait for it "
                          f"to end, or pick another --out") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
+    # the lock is the flock; the pid only tells a second process whom it waits for, so a full
+    # disk (ENOSPC) may leave it out
+    with suppress(OSError):
+        os.ftruncate(f.fileno(), 0)
+        os.write(f.fileno(), str(os.getpid()).encode())
     RUN_LOCKS[key] = f
 
 
@@ -295,6 +418,17 @@ def safe_name(name):
     """A data set or model name as one folder name: "folder:/data/x" -> "folder__data_x",
     "ViT-B/16" -> "ViT-B_16"."""
     return name.replace(":", "_").replace("/", "_")
+
+
+@contextmanager
+def interrupted():
+    """Ctrl-C: one line instead of a traceback, and the shell's exit status for SIGINT (130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\ninterrupted; the run resumes from its last finished epoch with the same command",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 @contextmanager

@@ -30,9 +30,10 @@ import prompts
 from options import DEFAULTS, parse_args
 from prompts import METHODS, zeroshot
 from prompts.common import learned_state
-from runfolder import (Log, Progress, check_finite, clear_errors, last_good, prepare_run_folder,
-                       recorded_shots, restore_rng, rng_state, safe_name, save_checkpoint,
-                       save_json, save_torch, unlock_run_folder, write_errors)
+from runfolder import (Log, Progress, check_finite, clear_errors, expected_state, interrupted,
+                       last_good, prepare_run_folder, recorded_shots, restore_rng, rng_state,
+                       safe_name, save_checkpoint, save_json, save_torch, unlock_run_folder,
+                       write_errors)
 from speed import GraphedStep, autocast, keep_in_precision, graphs_on, switch_on
 
 
@@ -78,7 +79,7 @@ def run(args, cfg):
         raise SystemExit(f"error: {args.dataset} has no test images for its {subsample} classes")
     model = build_method(method, clip_model, classnames, ds.template, cfg)
 
-    state = prepare_run_folder(out, cfg, model.stages(cfg))
+    state = prepare_run_folder(out, cfg, model.stages(cfg), expected_state(model, cfg))
     log = Log(os.path.join(out, "log.txt"))
     fewshot_path = os.path.join(out, "fewshot.json")
     if state is None or not os.path.exists(fewshot_path):  # it always holds the shots trained on
@@ -401,4 +402,5 @@ def warn_short_classes(train_items, shots, log):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with interrupted():
+        main(sys.argv[1:])

@@ -10,6 +10,7 @@ rebuilds tensors and containers. OpenAI ships TorchScript archives, read with to
 deserialises TorchScript code: load archives only from OpenAI's URLs below (the download is checked
 against the sha256 in _MODELS) or from sources you trust.
 """
+import errno
 import hashlib
 import http.client
 import os
@@ -188,7 +189,15 @@ def _download(url, root=None):
               file=sys.stderr)
         os.remove(target)
     try:
+        os.makedirs(root, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "cannot be written (read-only?)")
         return download(_mirrors(url), target, expected)
+    except OSError as e:  # only this machine's own errors get here (_fetch_with_retries)
+        raise RuntimeError(f"the CLIP cache {root} (CLIP_CACHE; default ~/.cache/clip) cannot "
+                           f"hold {filename}: {e.strerror or e}. Set CLIP_CACHE to a folder "
+                           f"with room (ViT-B/16: about 350 MB) that this user can write, or "
+                           f"pass --model PATH of a local copy.") from None
     except RuntimeError as e:
         raise RuntimeError(f"{e}\nWithout a network: put {filename} (sha256 "
                            f"{expected}) into {root}, or pass the "
@@ -240,10 +249,19 @@ def _fetch_with_retries(url, part, errors):
             errors.append(f"{url}: {e}")
             return False
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+            if isinstance(e, OSError) and local_error(e):  # a full disk: retrying will not help
+                raise
             errors.append(f"{url} (attempt {attempt}): {e}")
             if attempt < RETRIES:
                 time.sleep(RETRY_DELAY * attempt)
     return False
+
+
+def local_error(e):
+    """Whether an OSError is this machine's (writing the file) rather than the network's."""
+    return not isinstance(e, urllib.error.URLError) and e.errno in (
+        errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+        errno.EISDIR)
 
 
 def _fetch(url, part):

@@ -10,6 +10,13 @@ import os
 import tempfile
 
 
+def current_umask():
+    """The process's umask (os.umask can only be read by setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="w"):
     """with atomic_write("metrics.json") as f: json.dump(m, f). mode "w" (text) or "wb"
@@ -17,6 +24,7 @@ def atomic_write(path, mode="w"):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600: the mode open() would give
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -387,21 +387,34 @@ class Range:
         return math.isfinite(value) and above and value <= self.high
 
     def __str__(self):
+        if self.high != math.inf and self.open_low:
+            return f"> {self.low} and <= {self.high}"
         if self.high != math.inf:
             return f"between {self.low} and {self.high}"
+        return self.low_bound()
+
+    def low_bound(self):
         return f"{'>' if self.open_low else '>='} {self.low}"
+
+    def why(self, value):
+        """The bound `value` misses: "> 0" for a value too low (or NaN), else the whole range."""
+        return self.low_bound() if math.isnan(value) or value <= self.low else str(self)
 
 
 # The allowed values of options several methods share; a method's own CHOICES adds to these or
 # overrides one. Every check and --help reads {**OPTION_CHOICES, **module.CHOICES}.
-OPTION_CHOICES = dict(lr=Range(0, open_low=True), batch_size=Range(1), n_ctx=Range(1),
+# lr at most 10: the CoOp family trains with 0.002 to 0.035, so more than 10 is a typo (1e308
+# overflows SGD's momentum buffer in the second epoch instead of stopping here).
+OPTION_CHOICES = dict(lr=Range(0, 10, open_low=True), batch_size=Range(1), n_ctx=Range(1),
                       n_ctx_vision=Range(1), depth=Range(1))
 
 
-def describe(allowed):
-    """CHOICES' values in words: ("a", "b", "c") -> "a, b or c"; a Range as itself (">= 1")."""
-    return str(allowed) if isinstance(allowed,
-                                      Range) else ", ".join(allowed[:-1]) + " or " + allowed[-1]
+def describe(allowed, value=None):
+    """CHOICES' values in words: ("a", "b", "c") -> "a, b or c"; a Range as itself (">= 1"), or
+    the bound `value` misses."""
+    if isinstance(allowed, Range):
+        return str(allowed) if value is None else allowed.why(value)
+    return ", ".join(allowed[:-1]) + " or " + allowed[-1]
 
 
 def check_settings(cfg, defaults, choices):
@@ -413,4 +426,4 @@ def check_settings(cfg, defaults, choices):
         value = cfg[key]
         for v in value if isinstance(value, (tuple, list)) else [value]:
             if allowed is not None and v not in allowed:
-                raise ValueError(f"--{key} must be {describe(allowed)} (got {v!r})")
+                raise ValueError(f"--{key} must be {describe(allowed, v)} (got {v!r})")

@@ -234,10 +234,10 @@ def test_help_lists_every_method(capsys):
     assert (
         "--fusion feature|logit" in text
         and "(default: every)" in text
-        and "(default: 0.0035; > 0)" in text
+        and "(default: 0.0035; > 0 and <= 10)" in text
     )
     assert (
-        "seeds 1, 2, 3) (default: 1)" in text
+        "seeds 1, 2, 3) (default: 1; between 0 and 4294967295)" in text
         and "(default: 7 7 6)" in text
         and "(default: yes)" in text
     )
@@ -535,7 +535,17 @@ def test_damaged_train_state_and_checkpoint_are_named(world, reference, tmp_path
 def test_a_run_stopped_in_its_first_epoch_is_not_in_the_way(world, reference, tmp_path, capsys):
     """It holds no trained epoch, so the corrected command (other settings) starts it over."""
     out = tmp_path / "run"
-    text = message_of(lambda: train.main(argv(world, out, "coop", "--warmup_lr", "1e30")), capsys)
+    real = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):  # a too-high lr, as the option checks no longer allow one
+        result = real(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", step)
+        text = message_of(lambda: train.main(argv(world, out, "coop", "--warmup_lr", "10")),
+                          capsys)
     assert (
         "nan" in text
         and "no epoch had finished" in text

@@ -39,7 +39,8 @@ BASE, NOVEL = CLASSES[:3], CLASSES[3:]
 METHODS = tuple(prompts.METHODS)
 EPOCHS = {m: max(2, stage_count(m)) for m in METHODS}  # at least one a stage: a run stays short
 FAST = {m: tiny_flags(m, EPOCHS[m]) for m in METHODS}  # fit the tiny CLIP
-RUN_FILES = ["config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt"]
+RUN_FILES = [".run_folder", "config.json", "fewshot.json", "log.txt", "metrics.json",
+             "prompt_learner.pt"]
 
 
 @pytest.fixture(scope="module")
@@ -609,7 +610,9 @@ def test_nan_loss(world, tmp_path, monkeypatch):
     assert_stopped_at_a_finite_loss(out, message, epoch=1)
 
 
-def test_nan_loss_from_a_huge_learning_rate(world, tmp_path):
+def test_nan_loss_from_a_huge_learning_rate(world, tmp_path, monkeypatch):
+    """The guard behind the option checks (which now stop an lr above 10 first)."""
+    monkeypatch.setitem(prompts.common.OPTION_CHOICES, "lr", prompts.common.Range(0, open_low=True))
     out = tmp_path / "run"
     message = refused(lambda: train.main(argv(world, out, "coop", "--epochs", "3", "--lr", "1e30")))
     assert_stopped_at_a_finite_loss(out, message, epoch=1)
