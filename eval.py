@@ -95,82 +95,17 @@ def parse_args(argv=None):
     return args
 
 
-# what train.py's save_checkpoint writes, with the type each value must have
-CHECKPOINT_KEYS = dict(method=str, config=dict, classnames=list, epoch=int,
-                       clip_architecture=dict, state_dict=dict)
-CONFIG_KEYS = ("method", "model", "protocol", "dataset")  # besides the method's own options
-
-
 def load_checkpoint(path, method=None):
-    """Read a train.py checkpoint and check every value it holds; refuse anything else with a
-    message that names the file and what is wrong. The one reader of prompt_learner.pt (its fit
-    to the method's model, which needs a CLIP, is checked in build_from_checkpoint)."""
+    """A train.py checkpoint, read and checked by runfolder.read_checkpoint (the one reader of
+    prompt_learner.pt; its fit to the method's model, which needs a CLIP, is checked in
+    build_from_checkpoint)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path} (train.py writes "
                          f"<run folder>/prompt_learner.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} could not be read "
-                         f"({type(e).__name__}); is it damaged?") from None
-    if (
-        not isinstance(ckpt, dict)
-        or "state_dict" not in ckpt
-        or ckpt.get("method") not in prompts.METHODS
-    ):
-        raise SystemExit(f"error: {path} is not a prompt checkpoint written by train.py "
-                         f"(a CLIP checkpoint goes to --model instead)")
-    problem = checkpoint_problem(ckpt)
-    if problem:
-        raise SystemExit(f"error: {path} is damaged or was edited: {problem}. Use the "
-                         f"prompt_learner.pt that train.py wrote (or train again)")
+    ckpt = runfolder.read_checkpoint(path)
     if method and method != ckpt["method"]:
         raise SystemExit(f"error: {path} holds {ckpt['method']} prompts, not {method}")
-    runfolder.check_finite(ckpt["state_dict"], path)
     return ckpt
-
-
-def checkpoint_problem(ckpt):
-    """What is wrong in a checkpoint's values (None if nothing): keys, types, the config's."""
-    for key, kind in CHECKPOINT_KEYS.items():
-        if key not in ckpt:
-            return f"it has no {key!r}"
-        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
-            return f"its {key!r} is a {type(ckpt[key]).__name__}, not a {kind.__name__}"
-    if ckpt["epoch"] < 0:
-        return f"its epoch is {ckpt['epoch']}"
-    if not ckpt["classnames"] or not all(isinstance(c, str) and c for c in ckpt["classnames"]):
-        return "its classnames are not a list of names"
-    if not ckpt["state_dict"]:
-        return "its state_dict is empty: the learned tensors are missing"
-    bad = [k for k, t in ckpt["state_dict"].items() if not torch.is_tensor(t)]
-    if bad:
-        return f"its state_dict's {bad[0]} is a {type(ckpt['state_dict'][bad[0]]).__name__}, " \
-               f"not a tensor"
-    arch = ckpt["clip_architecture"]
-    if not all(type(arch.get(k)) is int for k in ("embed_dim", "image_resolution", "text_width")):
-        return f"its clip_architecture {arch} is not a CLIP's"
-    return config_problem(ckpt["config"], ckpt["method"])
-
-
-def config_problem(cfg, method):
-    """What is wrong in a checkpoint's config: the method's options, each of its default's type."""
-    if cfg.get("method") != method:
-        return f"it holds {method} prompts, but its config says method {cfg.get('method')!r}"
-    defaults = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS}
-    for key in (*CONFIG_KEYS, *prompts.METHODS[method].DEFAULTS):
-        if key not in cfg:
-            return f"its config has no {key!r}"
-    for key, value in cfg.items():
-        want = str if key in CONFIG_KEYS else type(defaults.get(key))
-        if value is None and key not in CONFIG_KEYS or want is type(None):  # e.g. fewshot_file
-            continue
-        ok = (isinstance(value, (list, tuple)) if want in (list, tuple)
-              else isinstance(value, (int, float)) and not isinstance(value, bool)
-              if want is float else type(value) is want)
-        if not ok:
-            return f"its config's {key} is {value!r}, not a {want.__name__}"
-    return None
 
 
 def build_from_checkpoint(ckpt, path, clip_model, dataset, subsample, classnames, template):

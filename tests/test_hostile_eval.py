@@ -17,6 +17,7 @@ import torch
 import eval as eval_py
 import options
 import prompts
+import runfolder
 import train
 from tests import synthetic
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
@@ -59,12 +60,12 @@ def edits(ckpt):
     for key in ckpt:
         # without a method or state_dict, it is no prompt checkpoint at all
         said = "not a prompt checkpoint" if key in ("method", "state_dict") else key
-        if key in eval_py.CHECKPOINT_KEYS:
+        if key in runfolder.PROMPT_CHECKPOINT:
             cases.append((f"{key} missing", lambda c, k=key: c.pop(k) and c, said))
             cases.append((f"{key} wrong type",
                           lambda c, k=key: c.update({k: wrong_type(c[k])}) or c,
                           "state_dict" if key == "state_dict" else said))
-    for key in (*eval_py.CONFIG_KEYS, "n_ctx", "ctx_init"):
+    for key in (*runfolder.CONFIG_KEYS, "n_ctx", "ctx_init"):
         cases.append((f"config.{key} missing", lambda c, k=key: c["config"].pop(k) and c, key))
     for key, value in ckpt["config"].items():
         if isinstance(value, (int, float, str)) and value is not None:

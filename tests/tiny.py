@@ -74,7 +74,8 @@ def tiny_train_step(method, classnames, lr, **args):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    args = types.SimpleNamespace(**{"device": "cpu", "precision": "fp32", "cuda_graphs": "off", **args})
+    args = types.SimpleNamespace(**{"device": "cpu", "precision": "fp32", "cuda_graphs": "off",
+                                    **args})
     return model, optimizer, train.train_step(model, optimizer, args, cfg)
 
 
