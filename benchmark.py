@@ -111,6 +111,7 @@ def run(args, extra):
         failures = [f for rank_failures in everyone for f in rank_failures]
     table = None
     if rank == 0:
+        failures += unfinished(todo, failures)
         from eval import summary  # the papers' layout
         table = summary(sorted({job.folder for job in todo}))
         print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
@@ -169,6 +170,26 @@ def work(todo, args, device, rank, world):
         if pending and not progressed:
             time.sleep(2)  # only evaluations left, waiting for ImageNet runs on other processes
     return failures
+
+
+def unfinished(todo, failures):
+    """Runs neither done nor failed here: another process (say, a worker of an earlier start that
+    outlived its launcher) holds them. Wait for it; what it leaves unfinished is a failure."""
+    failed = {folder for folder, _ in failures}
+    waiting = [job for job in todo if not done(job) and job.folder not in failed]
+    while any(held_job(job) for job in waiting if not done(job)):
+        time.sleep(2)
+    return [(job.folder, "not finished: another process held it and stopped")
+            for job in waiting if not done(job)]
+
+
+def held_job(job):
+    if job.kind != "eval":
+        return held(job.folder)
+    if not runfolder.try_lock(job.out + ".lock"):
+        return True
+    runfolder.unlock(job.out + ".lock", remove=False)
+    return False
 
 
 def running(pending):
