@@ -81,7 +81,7 @@ def load(name, device="cuda" if torch.cuda.is_available() else "cpu", jit=False,
 
     openai/CLIP's signature. name: one of available_models() (downloaded once into
     cache_root(download_root)), "toy" (clip/toy.py's tiny CLIP, read from the
-    repository's sha256-pinned clip/toy_clip.pt), or the path of a checkpoint (OpenAI's
+    repository's sha256-pinned clip/toy_clip.npz), or the path of a checkpoint (OpenAI's
     TorchScript .pt or a plain state_dict). jit: only for openai/CLIP's call signature;
     there is no TorchScript model here.
     """
@@ -130,7 +130,10 @@ def _read_state_dict(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(path, map_location="cpu").state_dict()
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".npz"):  # the toy CLIP's file (clip/toy.py save)
+            state_dict = _toy().read(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError, ...
     except Exception as e:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

@@ -10,7 +10,7 @@ evenly spaced on the colour circle, drawn as 32-pixel images with noise. There a
 
 `clip.load("toy")` reads a tiny CLIP (TOY_CLIP) pre-trained contrastively on both renderings of all
 24 classes, as real CLIP saw every class of the benchmarks in its captions. It ships with the
-repository (toy_clip.pt, sha256-pinned below), so every machine gets the same world:
+repository (toy_clip.npz, sha256-pinned below), so every machine gets the same world:
 `python -m clip.toy --build` runs the pre-training again (pretrain(), the tutorial) and says whether
 it gave the shipped weights.
 `--dataset toy` (data/toy.py) is dark images only, classified with the template "a photo of a {}.":
@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -176,8 +177,8 @@ def contrastive_loss(model, images, text, embeddings, target, n_captions):
 # pre-training is chaotic in the last bits, and CPUs add in other orders (AVX-512, AVX2 and scalar
 # kernels; ARM), so each machine would build another CLIP, and print another table. Reading a file
 # is exact everywhere.
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.pt")
-SHIPPED_SHA256 = "b3f1d19a096276751dc9190ae8f381a9eff149e269b1a28e821c08a6654f9645"
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.npz")
+SHIPPED_SHA256 = "21041ea310266f3ce77a37b8d3b0be3d97f20136c53d75f957996db6a8d3d803"
 FILLER_SEED = 0  # of the token-embedding rows no caption uses (filler_rows)
 PACKED = ("token_embedding.ids", "token_embedding.rows")  # in the file, for token_embedding.weight
 
@@ -214,9 +215,20 @@ def unpack(packed):
 
 
 def save(model, path):
-    """Write a pre-trained toy CLIP as the repository ships it (atomically)."""
-    with atomic_write(path, "wb") as f:
-        torch.save(pack(model.state_dict()), f)
+    """Write a pre-trained toy CLIP as the repository ships it (atomically): numpy's .npz, plain
+    arrays that load with no pickle, each member dated 1980 so the same weights give the same
+    bytes."""
+    with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w") as archive:
+        for name, tensor in sorted(pack(model.state_dict()).items()):
+            member = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member, "w") as out:
+                np.lib.format.write_array(out, tensor.numpy(), allow_pickle=False)
+
+
+def read(path):
+    """The tensors of a file save() wrote (pack's names), read without unpickling anything."""
+    with np.load(path, allow_pickle=False) as arrays:
+        return {name: torch.from_numpy(arrays[name].copy()) for name in arrays.files}
 
 
 def file_sha256(path):
@@ -228,10 +240,10 @@ def shipped():
     """Path of the shipped toy CLIP, refused with a clear message if it is not the pinned file."""
     if not os.path.isfile(SHIPPED):
         raise RuntimeError(f"{SHIPPED} is missing: the toy CLIP ships with the repository "
-                           f"(git checkout clip/toy_clip.pt)")
+                           f"(git checkout clip/toy_clip.npz)")
     if (digest := file_sha256(SHIPPED)) != SHIPPED_SHA256:
         raise RuntimeError(f"{SHIPPED} has sha256 {digest}, not the pinned {SHIPPED_SHA256} "
-                           f"(clip/toy.py): restore it with git checkout clip/toy_clip.pt")
+                           f"(clip/toy.py): restore it with git checkout clip/toy_clip.npz")
     return SHIPPED
 
 
@@ -243,7 +255,7 @@ def build(out):
     model = pretrain(log)
     save(model, out)
     log(f"built in {time.time() - start:.0f}s -> {out} (sha256 {file_sha256(out)})")
-    ours = torch.load(SHIPPED, weights_only=True)
+    ours = read(SHIPPED)
     built = pack(model.state_dict())
     differ = [k for k in ours if k not in built or not torch.equal(ours[k], built[k])]
     if not differ and set(built) == set(ours):
@@ -264,7 +276,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="The toy world's tiny CLIP: clip.load('toy') reads the "
                                 "shipped file; --build pre-trains it again and compares.")
     p.add_argument("--build", action="store_true", help="pre-train it, compare with the shipped")
-    p.add_argument("--out", default="toy_clip_built.pt", help="where --build writes (%(default)s)")
+    p.add_argument("--out", default="toy_clip_built.npz", help="where --build writes (%(default)s)")
     a = p.parse_args()
     if not a.build:
         p.error("nothing to do: pass --build (clip.load('toy') needs no building)")

@@ -99,7 +99,7 @@ def test_load_toy_reads_the_file(one_thread):
     """clip.load("toy") = the file's tensors, and the filler for every
     token-embedding row it does not hold."""
     model, _ = clip.load("toy", device="cpu")
-    packed = torch.load(toy.SHIPPED, weights_only=True)
+    packed = toy.read(toy.SHIPPED)
     state = model.state_dict()
     for name, tensor in packed.items():
         if name not in toy.PACKED:
@@ -116,7 +116,7 @@ def test_load_toy_reads_the_file(one_thread):
 
 
 def test_a_changed_file_is_refused(tmp_path, monkeypatch):
-    damaged = tmp_path / "toy_clip.pt"
+    damaged = tmp_path / "toy_clip.npz"
     damaged.write_bytes(open(toy.SHIPPED, "rb").read() + b"\0")
     monkeypatch.setattr(toy, "SHIPPED", str(damaged))
     with pytest.raises(RuntimeError, match="not the pinned"):
@@ -134,16 +134,15 @@ def test_build_says_whether_it_is_the_shipped_file(tmp_path, monkeypatch, capsys
     """--build's two outcomes, on a 2-step pre-training (the real one takes 300 steps, and its
     result depends on the CPU's kernels, which is why the file is shipped)."""
     monkeypatch.setitem(toy.PRETRAIN, "steps", 2)
-    out = str(tmp_path / "built.pt")
+    out = str(tmp_path / "built.npz")
     assert not toy.build(out)
     assert "NOT the shipped" in capsys.readouterr().out
     first = open(out, "rb").read()
     # the same 2 steps again: the same weights, bit for bit
     monkeypatch.setattr(toy, "SHIPPED", out)
-    assert toy.build(str(tmp_path / "again.pt"))
+    assert toy.build(str(tmp_path / "again.npz"))
     assert "the same weights as the shipped" in capsys.readouterr().out
-    assert torch.load(str(tmp_path / "again.pt"), weights_only=True).keys() == torch.load(
-        out, weights_only=True).keys() and first
+    assert toy.read(str(tmp_path / "again.npz")).keys() == toy.read(out).keys() and first
 
 
 def test_readme_zeroshot_row_is_what_eval_computes(world, one_thread):
