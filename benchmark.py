@@ -184,12 +184,7 @@ def unfinished(todo, failures):
 
 
 def held_job(job):
-    if job.kind != "eval":
-        return held(job.folder)
-    if not runfolder.try_lock(job.out + ".lock"):
-        return True
-    runfolder.unlock(job.out + ".lock", remove=False)
-    return False
+    return held_lock(job.out + ".lock") if job.kind == "eval" else held(job.folder)
 
 
 def running(pending):
@@ -222,11 +217,13 @@ def release(job):
 
 def held(folder):
     """Whether some process holds the run folder's lock now."""
-    if not os.path.isdir(folder):
-        return False
-    if not runfolder.try_lock(os.path.join(folder, ".lock")):
+    return os.path.isdir(folder) and held_lock(os.path.join(folder, ".lock"))
+
+
+def held_lock(path):
+    if not runfolder.try_lock(path):
         return True
-    runfolder.unlock(os.path.join(folder, ".lock"), remove=False)
+    runfolder.unlock(path, remove=False)
     return False
 
 

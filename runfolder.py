@@ -263,7 +263,7 @@ def expected_state(model, cfg):
 # what train.py's save_checkpoint writes, with the type each value must have
 PROMPT_CHECKPOINT = dict(method=str, config=dict, classnames=list, epoch=int,
                          clip_architecture=dict, state_dict=dict)
-CONFIG_KEYS = ("method", "model", "protocol", "dataset")  # besides the method's own options
+CONFIG_STRINGS = ("method", "model", "protocol", "dataset")  # and the method's own options
 
 
 def checkpoint_problem(ckpt):
@@ -294,12 +294,13 @@ def config_problem(cfg, method):
     if cfg.get("method") != method:
         return f"it holds {method} prompts, but its config says method {cfg.get('method')!r}"
     defaults = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS}
-    for key in (*CONFIG_KEYS, *prompts.METHODS[method].DEFAULTS):
+    for key in (*CONFIG_STRINGS, *prompts.METHODS[method].DEFAULTS):
         if key not in cfg:
             return f"its config has no {key!r}"
     for key, value in cfg.items():
-        want = str if key in CONFIG_KEYS else type(defaults.get(key))
-        if value is None and key not in CONFIG_KEYS or want is type(None):  # e.g. fewshot_file
+        want = str if key in CONFIG_STRINGS else type(defaults.get(key))
+        # an option whose default is None (fewshot_file) takes any value
+        if value is None and key not in CONFIG_STRINGS or want is type(None):
             continue
         ok = (isinstance(value, (list, tuple)) if want in (list, tuple)
               else isinstance(value, (int, float)) and not isinstance(value, bool)

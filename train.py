@@ -282,7 +282,7 @@ def evaluate(model, items, args, cfg):
         text_features = model.text_features()
         for step, (images, labels) in enumerate(loader):
             logits = model.logits(images.to(device, non_blocking=True), text_features)
-            # on the device
+            # counted on the device: no read-back per batch
             correct += (logits.argmax(-1) == labels.to(device, non_blocking=True)).sum()
             total += len(labels)
             progress(step + 1, len(labels))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .clip import file_digest
 from .files import atomic_write
 from .model import CLIP
 from .tokenizer import tokenize
@@ -232,8 +233,7 @@ def read(path):
 
 
 def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return file_digest(path, "sha256")  # clip.py's, which checks OpenAI's downloads
 
 
 def shipped():

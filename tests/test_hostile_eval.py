@@ -65,7 +65,7 @@ def edits(ckpt):
             cases.append((f"{key} wrong type",
                           lambda c, k=key: c.update({k: wrong_type(c[k])}) or c,
                           "state_dict" if key == "state_dict" else said))
-    for key in (*runfolder.CONFIG_KEYS, "n_ctx", "ctx_init"):
+    for key in (*runfolder.CONFIG_STRINGS, "n_ctx", "ctx_init"):
         cases.append((f"config.{key} missing", lambda c, k=key: c["config"].pop(k) and c, key))
     for key, value in ckpt["config"].items():
         if isinstance(value, (int, float, str)) and value is not None:
