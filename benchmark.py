@@ -38,8 +38,8 @@ from data import DATASETS
 
 SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
 SHOTS = (1, 2, 4, 8, 16)  # few-shot learning: CoOp's K
-# The protocol's data sets (CoOp, CoCoOp, MaPLe): base-to-novel and few-shot on 11; cross-dataset
-# trains on ImageNet and evaluates on the other 10, then on ImageNet's 4
+# The protocol's data sets (CoOp, CoCoOp, MaPLe): base-to-novel and few-shot on 11;
+# cross-dataset trains on ImageNet and evaluates on the other 10, then on ImageNet's 4
 # shifts (domain generalisation).
 ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
@@ -54,7 +54,7 @@ Job = namedtuple("Job", "kind folder argv out")
 def jobs(args, extra):
     """The benchmark's runs, in the order they are taken: every (method, data set, K, seed)."""
     if args.benchmark == "toy":
-        out = args.out or os.path.join("runs", "toy_benchmark")
+        out = toy_out(args)
         todo = [Job("zeroshot", os.path.join(out, "zeroshot", "base2novel", "shots16_seed1"), [],
                     None)]
         for method in args.methods:
@@ -125,14 +125,20 @@ def run(args, extra):
     return table
 
 
+def toy_out(args):
+    return args.out or os.path.join("runs", "toy_benchmark")
+
+
 def check(args, todo):
-    """Every run's settings, before any run starts (a typo never runs something else), and on the
-    toy world no folder made with another toy CLIP (its table would be another world's)."""
-    for argv in {tuple(job.argv) for job in todo if job.kind == "train"}:
-        options.parse_args(list(argv) + ["--root", args.root])
-    if args.benchmark == "toy":
-        for job in todo:
-            check_same_clip(job.folder, args.out or os.path.join("runs", "toy_benchmark"))
+    """Every run's settings, before any run starts (a typo never runs something else), and no
+    folder made with another CLIP file than its run would use (a finished one would be reused)."""
+    models = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root]).model
+              for job in todo if job.kind == "train"}
+    digests = {model: clip.clip.sha256(model) for model in {*models.values(), "toy"}}
+    for job in todo:
+        if job.kind != "eval":
+            model = models[tuple(job.argv)] if job.kind == "train" else "toy"
+            check_same_clip(job.folder, model, digests[model])
 
 
 def work(todo, args, device, rank, world):
@@ -238,15 +244,15 @@ def perform(job, args, device):
                          *common, "--out", job.out])
 
 
-def check_same_clip(folder, out):
-    """Refuse a benchmark folder holding a run of another toy CLIP (or of one not recorded)."""
+def check_same_clip(folder, model, sha256):
+    """Refuse a folder holding a run of another CLIP file (or of one not recorded)."""
     cfg = runfolder.read_json(os.path.join(folder, "config.json"))
-    if cfg is None or cfg.get("clip_sha256") == clip.clip.sha256("toy"):
-        return
+    if not isinstance(cfg, dict) or cfg.get("clip_sha256") == sha256:
+        return  # nothing there yet (or damaged: train.py's own checks name it)
     raise SystemExit(f"error: {folder} was made with another CLIP (sha256 "
-                     f"{cfg.get('clip_sha256') or 'not recorded'}, the toy CLIP's is "
-                     f"{clip.clip.sha256('toy')}), so {out} holds another world's table. Delete "
-                     f"{out} (or pass another --out) to run the benchmark again.")
+                     f"{cfg.get('clip_sha256') or 'not recorded'}; {model} is {sha256}), so its "
+                     f"result is not this benchmark's. Delete that folder (or pass another --out) "
+                     f"to run it again.")
 
 
 def zeroshot_run(folder, args, device):

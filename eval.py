@@ -26,6 +26,7 @@ import sys
 import torch
 
 import benchmark
+import clip
 import data
 import options
 import prompts
@@ -124,7 +125,7 @@ def build_from_checkpoint(ckpt, path, clip_model, dataset, subsample, classnames
     wanted = learned_state(model)  # a method's buffers are rebuilt or training-only
     saved = ckpt["state_dict"]
     missing = [k for k in wanted if k not in saved]
-    unexpected = [k for k in saved if k not in model.state_dict()]
+    unexpected = [k for k in saved if k not in wanted]
     shapes = [f"{k} {tuple(saved[k].shape)} {saved[k].dtype}, not {tuple(wanted[k].shape)}"
               for k in wanted if k in saved and (saved[k].shape != wanted[k].shape
                                                  or not saved[k].is_floating_point())]
@@ -211,6 +212,12 @@ def main(argv=None):
         print(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
               f"{', '.join(names)}")
     clip_model = speed.keep_in_precision(train.load_frozen_clip(model_name, args.device), args)
+    clip_sha256 = clip.clip.sha256(model_name)
+    trained_on = ckpt["config"].get("clip_sha256") if ckpt else None  # older runs: not recorded
+    if trained_on and trained_on != clip_sha256:  # same architecture, other weights
+        raise SystemExit(f"error: the prompts in {args.ckpt} were learned on another CLIP file "
+                         f"(sha256 {trained_on}; {model_name} is {clip_sha256}); pass --model "
+                         f"with the CLIP they were trained on")
     if ckpt:
         model = build_from_checkpoint(ckpt, args.ckpt, clip_model, args.dataset, args.subsample,
                                       classnames, ds.template)
@@ -219,6 +226,7 @@ def main(argv=None):
     cfg = dict(eval_batch_size=args.eval_batch_size, workers=args.workers)
     result = dict(method=ckpt["method"] if ckpt else "zeroshot", checkpoint=args.ckpt,
                   model=model_name, dataset=args.dataset, subsample=args.subsample,
+                  clip_sha256=clip_sha256, precision=args.precision,
                   classes=len(classnames), images=len(test),
                   accuracy=train.evaluate(model, test, args, cfg))
     if unfinished:  # --summary leaves it out
@@ -231,7 +239,7 @@ def main(argv=None):
 # -- the papers' tables ----------------------------------------------------------------------------
 
 # may differ within a row: they change no result (threads, cuda_graphs: to float rounding)
-NOT_SETTINGS = ("seed", "fewshot_file", "dataset", "device", "workers", "threads", "cuda_graphs")
+NOT_SETTINGS = ("seed", "fewshot_file", "dataset", *runfolder.SPEED_KEYS)
 
 
 def summary(dirs):

@@ -287,3 +287,16 @@ def test_two_evaluations_to_one_out_keep_the_first(world, tmp_path, capsys, monk
                       capsys)
     assert str(out) in text and "another process" in text
     assert out.read_text() == '{"accuracy": 1.0}' and os.listdir(tmp_path) == ["e.json"]
+
+
+def test_prompts_of_another_clip_file_are_refused(world, tmp_path, capsys):
+    """The same architecture, other weights (a retrained CLIP): the run recorded its CLIP's sha256,
+    and eval.py will not apply its prompts to another file. The result records the file's sha256."""
+    other = synthetic.save_tiny_clip(tmp_path / "other.pt", seed=1)
+    with pytest.raises(SystemExit) as e:
+        evaluate(world, world.run / "prompt_learner.pt", "--model", other,
+                 "--out", str(tmp_path / "a.json"))
+    assert "learned on another CLIP file" in str(e.value) and other in str(e.value)
+    assert not (tmp_path / "a.json").exists()
+    result = evaluate(world, world.run / "prompt_learner.pt", "--out", str(tmp_path / "b.json"))
+    assert result["clip_sha256"] == world.ckpt["config"]["clip_sha256"]
