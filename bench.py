@@ -536,17 +536,14 @@ def whole_run_rows(config, methods, sizes, device, workers):
                    "", f"hm {metrics['hm']:.1f}"]
 
 
-# Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in
-# all). ImageNet: 1,000 classes,
-# 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease
+# Caltech101: 100 classes, 16 shots + 4 val, ~25 test images each (2,465 in all). ImageNet:
+# 1,000 classes, 16 + 4, and 10 test images each instead of 50, to keep the disk and the lease
 # small (say so when reporting).
 RUN_SIZES = {"toy": ("toy", 24, None), "caltech101": ("caltech101", 100, (16, 4, 25)),
              "imagenet": ("imagenet", 1000, (16, 4, 10))}
-# Each preset's values of the options left unset: the full table, a one-minute
-# smoke run with a tiny CLIP,
-# and --quick, which a 10-minute GPU lease runs whole (the steps people compare, a
-# toy run, a Caltech101-size
-# PMPO run).
+# Each preset's values of the options left unset: the full table, a one-minute smoke run with a tiny
+# CLIP, and --quick, which a 10-minute GPU lease runs whole (the steps people compare, a toy run, a
+# Caltech101-size PMPO run).
 PRESETS = dict(
     full=dict(classes=[50, 500], text_prompts=[100, 1000], jpegs=2000, eval_batch=256, images=2000,
               agreement_classes=1000, repeat=10, runs=[]),

@@ -163,8 +163,8 @@ class Transformer(nn.Module):
                                                                 attn_mask) for _ in range(layers)])
         # Activation checkpointing (open_clip's name): keep only each block's input for the backward
         # pass and recompute the rest there. Same gradients, about a third more compute, and a
-        # fraction of the memory: PMPO's 1,000 classes x 4 prompts keep ~10 GiB
-        # of activations without it.
+        # fraction of the memory: PMPO's 1,000 classes x 4 prompts keep ~10 GiB of activations
+        # without it.
         self.grad_checkpointing = False
 
     def forward(self, x):

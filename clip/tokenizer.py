@@ -32,21 +32,17 @@ NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file: 4
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 
-# The pre-tokenizer: BPE never merges across the pieces this regex cuts, so it
-# decides what a "word" is.
-# Alternatives are tried left to right at each position:
+# The pre-tokenizer: BPE never merges across the pieces this regex cuts, so it decides what a "word"
+# is. Alternatives are tried left to right at each position:
 #   <|startoftext|>, <|endoftext|>  the special tokens, kept whole if they appear in the text;
-# 's 't 're 've 'm 'll 'd         English contractions become their own
-# words ("it's" -> "it", "'s");
+#   's 't 're 've 'm 'll 'd         English contractions become words ("it's" -> "it", "'s");
 #   [\p{L}]+                        a run of letters in any script (accents, CJK, Arabic...);
-# [\p{N}]                         ONE digit: "2023" is four words, so numbers need no big vocabulary
-#                                   and every number is spelled the same way, digit by digit;
-# [^\s\p{L}\p{N}]+                a run of anything else but whitespace:
-# punctuation, emoji, symbols.
-# Whitespace matches nothing, so it is dropped; the end of each word is
-# marked by END_OF_WORD instead.
-# The text is lower-cased before this, but IGNORECASE still matters at the edges
-# ("'ſ", long s, matches 's).
+#   [\p{N}]                         ONE digit: "2023" is four words, so numbers need no big
+#                                   vocabulary and every number is spelled the same way;
+#   [^\s\p{L}\p{N}]+                a run of anything else but whitespace: punctuation, emoji.
+# Whitespace matches nothing, so it is dropped; the end of each word is marked by END_OF_WORD
+# instead. The text is lower-cased before this, but IGNORECASE still matters at the edges ("'ſ",
+# long s, matches 's).
 WORD_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"""
     r"""|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
@@ -105,8 +101,8 @@ class SimpleTokenizer:
         # lower rank = learned earlier
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
 
-        # The vocabulary, in id order: 256 single bytes inside a word, the same 256 ending a word
-        # ("a" inside "cat" is not the word "a</w>"), one token per merge,
+        # The vocabulary, in id order: 256 single bytes inside a word, the same 256
+        # ending a word ("a" inside "cat" is not the word "a</w>"), one token per merge,
         # then the two special tokens.
         base = list(self.byte_to_char.values())
         vocab = base + [c + END_OF_WORD for c in base] + ["".join(pair) for pair in merges] + [SOT,
@@ -114,9 +110,8 @@ class SimpleTokenizer:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = vocab
         self.sot_token, self.eot_token = self.encoder[SOT], self.encoder[EOT]  # 49406, 49407
-        # chunk -> ids. Prompts repeat the same few words, so after the
-        # first few prompts almost every
-        # chunk is a hit, and BPE (the slow part) runs once per distinct chunk.
+        # chunk -> ids. Prompts repeat the same few words, so after the first few prompts almost
+        # every chunk is a hit, and BPE (the slow part) runs once per distinct chunk.
         self.cache: dict[str, tuple[int, ...]] = {}
 
     def bpe(self, chars: str) -> list[str]:
@@ -166,9 +161,8 @@ class SimpleTokenizer:
         """Ids of one word cut out by WORD_PATTERN (with limit: its first `limit` ids)."""
         if word in (SOT, EOT):  # typed into the text: still the special token, as in OpenAI's code
             return [self.encoder[word]]
-        # UTF-8 bytes -> their stand-in characters. Decoding as Latin-1
-        # turns byte b into chr(b), and
-        # translate() then maps each ordinal b to byte_to_char[b], all in C
+        # UTF-8 bytes -> their stand-in characters. Decoding as Latin-1 turns byte b into
+        # chr(b), and translate() then maps each ordinal b to byte_to_char[b], all in C
         # instead of a Python loop.
         chars = word.encode("utf-8").decode("latin-1").translate(self.byte_to_char)
         return [self.encoder[token] for token in self.bpe(chars)][:limit]

@@ -37,11 +37,9 @@ from .tokenizer import tokenize
 from .transform import MEAN, STD
 
 # -- the world's knobs -----------------------------------------------------------------------------
-# Class names are one BPE token each; the i-th name here has hue i /
-# len(CLASSNAMES) of the circle. Labels
-# follow the sorted names (data/toy.py writes one folder per class), so the
-# base half is the first 12 in
-# alphabetical order, and base and novel hues interleave around the circle.
+# Class names are one BPE token each; the i-th name here has hue i / len(CLASSNAMES) of the circle.
+# Labels follow the sorted names (data/toy.py writes one folder per class), so the base half is the
+# first 12 in alphabetical order, and base and novel hues interleave around the circle.
 CLASSNAMES = ["cat", "dog", "fish", "bird", "horse", "frog", "bear", "lion",
               "wolf", "duck", "cow", "pig", "goat", "sheep", "fox", "owl",
               "bee", "ant", "rat", "bat", "deer", "seal", "crab", "snake"]

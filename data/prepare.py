@@ -27,13 +27,10 @@ from collections import namedtuple
 from clip.clip import TIMEOUT, download  # the one downloader: resumable, retried, checksum-checked
 from data.datasets import DATASETS, DatasetNotFound, build_dataset
 
-# url ("drive:ID/NAME" for a Google Drive file; a tuple: mirrors of one file),
-# md5 as published (None: none
-# is), folder under root to unpack into (a file that is not an archive is
-# saved there), path under root
-# that exists once done; optionally a (from, to) rename under root after
-# unpacking, and an archive inside
-# the archive (a path under root) to unpack where it lies.
+# url ("drive:ID/NAME" for a Google Drive file; a tuple: mirrors of one file), md5 as published
+# (None: none is), folder under root to unpack into (a file that is not an archive is saved there),
+# path under root that exists once done; optionally a (from, to) rename under root after unpacking,
+# and an archive inside the archive (a path under root) to unpack where it lies.
 Download = namedtuple("Download", "url md5 into creates move inner", defaults=(None, None))
 
 

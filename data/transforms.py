@@ -1,8 +1,8 @@
 """Train and test transforms of CoOp/Dassl, in PIL + torch (no torchvision).
 
-test: CLIP's own preprocess, clip.transform.Preprocess(n_px): resize shorter side (bicubic), center
-crop. train: RandomResizedCrop(n_px, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) ->
-RandomHorizontalFlip(0.5)
+test:  CLIP's own preprocess, clip.transform.Preprocess(n_px): resize shorter side (bicubic),
+       center crop.
+train: RandomResizedCrop(n_px, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip
        -> ToTensor -> Normalize(CLIP mean/std): Dassl's INPUT.TRANSFORMS of every CoOp/MaPLe config.
 
 The crop follows torchvision's RandomResizedCrop.get_params draw for draw (same torch RNG calls,

@@ -194,9 +194,8 @@ def test_documented_encode(text, ids):
 
 
 def test_special_tokens_typed_in_text_stay_special():
-    # OpenAI's pre-tokenizer keeps "<|endoftext|>" whole; open_clip spells
-    # its specials differently, so
-    # these strings are left out of the comparison with it.
+    # OpenAI's pre-tokenizer keeps "<|endoftext|>" whole; open_clip spells its specials differently,
+    # so these strings are left out of the comparison with it.
     tokenizer = default_tokenizer()
     assert tokenizer.encode("<|startoftext|>a dog<|ENDOFTEXT|>") == [49406, 320, 1929, 49407]
     assert 49406 not in tokenizer.encode("<start_of_text>")
