@@ -39,10 +39,14 @@ from .transform import MEAN, STD
 # -- the world's knobs -----------------------------------------------------------------------------
 # Class names are one BPE token each; the i-th name here has hue i / len(CLASSNAMES) of the circle.
 # Labels follow the sorted names (data/toy.py writes one folder per class), so the base half is the
-# first 12 in alphabetical order, and base and novel hues interleave around the circle.
-CLASSNAMES = ["cat", "dog", "fish", "bird", "horse", "frog", "bear", "lion",
-              "wolf", "duck", "cow", "pig", "goat", "sheep", "fox", "owl",
-              "bee", "ant", "rat", "bat", "deer", "seal", "crab", "snake"]
+# first 12 in alphabetical order ("ant" to "fish"). [ours] The order below alternates base and novel
+# around the circle, so each half's hues are two steps apart and the dark shift (half a step) never
+# lands on a neighbour of the same half: with the base and novel hues in clumps (the alphabet's
+# order), a novel class sat on a knife edge between two novel neighbours, and which side it fell on
+# moved from seed to seed (seed spreads of 4 to 9 points on novel, measured).
+CLASSNAMES = ["ant", "fox", "bat", "frog", "bear", "goat", "bee", "horse",
+              "bird", "lion", "cat", "owl", "cow", "pig", "crab", "rat",
+              "deer", "seal", "dog", "sheep", "duck", "snake", "fish", "wolf"]
 SATURATION = (0.6, 1.0)       # drawn per image
 BRIGHT_VALUE = (0.7, 1.0)     # brightness of the bright rendering, drawn per image
 DARK_VALUE = (0.35, 0.55)     # ... and of the dark rendering (the downstream data set)
@@ -61,7 +65,8 @@ TOY_CLIP = dict(embed_dim=64, image_resolution=IMAGE_SIZE, vision_layers=4, visi
                 vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
                 transformer_heads=1, transformer_layers=4)
 # AdamW, one-cycle schedule. [ours] seed 1 and 300 steps: of seeds 0-7 at 150 and 300 steps tried on
-# one machine, the world with the highest zero-shot base and novel that still leaves methods room.
+# one machine, the world with the highest zero-shot base and novel that still leaves methods room
+# (chosen before the class order above; 600 steps gave a CLIP that deep vision prompts wrecked).
 PRETRAIN = dict(seed=1, steps=300, batch=128, lr=4e-3, weight_decay=0.1, warmup=0.1)
 
 
@@ -177,7 +182,7 @@ def contrastive_loss(model, images, text, embeddings, target, n_captions):
 # kernels; ARM), so each machine would build another CLIP, and print another table. Reading a file
 # is exact everywhere.
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_clip.npz")
-SHIPPED_SHA256 = "21041ea310266f3ce77a37b8d3b0be3d97f20136c53d75f957996db6a8d3d803"
+SHIPPED_SHA256 = "1a99235651e23cfbb5d1e6529bfddd930eb5a746b812e5a395c522b377d6fbd7"
 FILLER_SEED = 0  # of the token-embedding rows no caption uses (filler_rows)
 PACKED = ("token_embedding.ids", "token_embedding.rows")  # in the file, for token_embedding.weight
 
