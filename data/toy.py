@@ -49,8 +49,10 @@ def ensure_world(path):
     try:
         write_world(tmp)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and os.path.isfile(stamp):
+            return ensure_world(path)  # another process (a torchrun rank) drew it meanwhile: check it
         raise
     return path
 

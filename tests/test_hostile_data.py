@@ -247,6 +247,28 @@ def test_damaged_toy_world(world, tmp_path, capsys, case, text, split, fragment)
     assert out == "clear", out  # the fix is said: the toy folder is drawn again
 
 
+def test_toy_world_drawn_by_two_processes_at_once(tmp_path, monkeypatch):
+    """torchrun ranks from an empty data root each draw the world aside; the one whose rename comes
+    second finds the other's world in place: it checks that one, and leaves no temporary folder."""
+    import data.toy as toy_data
+    path = str(tmp_path / "toy")
+
+    def light(folder):  # the stamp and split only: the images are not what is tested
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "split.json"), "w") as f:
+            f.write('{"train": [], "val": [], "test": []}')
+        with open(os.path.join(folder, "world.json"), "w") as f:
+            f.write(STAMP)
+
+    def racing(folder):
+        light(folder)
+        light(path)  # meanwhile the other rank renamed its world into place
+
+    monkeypatch.setattr(toy_data, "write_world", racing)
+    assert toy_data.ensure_world(path) == path
+    assert sorted(os.listdir(tmp_path)) == ["toy"]
+
+
 # -- ImageNet's classnames.txt and class folders ---------------------------------------------------
 
 CLASSNAMES_DAMAGE = [  # (case, file bytes, a fragment of the message)
