@@ -78,7 +78,8 @@ CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),
                stage_schedule=("one", "restart"), sigma=Range(0, open_low=True), alpha=Range(0, 1))
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
-TOY = dict(stage_epochs=(6, 6, 8), depth=3, batch_size=16, lr=0.00125)  # depth 9 of 12 -> 3 of 4
+# depth 9 of 12 -> 3 of 4
+TOY = dict(stage_epochs=(6, 6, 8), depth=3, batch_size=16, lr=DEFAULTS["lr"] / 2)
 
 
 def protocol_defaults(protocol, dataset, shots):

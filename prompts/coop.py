@@ -28,7 +28,7 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
 CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
-TOY = dict(epochs=20, batch_size=16, lr=0.001)
+TOY = dict(epochs=20, batch_size=16, lr=DEFAULTS["lr"] / 2)
 
 
 def protocol_defaults(protocol, dataset, shots):

@@ -32,7 +32,7 @@ HELP = {}  # prompts.common.OPTION_HELP has this method's options
 CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
-TOY = dict(epochs=20, batch_size=16, lr=0.00175, depth=3)
+TOY = dict(epochs=20, batch_size=16, lr=DEFAULTS["lr"] / 2, depth=3)
 
 
 class CustomCLIP(IndependentDeepPrompts):

@@ -43,7 +43,7 @@ CHOICES = dict(schedule=("squared_cosine", "cosine"))  # and prompts.common.OPTI
 LR_POWER = dict(squared_cosine=2, cosine=1)  # power of the cosine factor (PromptedCLIP.lr_shape)
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
-TOY = dict(epochs=20, batch_size=16, lr=0.001)
+TOY = dict(epochs=20, batch_size=16, lr=DEFAULTS["lr"] / 2)
 
 
 class CustomCLIP(PromptedCLIP):

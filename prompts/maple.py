@@ -44,7 +44,7 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
 CHOICES = {}  # prompts.common.OPTION_CHOICES has this method's options
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
-TOY = dict(epochs=20, batch_size=8, lr=0.00175, depth=3)  # batch 16: seed spread 4.2
+TOY = dict(epochs=20, batch_size=8, lr=DEFAULTS["lr"] / 2, depth=3)  # batch 16: seed spread 4.2
 
 
 def protocol_defaults(protocol, dataset, shots):

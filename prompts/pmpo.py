@@ -53,7 +53,8 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
 CHOICES = dict(n_prompts=Range(1), inject=("every", "first"), fusion=("feature", "logit"))
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
-TOY = dict(epochs=20, batch_size=16, lr=0.00175, depth=4)  # 4 prompts, 4 layers: one layer each
+# 4 prompts over all 4 vision layers: one layer each
+TOY = dict(epochs=20, batch_size=16, lr=DEFAULTS["lr"] / 2, depth=4)
 
 
 def protocol_defaults(protocol, dataset, shots):
