@@ -2,7 +2,6 @@
 few MB instead of 350."""
 import functools
 import math
-import types
 
 import torch
 
@@ -53,30 +52,33 @@ def tiny_settings(method):
     return {k: min(defaults[k], layers) for k in ("depth", "n_prompts") if k in defaults}
 
 
+def tiny_config(method, **flags):
+    """train.py's settings for `method` fitted to the tiny CLIP, from the resolver train.py uses
+    (options.config): on the CPU unless flags say otherwise."""
+    return options.config(method, "caltech101", **{"device": "cpu", **tiny_settings(method),
+                                                   **flags})
+
+
 @functools.lru_cache(maxsize=None)
 def stage_count(method):
     """How many stages `method` trains in (APLe: 3), from the model itself."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           "method": method}
+    cfg = tiny_config(method)
     return len(prompts.build(method, tiny_clip(), ["cat", "dog"], "a photo of a {}.",
                              cfg).stages(cfg))
 
 
-def tiny_train_step(method, classnames, lr, **args):
+def tiny_train_step(method, classnames, lr, **flags):
     """(model, optimizer, step): `method` on the tiny CLIP in its last stage (everything it defines
-    learns) and train.py's step for it, SGD as train.py's; args: train_step's run arguments (device,
-    precision, cuda_graphs; default the CPU's)."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           "method": method}
+    learns) and train.py's step for it, SGD as train.py's; flags: train.py's (device, precision,
+    cuda_graphs; default the CPU's)."""
+    cfg = tiny_config(method, **flags)
     model = prompts.build(method, tiny_clip().requires_grad_(False), classnames, "a photo of a {}.",
                           cfg)
     model.set_stage(model.stages(cfg)[-1][0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    args = types.SimpleNamespace(**{"device": "cpu", "precision": "fp32", "cuda_graphs": "off",
-                                    **args})
-    return model, optimizer, train.train_step(model, optimizer, args, cfg)
+    return model, optimizer, train.train_step(model, optimizer, cfg)
 
 
 def tiny_flags(method, epochs):
