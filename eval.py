@@ -17,24 +17,25 @@ result is never overwritten.
 """
 
 import argparse
-import glob
 import json
 import os
-import statistics
 import sys
 
 import torch
 
-import benchmark
+import checkpoint
 import clip
+import console
 import data
 import options
 import prompts
+import reproduce
 import runfolder
 import speed
+import tables
 import train
 from prompts import zeroshot
-from prompts.common import learned_state
+from checkpoint import expected_state
 
 
 def parse_args(argv=None):
@@ -60,18 +61,18 @@ def parse_args(argv=None):
                         "marked unfinished; --summary leaves it out)")
     p.add_argument("--summary", nargs="+", metavar="DIR",
                    help="print the Markdown tables of the runs under DIR")
-    p.add_argument("--benchmark", choices=benchmark.PROTOCOLS,
+    p.add_argument("--benchmark", choices=reproduce.BENCHMARKS,
                    help="every run of a protocol's table (toy: zero-shot CLIP and every method "
                         "on the toy world), each into its train.py folder under --out (default "
                         "runs/, toy: runs/toy_benchmark), then the table; under torchrun shared "
                         "out over the processes. Flags after -- go to every train.py run")
     p.add_argument("--methods", nargs="+", choices=list(prompts.METHODS),
                    default=list(prompts.METHODS), help="of --benchmark (default: all)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(benchmark.SEEDS),
+    p.add_argument("--seeds", nargs="+", type=int, default=list(reproduce.SEEDS),
                    help="of --benchmark (default: 1 2 3)")
     p.add_argument("--datasets", nargs="+", help="of --benchmark (default: the protocol's 11; "
                    "crossdataset: the 10 targets and ImageNet's 4 shifts)")
-    p.add_argument("--shots", nargs="+", type=int, default=list(benchmark.SHOTS),
+    p.add_argument("--shots", nargs="+", type=int, default=list(reproduce.SHOTS),
                    help="of --benchmark fewshot (default: 1 2 4 8 16)")
     argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv,
                                                                                                [])
@@ -80,8 +81,8 @@ def parse_args(argv=None):
     if extra and not args.benchmark:
         p.error("flags after -- are for the runs of --benchmark")
     if args.benchmark:
-        args.datasets = args.datasets or list(benchmark.default_datasets(args.benchmark))
-        benchmark.check_datasets(args.datasets)
+        args.datasets = args.datasets or list(reproduce.default_datasets(args.benchmark))
+        reproduce.check_datasets(args.datasets)
         if min(args.seeds + args.shots) < 1:
             p.error("--seeds and --shots must be at least 1")
     defaults = options.shared_defaults(args.dataset or args.benchmark)  # the toy world's differ
@@ -97,13 +98,13 @@ def parse_args(argv=None):
 
 
 def load_checkpoint(path, method=None):
-    """A train.py checkpoint, read and checked by runfolder.read_checkpoint (the one reader of
+    """A train.py checkpoint, read and checked by checkpoint.read_checkpoint (the one reader of
     prompt_learner.pt; its fit to the method's model, which needs a CLIP, is checked in
     build_from_checkpoint)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path} (train.py writes "
                          f"<run folder>/prompt_learner.pt)")
-    ckpt = runfolder.read_checkpoint(path)
+    ckpt = checkpoint.read_checkpoint(path)
     if method and method != ckpt["method"]:
         raise SystemExit(f"error: {path} holds {ckpt['method']} prompts, not {method}")
     return ckpt
@@ -122,17 +123,9 @@ def build_from_checkpoint(ckpt, path, clip_model, dataset, subsample, classnames
                          f"{len(ckpt['classnames'])} the prompts in {path} were trained on "
                          f"(another split file or data set version?)")
     model = train.build_method(cfg["method"], clip_model, classnames, template, cfg)
-    wanted = learned_state(model)  # a method's buffers are rebuilt or training-only
-    saved = ckpt["state_dict"]
-    missing = [k for k in wanted if k not in saved]
-    unexpected = [k for k in saved if k not in wanted]
-    shapes = [f"{k} {tuple(saved[k].shape)} {saved[k].dtype}, not {tuple(wanted[k].shape)}"
-              for k in wanted if k in saved and (saved[k].shape != wanted[k].shape
-                                                 or not saved[k].is_floating_point())]
-    if missing or unexpected or shapes:
-        raise SystemExit(f"error: {path} does not fit {cfg['method']} with its saved settings "
-                         f"(missing {missing}, unexpected {unexpected}, shapes {shapes})")
-    model.load_state_dict(saved, strict=False)
+    # a method's buffers are rebuilt or training-only: only its parameters are saved
+    checkpoint.check_fit(path, ckpt["state_dict"], expected_state(model, cfg)["prompt_learner"])
+    model.load_state_dict(ckpt["state_dict"], strict=False)
     return model
 
 
@@ -171,13 +164,13 @@ def result_path(args, ckpt, model_name):
 def save_result(path, result):
     """Write a result next to no other: atomically under a private name, then hard-linked to
     path, which fails if the name exists (another eval.py with the same --out finished first)."""
-    with runfolder.write_errors(path):
+    with console.write_errors(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     staged = os.path.join(os.path.dirname(os.path.abspath(path)),
                           f".{os.path.basename(path)}.{os.getpid()}.tmp")
     runfolder.save_json(staged, result)
     try:
-        with runfolder.write_errors(path):
+        with console.write_errors(path):
             os.link(staged, path)
     except SystemExit:
         if os.path.exists(path):
@@ -192,10 +185,10 @@ def save_result(path, result):
 def main(argv=None):
     args = parse_args(argv)
     if args.summary:
-        print(summary(args.summary))
+        print(tables.summary(args.summary))
         return None
     if args.benchmark:
-        return benchmark.run(args, args.train_args)
+        return reproduce.run(args, args.train_args, evaluate=main)  # main: its evaluations
     ckpt = load_checkpoint(args.ckpt, args.method) if args.ckpt else None
     unfinished = check_finished(args.ckpt, args.allow_unfinished) if ckpt else False
     model_name = args.model or (
@@ -237,218 +230,10 @@ def main(argv=None):
 
 # -- the papers' tables ----------------------------------------------------------------------------
 
-# may differ within a row: they change no result (threads, cuda_graphs: to float rounding)
-NOT_SETTINGS = ("seed", "fewshot_file", "dataset", *runfolder.SPEED_KEYS)
-
-
-def summary(dirs):
-    """Markdown tables of every finished run under dirs: mean ± std over seeds, per data set.
-
-    Runs share a table only if every setting but the seed (and the shots' file, the device and the
-    worker count) is the same; tables that differ say in what. A seed found twice with the same
-    settings counts once, and a note below the tables names both folders. Base-to-novel: HM per data
-    set from its seed-averaged base and novel; the "Average" row's HM from the averaged base and
-    novel, as in the CoCoOp/MaPLe tables. Cross-dataset adds each eval_*.json beside a run. A
-    damaged file is named and skipped.
-    """
-    tables, notes = {}, []  # settings (JSON) -> dataset -> column -> [value per seed]
-    seen, repeats = {}, []  # (settings, dataset, seed) -> (folder, metrics) of its first run
-    for metrics_path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "**",
-                                                                               "metrics.json"),
-                                                                               recursive=True)):
-        folder = os.path.dirname(metrics_path)
-        cfg, why = read_run_config(os.path.join(folder, "config.json"))
-        values, why = (None, why) if why else read_metrics(metrics_path, cfg["protocol"])
-        if why:
-            notes.append(f"skipped {folder}: {why}")
-            continue
-        for path in sorted(glob.glob(os.path.join(folder, "eval_*.json"))):
-            e, why = read_eval(path)
-            if why:
-                notes.append(f"skipped {path}: {why}")
-                continue
-            values[f"{e['dataset']} ({e['subsample']})"] = e["accuracy"]
-        settings = json.dumps({k: v for k, v in cfg.items() if k not in NOT_SETTINGS},
-                              sort_keys=True)
-        key = (settings, cfg["dataset"], cfg["seed"])
-        if key in seen:  # e.g. the quick start's run and the benchmark's: one seed, counted once
-            repeats.append((key, seen[key], (folder, values)))
-            continue
-        seen[key] = (folder, values)
-        row = tables.setdefault(settings, {}).setdefault(cfg["dataset"], {})
-        row.setdefault("seed", []).append(cfg["seed"])
-        for column, value in values.items():
-            row.setdefault(column, []).append(value)
-    for (settings, dataset, seed), (first, kept), (again, other) in repeats:
-        same = "the same results" if kept == other else f"other results, {other}, not counted"
-        notes.append(f"note: {dataset} in \"{title(settings, tables)}\": seed {seed} is in {first} "
-                     f"and again, with the same settings, in {again} ({same}); counted once")
-    if not tables:
-        return "\n".join(notes + [f"no finished runs (metrics.json) under {', '.join(dirs)}"])
-    blocks = [markdown_table(title(k, tables), json.loads(k)["protocol"],
-                             t) for k, t in tables.items()]
-    return "\n\n".join(blocks + side_by_side(tables) + notes)
-
-
-def side_by_side(tables):
-    """Base-to-novel: one more table with a row per table above (a method and its settings),
-    as the papers' tables compare methods: seed mean ± std on a single data set, else the
-    average over the data sets."""
-    groups = {}  # (shots, data sets) -> [settings key]
-    for key, table in tables.items():
-        cfg = json.loads(key)
-        if cfg["protocol"] == "base2novel":
-            groups.setdefault((cfg["shots"], tuple(sorted(table))), []).append(key)
-    blocks = []
-    for (shots, datasets), keys in groups.items():
-        if len(keys) < 2:
-            continue
-        order = ["zeroshot", *prompts.METHODS]  # the papers' row order: zero-shot CLIP first
-        keys.sort(
-            key=lambda k: order.index(m) if (m := json.loads(k)["method"]) in order else len(order)
-        )
-        where = datasets[0] if len(datasets) == 1 else f"average over {len(datasets)} data sets"
-        lines = [f"### base-to-novel, {shots} shots, {where}: side by side", "",
-                 "| method | seeds | base_acc | novel_acc | HM |", "|---|---|---|---|---|"]
-        for key in keys:
-            rows = tables[key].values()
-            base = [statistics.mean(row["base_acc"]) for row in rows]
-            novel = [statistics.mean(row["novel_acc"]) for row in rows]
-            if len(datasets) == 1:
-                row = next(iter(rows))
-                cells = [fmt(row["base_acc"]), fmt(row["novel_acc"])]
-            else:
-                cells = [f"{statistics.mean(base):.2f}", f"{statistics.mean(novel):.2f}"]
-            hm = train.harmonic_mean(statistics.mean(base), statistics.mean(novel))
-            seeds = "/".join(str(len(row["seed"])) for row in rows)
-            lines.append(f"| {title(key, tables).split(',')[0]}{settings_note(key, tables)} | "
-                         f"{seeds} | "
-                         + " | ".join(cells) + f" | {hm:.2f} |")
-        blocks.append("\n".join(lines))
-    return blocks
-
-
-def settings_note(key, tables):
-    """What follows the method in a table's title ("coop, base2novel, 16 shots, lr
-    0.001" -> ", lr 0.001")."""
-    parts = title(key, tables).split(", ")
-    return "".join(", " + p for p in parts[3:])
-
-
-def fmt(values):
-    """Seed values -> "mean ± std" (a single seed: its value)."""
-    return (
-        f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-        if len(values) > 1
-        else f"{values[0]:.2f}"
-    )
-
-
-def title(settings, tables):
-    """"method, protocol, K shots", and the settings in which the table
-    differs from others so named."""
-    cfg = json.loads(settings)
-    name = (cfg["method"], cfg["protocol"], cfg["shots"])
-    others = [json.loads(k) for k in tables if k != settings]
-    others = [o for o in others if (o["method"], o["protocol"], o["shots"]) == name]
-    differ = sorted({k for o in others for k in set(o) | set(cfg) if o.get(k) != cfg.get(k)})
-    return f"{cfg['method']}, {cfg['protocol']}, {cfg['shots']} shots" + "".join(
-        f", {k} {cfg.get(k)!r}" for k in differ)
-
-
-def markdown_table(name, protocol, table):
-    """One table: a row per data set (mean ± std over seeds) and their average. Base-to-novel
-    adds HM; cross-dataset has a column per target (eval_<target>_all.json) and their
-    average, as the papers."""
-    columns = list(dict.fromkeys(c for row in table.values() for c in row if c not in ("hm",
-                                                                                       "seed")))
-    targets = [c for c in columns if c.endswith(" (all)")] if protocol == "crossdataset" else []
-    for row in table.values():  # per seed: the mean over the targets this run was evaluated on
-        if targets and all(len(row.get(t, [])) == len(row["seed"]) for t in targets):
-            row["target average"] = [statistics.mean(v) for v in zip(*(row[t] for t in targets))]
-    if any("target average" in row for row in table.values()):
-        columns.append("target average")
-    lines = [
-        f"### {name}",
-        "",
-        "| data set | seeds | "
-        + " | ".join(columns)
-        + (" | HM |" if protocol == "base2novel" else " |"),
-        "|---" * (len(columns) + 2 + (protocol == "base2novel")) + "|",
-    ]
-    means = {c: [] for c in columns}
-    for dataset, row in table.items():
-        cells = [fmt(row[c]) if c in row else "" for c in columns]
-        for c in columns:
-            if c in row:
-                means[c].append(statistics.mean(row[c]))
-        if protocol == "base2novel":
-            hm = train.harmonic_mean(statistics.mean(row["base_acc"]),
-                                     statistics.mean(row["novel_acc"]))
-            cells.append(f"{hm:.2f}")
-        lines.append(f"| {dataset} | {len(row['seed'])} | " + " | ".join(cells) + " |")
-    if len(table) > 1:
-        cells = [f"{statistics.mean(means[c]):.2f}" if means[c] else "" for c in columns]
-        if protocol == "base2novel":
-            hm = train.harmonic_mean(statistics.mean(means["base_acc"]),
-                                     statistics.mean(means["novel_acc"]))
-            cells.append(f"{hm:.2f}")
-        lines.append("| **Average** | | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
 
 # -- the files --summary reads: one reader per kind, each (value, None) or (None, what is wrong) ---
 
-def read_run_config(path):
-    """A run's config.json: the settings a table is grouped by."""
-    cfg = runfolder.read_json(path)
-    if not isinstance(cfg, dict):
-        return None, f"{path} is missing or damaged (not a JSON object)"
-    for key, kind in dict(method=str, protocol=str, dataset=str, shots=int, seed=int).items():
-        if not isinstance(cfg.get(key), kind) or isinstance(cfg.get(key), bool):
-            return None, f"{path}: {key} is {cfg.get(key)!r}, not a {kind.__name__}"
-    if cfg["shots"] < 1 or cfg["seed"] < 0:
-        return None, f"{path}: shots {cfg['shots']} or seed {cfg['seed']} is out of range"
-    if cfg["protocol"] not in options.PROTOCOLS:
-        return None, f"{path}: protocol {cfg['protocol']!r} is not one of {options.PROTOCOLS}"
-    return cfg, None
-
-
-def read_metrics(path, protocol):
-    """A run's metrics.json: every value an accuracy, with the protocol's columns."""
-    values = runfolder.read_json(path)
-    if not isinstance(values, dict):
-        return None, f"{path} is damaged (not a JSON object)"
-    columns = ("base_acc", "novel_acc") if protocol == "base2novel" else ("accuracy",)
-    missing = [c for c in columns if c not in values]
-    if missing:
-        return None, f"{path} has no {', '.join(missing)}"
-    for key, value in values.items():
-        if not is_accuracy(value):
-            return None, f"{path}: {key} is {value!r}, not an accuracy (a number in [0, 100])"
-    return values, None
-
-
-def read_eval(path):
-    """An eval_*.json beside a run (eval.py's result)."""
-    e = runfolder.read_json(path)
-    if not isinstance(e, dict):
-        return None, "damaged (not a JSON object)"
-    if e.get("unfinished"):
-        return None, f"evaluated from an unfinished run (epoch {e.get('epoch')})"
-    if not isinstance(e.get("dataset"), str) or e.get("subsample") not in ("all", "base", "new"):
-        return None, f"dataset {e.get('dataset')!r} / subsample {e.get('subsample')!r} are not " \
-                     f"eval.py's"
-    if not is_accuracy(e.get("accuracy")):
-        return None, f"accuracy is {e.get('accuracy')!r}, not a number in [0, 100]"
-    return e, None
-
-
-def is_accuracy(value):
-    """A percentage: a real number in [0, 100] (not true/false, not NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100
-
 
 if __name__ == "__main__":
-    with runfolder.interrupted():
+    with console.interrupted():
         main(sys.argv[1:])

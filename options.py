@@ -64,6 +64,18 @@ CHOICES = dict(protocol=PROTOCOLS, shots=Range(1), momentum=Range(0, 1), eval_ba
 # that have to start first.
 TOY = dict(model="toy", threads=1, workers=0)
 
+# What may change between a run and its resume, and never splits a table: where and how fast it
+# runs, and which flags spelled its settings.
+SPEED_KEYS = ("device", "workers", "threads", "cuda_graphs", "given")
+
+
+PLACES = ("root", "out")  # where the data and the run are: not settings, so never recorded
+
+
+def recorded(cfg):
+    """The settings config.json and the checkpoints record: the same on every machine."""
+    return {k: v for k, v in cfg.items() if k not in PLACES}
+
 
 def parse_args(argv=None):
     """train.py's command line -> the run's settings, one dict, resolved and checked (settings()):

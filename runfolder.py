@@ -8,8 +8,6 @@ epoch. log.txt is appended.
     log.txt        what train.py said    metrics.json       written last: the run is finished
     .lock          held while a process runs in the folder
     .run_folder    written first, when the folder is made: only a folder with it is ever written in
-
-Also here: the progress line and the log, and reading input with a message instead of a traceback.
 """
 
 import fcntl
@@ -17,18 +15,16 @@ import json
 import os
 import random
 import re
-import sys
-import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 import torch
 
 import data
 import options
 import prompts
+from checkpoint import Damaged, read_checkpoint
 from clip.files import atomic_write
-from prompts import clip_architecture
-from prompts.common import learned_state
+from console import write_errors
 
 RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt",
              "train_state.pt", ".lock", ".run_folder")
@@ -39,25 +35,9 @@ TEMP_NAME = re.compile(r"\.(%s)\.[a-z0-9_]+\.tmp" % "|".join(map(re.escape, RUN_
 CONFIG_KEYS = ("method", "dataset", "protocol", "shots", "seed", "model")
 
 
-@contextmanager
-def write_errors(path):
-    """A full disk or a folder that cannot be written: a message, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        raise SystemExit(f"error: could not write {path}: {e.strerror or e}. The files written "
-                         f"before are intact: make room (or fix the folder) and run the same "
-                         f"command again to continue.") from None
-
-
 def save_json(path, obj):
     with write_errors(path), atomic_write(path) as f:
         json.dump(obj, f, indent=2)
-
-
-def save_torch(path, obj):
-    with write_errors(path), atomic_write(path, "wb") as f:
-        torch.save(obj, f)
 
 
 def read_json(path):
@@ -69,21 +49,29 @@ def read_json(path):
         return None
 
 
-def read_config(path, cfg=None):
-    """A run's config.json: None if missing or damaged (0 bytes after a full disk; the checkpoint
-    holds a copy), else a dict whose values have the types of cfg's (a hand edit is refused)."""
+def read_config(path):
+    """A run's config.json, the one reader of it: None if it is missing or unreadable (0 bytes
+    after a full disk; the checkpoint holds a copy), else its settings, each of the type train.py
+    writes. A hand-edited one raises ValueError naming the key and what it should be."""
     config = read_json(path)
     if config is None:
         return None
     if not isinstance(config, dict):
-        raise SystemExit(f"error: {path} holds a JSON {type(config).__name__}, not the run's "
-                         f"settings (an object); restore it, or delete the folder to start over")
-    for key, value in (cfg or {}).items():
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a run's settings "
+                         f"(an object)")
+    for key, kind in dict(method=str, protocol=str, dataset=str, shots=int, seed=int).items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise ValueError(f"{path}: {key} is {config.get(key)!r}, not a {kind.__name__}")
+    if config["shots"] < 1 or config["seed"] < 0 or config["protocol"] not in options.PROTOCOLS:
+        raise ValueError(f"{path}: protocol {config['protocol']!r}, shots {config['shots']} or "
+                         f"seed {config['seed']} is not train.py's")
+    method = config["method"]
+    defaults = options.settings(method, config["dataset"], {}) if method in prompts.METHODS else {}
+    for key, value in defaults.items():
         if key in config and not same_type(config[key], value):
-            raise SystemExit(f"error: {path}: {key} is {config[key]!r} "
-                             f"({type(config[key]).__name__}), not a {type(value).__name__} as "
-                             f"train.py writes it; restore it (e.g. {key}: {value!r}), or delete "
-                             f"the folder to start over")
+            raise ValueError(f"{path}: {key} is {config[key]!r} ({type(config[key]).__name__}), "
+                             f"not a {type(value).__name__} as train.py writes it (e.g. "
+                             f"{key}: {value!r})")
     return config
 
 
@@ -155,14 +143,14 @@ def prepare_run_folder(out, cfg, stages, expected=None):
     must hold (expected_state), so that another run's prompts are never resumed from."""
     check_out_folder(out)
     check_ours(out)
-    cfg = recorded(cfg)
-    old = recorded_config(out, cfg)
+    cfg = options.recorded(cfg)
+    old = recorded_config(out)
     if finished(out):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json)"
                          f"{other_clip(old, cfg)}. Pick another --out, or delete that folder to "
                          f"run again.")
     changed = {k: (old.get(k), v) for k, v in cfg.items()
-               if old.get(k) != v and k not in SPEED_KEYS} if old is not None else {}
+               if old.get(k) != v and k not in options.SPEED_KEYS} if old is not None else {}
     if changed and trained_in(out):
         differences = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise SystemExit(f"error: {out} holds an unfinished run with other settings "
@@ -200,10 +188,14 @@ def trained_in(out):
                for name in ("prompt_learner.pt", "train_state.pt"))
 
 
-def recorded_config(out, cfg=None):
+def recorded_config(out):
     """The settings of the run in `out`: config.json, or the checkpoint's copy if it is damaged."""
     path = os.path.join(out, "config.json")
-    config = read_config(path, cfg)
+    try:
+        config = read_config(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; restore it, or delete the folder {out} to start "
+                         f"over") from None
     if config is not None or not os.path.exists(path):
         return config
     try:
@@ -245,130 +237,6 @@ def checkpoint_state(out, stages, damage, cfg=None, expected=None):
                 note=f"warning: {damage}; going on from prompt_learner.pt with a fresh SGD "
                      f"momentum and random stream, so the prompts will differ slightly from an "
                      f"uninterrupted run's")
-
-
-# What may change between a run and its resume, and never splits a table: where and how fast it
-# runs, and which flags spelled its settings.
-SPEED_KEYS = ("device", "workers", "threads", "cuda_graphs", "given")
-PLACES = ("root", "out")  # where the data and the run are: not settings, so never recorded
-
-
-def recorded(cfg):
-    """The settings config.json and the checkpoints record: the same on every machine."""
-    return {k: v for k, v in cfg.items() if k not in PLACES}
-CHECKPOINT_KEYS = dict(prompt_learner=("method", "config", "classnames", "epoch", "state_dict"),
-                       train_state=("done", "stage", "optimizer", "rng", "learned"))
-
-
-def expected_state(model, cfg):
-    """What a checkpoint of this run holds: its method, class names and learned tensors' shapes
-    (prompt_learner.pt: the parameters; train_state.pt: with the buffers)."""
-    def shapes(buffers):
-        return {k: tuple(v.shape) for k, v in learned_state(model, buffers=buffers).items()}
-    return dict(method=cfg["method"], classnames=list(model.classnames),
-                prompt_learner=shapes(False), train_state=shapes(True))
-
-
-# what train.py's save_checkpoint writes, with the type each value must have
-PROMPT_CHECKPOINT = dict(method=str, config=dict, classnames=list, epoch=int,
-                         clip_architecture=dict, state_dict=dict)
-# the config keys train.py records as strings (and the method's own string options)
-CONFIG_STRINGS = ("method", "model", "protocol", "dataset", "device", "precision")
-
-
-def checkpoint_problem(ckpt):
-    """What is wrong in a checkpoint's values (None if nothing): keys, types, the config's."""
-    for key, kind in PROMPT_CHECKPOINT.items():
-        if key not in ckpt:
-            return f"it has no {key!r}"
-        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
-            return f"its {key!r} is a {type(ckpt[key]).__name__}, not a {kind.__name__}"
-    if ckpt["epoch"] < 0:
-        return f"its epoch is {ckpt['epoch']}"
-    if not ckpt["classnames"] or not all(isinstance(c, str) and c for c in ckpt["classnames"]):
-        return "its classnames are not a list of names"
-    if not ckpt["state_dict"]:
-        return "its state_dict is empty: the learned tensors are missing"
-    bad = [k for k, t in ckpt["state_dict"].items() if not torch.is_tensor(t)]
-    if bad:
-        return f"its state_dict's {bad[0]} is a {type(ckpt['state_dict'][bad[0]]).__name__}, " \
-               f"not a tensor"
-    arch = ckpt["clip_architecture"]
-    if not all(type(arch.get(k)) is int for k in ("embed_dim", "image_resolution", "text_width")):
-        return f"its clip_architecture {arch} is not a CLIP's"
-    return config_problem(ckpt["config"], ckpt["method"])
-
-
-def config_problem(cfg, method):
-    """What is wrong in a checkpoint's config: the method's options, each of its default's type."""
-    if cfg.get("method") != method:
-        return f"it holds {method} prompts, but its config says method {cfg.get('method')!r}"
-    defaults = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS}
-    for key in (*CONFIG_STRINGS, *prompts.METHODS[method].DEFAULTS):
-        if key not in cfg:
-            return f"its config has no {key!r}"
-    for key, value in cfg.items():
-        want = str if key in CONFIG_STRINGS else type(defaults.get(key))
-        # an option whose default is None (fewshot_file) takes any value
-        if value is None and key not in CONFIG_STRINGS or want is type(None):
-            continue
-        ok = (isinstance(value, (list, tuple)) if want in (list, tuple)
-              else isinstance(value, (int, float)) and not isinstance(value, bool)
-              if want is float else type(value) is want)
-        if not ok:
-            return f"its config's {key} is {value!r}, not a {want.__name__}"
-    return None
-
-
-class Damaged(SystemExit):
-    """A checkpoint that cannot be read at all (a full disk, a kill on a filesystem without
-    atomic renames), as opposed to one that can but belongs elsewhere."""
-
-
-def read_checkpoint(path, cfg=None, expected=None, kind="prompt_learner"):
-    """prompt_learner.pt or train_state.pt (kind), checked against the run it should belong to
-    (cfg, expected_state): SystemExit naming the file and what is wrong, else the dict."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Damaged(f"error: {path} is damaged: it could not be read "
-                      f"({type(e).__name__})") from None
-    if kind == "prompt_learner":
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or \
-                ckpt.get("method") not in prompts.METHODS:
-            raise SystemExit(f"error: {path} is not a prompt checkpoint written by train.py "
-                             f"(a CLIP checkpoint goes to --model instead)")
-        problem = checkpoint_problem(ckpt)
-        if problem:
-            raise SystemExit(f"error: {path} is damaged or was edited: {problem}. Use the "
-                             f"prompt_learner.pt that train.py wrote (or train again)")
-    missing = [k for k in CHECKPOINT_KEYS[kind] if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SystemExit(f"error: {path} is not a {kind}.pt of train.py (no {', '.join(missing)})")
-    tensors = ckpt["state_dict" if kind == "prompt_learner" else "learned"]
-    if not isinstance(tensors, dict) or not isinstance(ckpt.get("epoch", 0), int):
-        raise SystemExit(f"error: {path} is not a {kind}.pt of train.py (no tensors or epoch)")
-    check_finite(tensors, path)
-    if kind == "prompt_learner" and cfg is not None:
-        old = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
-        # keys an older train.py did not record are not held against it
-        other = [f"{k}: {old[k]!r} (this run: {v!r})" for k, v in cfg.items()
-                 if k in old and k not in SPEED_KEYS and k != "clip_sha256" and old[k] != v]
-        if other:
-            raise SystemExit(f"error: {path} belongs to another run ({', '.join(other[:3])})")
-    if expected is None:
-        return ckpt
-    if kind == "prompt_learner" and ckpt["method"] != expected["method"]:
-        raise SystemExit(f"error: {path} holds {ckpt['method']!r} prompts, this run is "
-                         f"{expected['method']!r}")
-    if kind == "prompt_learner" and list(ckpt["classnames"]) != expected["classnames"]:
-        raise SystemExit(f"error: {path} was trained on other classes than this run's")
-    shapes = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in tensors.items()}
-    if shapes != expected[kind]:
-        wrong = sorted(set(shapes.items()) ^ set(expected[kind].items()))
-        raise SystemExit(f"error: {path} holds other learned tensors than this run's "
-                         f"({', '.join(f'{k} {s}' for k, s in wrong[:3])})")
-    return ckpt
 
 
 def lock_run_folder(out):
@@ -432,13 +300,6 @@ def unlock_run_folder(out):
         f.close()
 
 
-def save_checkpoint(out, model, cfg, epochs_done):
-    """Only the learned tensors (KB to a few MB), never CLIP, and what is needed to use them."""
-    save_torch(os.path.join(out, "prompt_learner.pt"), dict(
-        method=cfg["method"], config=recorded(cfg), classnames=model.classnames, epoch=epochs_done,
-        clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)))
-
-
 def last_good(out):
     if trained_in(out):
         return f"the last good checkpoint is in {out}"
@@ -492,85 +353,6 @@ def safe_name(name):
     return name.replace(":", "_").replace("/", "_")
 
 
-@contextmanager
-def interrupted():
-    """Ctrl-C: one line instead of a traceback, and the shell's exit status for SIGINT (130)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print("\ninterrupted; the run resumes from its last finished epoch with the same command",
-              file=sys.stderr)
-        raise SystemExit(130) from None
-
-
-@contextmanager
-def clear_errors():
-    """Bad input (no data set where it should be, a damaged checkpoint, an unreadable image) ends
-    the run with the message that says what to do, not with a traceback. Wraps only the calls that
-    read input."""
-    try:
-        yield
-    except (ValueError, RuntimeError, OSError) as e:
-        message = str(e).strip()
-        if "Original Traceback" in message:  # from a DataLoader worker: the last line is the error
-            message = message.splitlines()[-1]
-        if len(message) > 1000:  # e.g. a 5,000-letter --ctx_init quoted back
-            message = message[:600] + " [...] " + message[-300:]
-        raise SystemExit(f"error: {message}") from None
-
-
-def check_finite(tensors, source):
-    """Stop, naming them, if loaded tensors hold NaN or infinity (chance-level results)."""
-    bad = [k for k, t in tensors.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
-    if bad:
-        raise SystemExit(f"error: {source}: NaN or infinite values in {', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}; the file is damaged or was trained "
-                         f"with a too-high lr")
-
-
 RUN_LOCKS = {}  # run folder -> its open .lock file, held until the run ends (a kill drops it)
 
 
-class Progress:
-    """Progress inside a loop over batches: step, images/s and ETA on stderr (not in log.txt).
-    On a terminal one line rewrites itself (at most 5 times a second); otherwise a plain line
-    every minute."""
-
-    def __init__(self, what, steps, every=60.0):
-        self.what, self.steps, self.images = what, steps, 0
-        self.tty = sys.stderr.isatty()
-        self.every = 0.2 if self.tty else every
-        self.start = self.shown = time.time()
-
-    def __call__(self, step, images, note=None):
-        """After `step` of `steps` batches, the last one of `images` images. note: a function whose
-        text ends the line, called only when a line is shown (train: the loss, read back then)."""
-        self.images += images
-        now = time.time()
-        if now - self.shown < self.every and step < self.steps:
-            return
-        self.shown, seconds = now, max(now - self.start, 1e-9)
-        eta = (self.steps - step) * seconds / step
-        line = (f"{self.what}  step {step}/{self.steps}  {self.images / seconds:.1f} img/s  "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}" + (f"  {note()}" if note else ""))
-        sys.stderr.write(f"\r{line}\033[K" if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.tty:  # the line goes; the loop logs its own summary
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
-class Log:
-    def __init__(self, path):
-        self.path = path
-        with write_errors(path):
-            self.file = open(path, "a")
-
-    def __call__(self, msg):
-        print(msg, flush=True)
-        with write_errors(self.path):
-            self.file.write(msg + "\n")
-            self.file.flush()

@@ -30,11 +30,12 @@ import prompts
 from options import parse_args
 from prompts import zeroshot
 from prompts.common import learned_state
-from runfolder import (Log, Progress, check_finite, clear_errors, expected_state, interrupted,
-                       last_good, prepare_run_folder, recorded_shots, restore_rng, rng_state,
-                       safe_name, save_checkpoint, save_json, save_torch, unlock_run_folder,
-                       write_errors)
+from checkpoint import check_finite, expected_state, save_checkpoint, save_torch
+from console import Log, Progress, clear_errors, interrupted, write_errors
+from runfolder import (last_good, prepare_run_folder, recorded_shots, restore_rng, rng_state,
+                       safe_name, save_json, unlock_run_folder)
 from speed import GraphedStep, autocast, keep_in_precision, graphs_on, switch_on
+from tables import harmonic_mean
 
 
 # -- one run, from the command line to metrics.json ---------------------------------------------
@@ -295,11 +296,6 @@ def zeroshot_metrics(clip_model, ds, cfg):
         metrics[key] = evaluate(model, test, cfg)
     metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
     return metrics
-
-
-def harmonic_mean(base, novel):
-    """HM = 2BN / (B + N), the base-to-novel summary number (CoCoOp, Sec. 4.1)."""
-    return 2 * base * novel / (base + novel) if base + novel else 0.0
 
 
 def lr_at(epoch, epochs, cfg, power=1):

@@ -16,7 +16,8 @@ import torch
 
 import eval as eval_py
 import options
-import runfolder
+import checkpoint
+import tables
 import train
 from tests import synthetic
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
@@ -59,12 +60,12 @@ def edits(ckpt):
     for key in ckpt:
         # without a method or state_dict, it is no prompt checkpoint at all
         said = "not a prompt checkpoint" if key in ("method", "state_dict") else key
-        if key in runfolder.PROMPT_CHECKPOINT:
+        if key in checkpoint.PROMPT_CHECKPOINT:
             cases.append((f"{key} missing", lambda c, k=key: c.pop(k) and c, said))
             cases.append((f"{key} wrong type",
                           lambda c, k=key: c.update({k: wrong_type(c[k])}) or c,
                           "state_dict" if key == "state_dict" else said))
-    for key in (*runfolder.CONFIG_STRINGS, "n_ctx", "ctx_init"):
+    for key in (*checkpoint.CONFIG_STRINGS, "n_ctx", "ctx_init"):
         cases.append((f"config.{key} missing", lambda c, k=key: c["config"].pop(k) and c, key))
     for key, value in ckpt["config"].items():
         if isinstance(value, (int, float, str)) and value is not None:
@@ -174,7 +175,7 @@ def test_unfinished_checkpoint(world, tmp_path, capsys, how):
     done = tmp_path / "runs" / "done"
     shutil.copytree(world.run, done)
     shutil.copy(run / "eval_caltech101_all.json", done / "eval_other_all.json")
-    text = eval_py.summary([str(tmp_path / "runs")])
+    text = tables.summary([str(tmp_path / "runs")])
     assert "unfinished" in text and str(done / "eval_other_all.json") in text
     assert "caltech101 (all)" not in text
 
@@ -223,7 +224,7 @@ def test_summary_skips_a_bad_file_and_prints_the_rest(tmp_path, name, field, bad
         content[field] = BAD_VALUES[bad]
     path.write_text(json.dumps(content))
     before = snapshot(tmp_path)
-    text = eval_py.summary([str(tmp_path)])
+    text = tables.summary([str(tmp_path)])
     assert snapshot(tmp_path) == before
     skipped = [line for line in text.splitlines() if line.startswith("skipped")]
     if (field in ("method", "dataset") and bad == "text") or (field, bad) == ("hm", "missing"):

@@ -8,7 +8,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import options
-import prompts
 import train
 from bench import full_length_text_features
 from clip.tokenizer import tokenize

@@ -3,7 +3,7 @@ HM from the seed means."""
 import json
 import os
 
-import eval as eval_py
+import tables
 
 
 def fake_run(root, method, seed, base, novel, dataset="toy"):
@@ -20,7 +20,7 @@ def test_side_by_side(tmp_path):
     fake_run(tmp_path, "pmpo", 1, 90.0, 60.0)
     fake_run(tmp_path, "pmpo", 2, 80.0, 70.0)
     fake_run(tmp_path, "zeroshot", 1, 40.0, 50.0)
-    text = eval_py.summary([str(tmp_path)])
+    text = tables.summary([str(tmp_path)])
     table = text[text.index("side by side"):].splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| method")]
     # zero-shot first, whatever the folder order
@@ -31,7 +31,7 @@ def test_side_by_side(tmp_path):
 
 def test_no_side_by_side_for_one_method(tmp_path):
     fake_run(tmp_path, "pmpo", 1, 90.0, 60.0)
-    assert "side by side" not in eval_py.summary([str(tmp_path)])
+    assert "side by side" not in tables.summary([str(tmp_path)])
 
 
 def test_a_seed_run_twice_with_the_same_settings_counts_once(tmp_path):
@@ -41,7 +41,7 @@ def test_a_seed_run_twice_with_the_same_settings_counts_once(tmp_path):
     fake_run(tmp_path / "bench", "pmpo", 1, 90.0, 60.0)
     fake_run(tmp_path / "bench", "pmpo", 2, 80.0, 70.0)
     fake_run(tmp_path / "bench", "zeroshot", 1, 40.0, 50.0)
-    text = eval_py.summary([str(tmp_path)])
+    text = tables.summary([str(tmp_path)])
     assert "| pmpo | 2 | 85.00 ± 7.07 | 65.00 ± 7.07 | 73.67 |" in text
     note = next(line for line in text.splitlines() if "counted once" in line)
     assert os.path.join(str(tmp_path), "bench", "pmpo", "seed1") in note

@@ -218,7 +218,8 @@ def test_benchmark_refuses_runs_of_another_clip(world, tmp_path):
     os.makedirs(folder)
     with open(folder / "config.json", "w") as f:
         # before sha256s were recorded
-        json.dump(dict(method="coop", dataset="toy", model="toy"), f)
+        json.dump(dict(method="coop", dataset="toy", model="toy", protocol="base2novel", shots=16,
+                       seed=2), f)
     with pytest.raises(SystemExit,
                        match=re.escape(f"{folder} was made with another "
                                        f"CLIP (sha256 not recorded")):

@@ -20,7 +20,9 @@ from PIL import Image
 
 import data
 import eval as eval_py
+import console
 import runfolder
+import tables
 import train
 from clip.tokenizer import tokenize
 from clip.transform import Preprocess
@@ -384,7 +386,7 @@ def test_summary(seeds, capsys):
         values = [m[key] for m in metrics]
         means[key] = statistics.mean(values)
         assert cells[key] == f"{means[key]:.2f} ± {statistics.stdev(values):.2f}"
-    assert cells["HM"] == f"{train.harmonic_mean(means['base_acc'], means['novel_acc']):.2f}"
+    assert cells["HM"] == f"{tables.harmonic_mean(means['base_acc'], means['novel_acc']):.2f}"
 
 
 # -- resume or refuse ------------------------------------------------------------------------------
@@ -622,9 +624,9 @@ def test_progress_line(monkeypatch, capsys, tty):
     rewritten in place on a terminal (cleared at the end, the loop logs its own summary).
     Nothing goes to stdout or log.txt."""
     clock = iter([0.0, 30.0, 61.0, 61.1, 130.0])  # created, then after steps 1-4 of 4
-    monkeypatch.setattr(runfolder, "time", SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(console, "time", SimpleNamespace(time=lambda: next(clock)))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
-    progress = runfolder.Progress("stage all epoch 1/5", 4)
+    progress = console.Progress("stage all epoch 1/5", 4)
     for step in range(1, 5):
         progress(step, 4)
     progress.close()

@@ -1,5 +1,5 @@
 """A paper's table in one command: every run of a benchmark, shared out over as many processes as
-you start, then the table. eval.py's --benchmark calls it.
+you start, then the table. eval.py's --benchmark calls it (bench.py, by contrast, measures speed).
 
     python eval.py --benchmark toy                              # 25 runs on a laptop, one at a time
     torchrun --nproc_per_node 8 eval.py --benchmark base2novel  # 8 methods x 11 data sets x 3 seeds
@@ -32,6 +32,7 @@ import clip
 import options
 import runfolder
 import speed
+import tables
 import train
 from data import DATASETS
 
@@ -43,7 +44,7 @@ SHOTS = (1, 2, 4, 8, 16)  # few-shot learning: CoOp's K
 ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 SHIFTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-PROTOCOLS = ("base2novel", "fewshot", "crossdataset", "toy")
+BENCHMARKS = (*options.PROTOCOLS, "toy")  # toy: the toy world's base-to-novel table
 
 # kind: "train" (a train.py run into folder), "eval" (eval.py on folder's checkpoint, into out),
 # "zeroshot" (the toy's zero-shot CLIP row, into folder)
@@ -88,9 +89,10 @@ def done(job):
     return os.path.exists(job.out) if job.kind == "eval" else runfolder.finished(job.folder)
 
 
-def run(args, extra):
+def run(args, extra, evaluate):
     """Do this process's share of the benchmark's runs; the first process prints the table. Returns
-    the table (None on the other processes)."""
+    the table (None on the other processes). evaluate: eval.py's main, for cross-dataset's
+    evaluations (passed down, so that this module never imports the script above it)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if world > 1:  # the barrier before the table; gloo needs no GPU. A long wait is normal here.
@@ -102,7 +104,7 @@ def run(args, extra):
     todo = jobs(args, extra)
     check(args, todo)
     start = time.time()
-    failures = work(todo, args, device, rank, world)
+    failures = work(todo, args, device, rank, world, evaluate)
     if world > 1:
         sys.stdout.flush()  # all of this process's lines before the table, not inside it
         everyone = [None] * world
@@ -111,8 +113,7 @@ def run(args, extra):
     table = None
     if rank == 0:
         failures += unfinished(todo, failures)
-        from eval import summary  # the papers' layout
-        table = summary(sorted({job.folder for job in todo}))
+        table = tables.summary(sorted({job.folder for job in todo}))
         print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
               flush=True)
         for folder, message in failures:
@@ -141,7 +142,7 @@ def check(args, todo):
             check_same_clip(job.folder, model, digests[model])
 
 
-def work(todo, args, device, rank, world):
+def work(todo, args, device, rank, world, evaluate):
     """Take the next run nobody holds until none is left; returns [(folder,
     message)] of failures."""
     # spread the starts
@@ -163,7 +164,7 @@ def work(todo, args, device, rank, world):
             if world > 1:
                 print(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}", flush=True)
             try:
-                perform(job, args, device)
+                perform(job, args, device, evaluate)
             except (Exception, SystemExit) as e:  # one failed run: report it, go on with the others
                 message = str(e) if isinstance(e, SystemExit) else traceback.format_exc(limit=3)
                 print(f"error: rank {rank}: the run in {job.folder} failed: {message}",
@@ -233,21 +234,24 @@ def held_lock(path):
     return False
 
 
-def perform(job, args, device):
+def perform(job, args, device, evaluate):
     if job.kind == "zeroshot":
         return zeroshot_run(job.folder, args, device)
     common = ["--root", args.root, "--device", device]
     if job.kind == "train":
         return train.main(job.argv + common + ["--out", job.folder])
-    import eval as eval_py
-    return eval_py.main(["--ckpt", os.path.join(job.folder, "prompt_learner.pt"), *job.argv,
+    return evaluate(["--ckpt", os.path.join(job.folder, "prompt_learner.pt"), *job.argv,
                          *common, "--out", job.out])
 
 
 def check_same_clip(folder, model, sha256):
     """Refuse a folder holding a run of another CLIP file (or of one not recorded)."""
-    cfg = runfolder.read_json(os.path.join(folder, "config.json"))
-    if not isinstance(cfg, dict) or cfg.get("clip_sha256") == sha256:
+    try:
+        cfg = runfolder.read_config(os.path.join(folder, "config.json"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}: so {folder} is not this benchmark's run. Delete that "
+                         f"folder (or pass another --out) to run it again.") from None
+    if cfg is None or cfg.get("clip_sha256") == sha256:
         return  # nothing there yet (or damaged: train.py's own checks name it)
     raise SystemExit(f"error: {folder} was made with another CLIP (sha256 "
                      f"{cfg.get('clip_sha256') or 'not recorded'}; {model} is {sha256}), so its "
