@@ -163,7 +163,7 @@ BAD_TRAIN_ARGS = [  # (method, extra argv, a fragment of the message)
     ("coop", ["--fewshot_file", "/nonexistent/fewshot.json"], "/nonexistent/fewshot.json"),
     ("coop", ["--ctx_init", " ".join(["word"] * 100)], "too long for context length 77"),
     ("coop", ["--ctx_init", "x" * 5000], "too long for context length 77"),
-    ("pmpo", ["--n_ctx", "100", "--ctx_init", ""], "too long for context length 77"),
+    ("pmpo", ["--n_ctx", "100", "--ctx_init", ""], "--n_ctx must be between 1 and 73"),
     ("coop", ["--root", "/dev/null"], "data root not found"),
     ("coop", ["--model", "/tmp"], "not found"),
     ("coop", ["--out", ""], "--out is empty"),
@@ -238,7 +238,7 @@ def test_help_lists_every_method(capsys):
     )
     assert (
         "seeds 1, 2, 3) (default: 1; between 0 and 4294967295)" in text
-        and "(default: 7 7 6)" in text
+        and "(default: 7 7 6; between 0 and 10000)" in text
         and "(default: yes)" in text
     )
     with pytest.raises(SystemExit):
