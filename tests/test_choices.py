@@ -1,7 +1,7 @@
 """The choices that move a user's numbers on real data: float32 logits, --n_ctx with
 ctx_init, APLe's KL and schedule, each protocol's settings, PMPO's depth, the deep-prompt
-hook, where each choice is documented, and the bounds of every integer option. Tiny CLIPs and tiny data sets; every test here
-runs in well under a few seconds."""
+hook, where each choice is documented, and the bounds of every integer option. Tiny CLIPs and
+tiny data sets; every test here runs in well under a few seconds."""
 import json
 import math
 import os
