@@ -221,6 +221,7 @@ def test_bad_train_file(world, tmp_path, capsys, what, extra, fragment):
     assert sorted(os.listdir(tmp_path)) == before  # nothing made
 
 
+@pytest.mark.whole_registry
 def test_help_lists_every_method(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--help"])
@@ -247,6 +248,7 @@ def test_help_lists_every_method(capsys):
     assert "--n_prompts" in text and "--stage_epochs" not in text and "--method coop" not in text
 
 
+@pytest.mark.whole_registry
 def test_every_option_has_help_and_its_choices_are_its_own():
     for module in [options, *prompts.METHODS.values()]:
         # shared help + own
