@@ -129,8 +129,8 @@ def _read_state_dict(path):
             # "torch.jit.load is deprecated": no other reader exists for these
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                return torch.jit.load(path, map_location="cpu").state_dict()
-        if path.endswith(".npz"):  # the toy CLIP's file (clip/toy.py save)
+                state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        elif path.endswith(".npz"):  # the toy CLIP's file (clip/toy.py save)
             state_dict = _toy().read(path)
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -149,8 +149,19 @@ def _read_state_dict(path):
             else type(state_dict).__name__
         )
         raise ValueError(f"{path}: expected a state_dict (a dict of tensors), found {found}")
+    # a sparse, meta (data-less) or complex tensor would fail deep in load_state_dict, or lose its
+    # imaginary part; float16 and other real dtypes load as float32 (build_model)
+    for key, t in state_dict.items():
+        layout = str(t.layout).removeprefix("torch.")  # "strided": dense
+        kind = "meta" if t.is_meta else "complex" if t.is_complex() else layout
+        if kind != "strided":
+            raise ValueError(f"{path}: {key} is a {kind} tensor; a CLIP's weights are dense "
+                             f"tensors of real numbers (save model.state_dict() as it is)")
     if _toy().PACKED[0] in state_dict:  # the toy CLIP's file: rows no caption moved are regenerated
-        return _toy().unpack(state_dict)
+        try:
+            return _toy().unpack(state_dict)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     # saved from DataParallel/DDP
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 

@@ -425,7 +425,7 @@ def build_model(state_dict):
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(
-            f"the state_dict does not fit the CLIP its shapes describe:\n{e}"
-        ) from None
+        # on one line: torch's message spans several, one per missing or misfit key
+        raise ValueError(f"the state_dict does not fit the CLIP its shapes describe: "
+                         f"{' '.join(str(e).split())}") from None
     return model.eval()

@@ -210,10 +210,19 @@ def pack(state_dict):
 
 
 def unpack(packed):
-    """The file's tensors -> a CLIP state_dict (clip.load reads any file holding PACKED so)."""
+    """The file's tensors -> a CLIP state_dict (clip.load reads any file holding PACKED so).
+    ValueError unless the ids are rows of filler_rows() and the rows fit them."""
     state_dict = {k: v for k, v in packed.items() if k not in PACKED}
     weight = filler_rows()
-    weight[packed[PACKED[0]]] = packed[PACKED[1]]
+    ids, rows = packed[PACKED[0]], packed.get(PACKED[1], torch.empty(0))
+    # a negative id would index from the end, and a float or bool one is no row number
+    if (ids.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+            or ids.dim() != 1 or not ((0 <= ids) & (ids < len(weight))).all()
+            or rows.shape != (len(ids), weight.shape[1])):
+        raise ValueError(f"{PACKED[0]} must hold integer ids 0..{len(weight) - 1} and {PACKED[1]} "
+                         f"one row of {weight.shape[1]} numbers per id (clip/toy.py's save writes "
+                         f"them)")
+    weight[ids] = rows.float()  # a float16 file loads as the float32 CLIP it rounds
     state_dict["token_embedding.weight"] = weight
     return state_dict
 

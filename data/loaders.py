@@ -95,7 +95,10 @@ def test_loader(items, n_px, batch_size=100, workers=None):
     """Batches (images [B, 3, n_px, n_px], labels [B]) in the order of items; decoding runs
     in `workers` processes."""
     workers = default_workers() if workers is None else workers
+    testset = TestSet(items, n_px)
+    # a batch larger than the test set is the test set: the same batches, and DataLoader's sampler
+    # (itertools.islice) refuses a batch size above sys.maxsize
     return torch.utils.data.DataLoader(
-        TestSet(items, n_px), batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=torch.cuda.is_available()
+        testset, batch_size=max(1, min(batch_size, len(testset))), shuffle=False,
+        num_workers=workers, pin_memory=torch.cuda.is_available()
     )

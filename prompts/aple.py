@@ -75,7 +75,8 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
 # + common.OPTION_CHOICES
 CHOICES = dict(first=("language", "vision"), kl_form=("distill", "promptsrc"),
                kl_temperature=Range(0, open_low=True), teacher_input=("raw", "filtered"),
-               stage_schedule=("one", "restart"), sigma=Range(0, open_low=True), alpha=Range(0, 1))
+               stage_schedule=("one", "restart"), sigma=Range(0, open_low=True), alpha=Range(0, 1),
+               stage_epochs=OPTION_CHOICES["epochs"])  # each stage, as --epochs
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
 # depth 9 of 12 -> 3 of 4

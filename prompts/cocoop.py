@@ -35,7 +35,9 @@ DEFAULTS = dict(
 HELP = dict(  # and prompts.common.OPTION_HELP's
     prompts_per_chunk="text-encoder sequences sent at once (images x classes); memory only",
 )
-CHOICES = dict(prompts_per_chunk=Range(1))  # + common.OPTION_CHOICES
+# + common.OPTION_CHOICES. A chunk of 10**6 77-token prompts is 158 GB a float32 activation at
+# ViT-B/16's text width (512): beyond any card.
+CHOICES = dict(prompts_per_chunk=Range(1, 10**6))
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
 # Its batch of 1 would be 192 steps an epoch; at 16 its 4-unit meta-net (64 // 16) stalled on one

@@ -402,11 +402,20 @@ class Range:
 
 
 # The allowed values of options several methods share; a method's own CHOICES adds to these or
-# overrides one. Every check and --help reads {**OPTION_CHOICES, **module.CHOICES}.
-# lr at most 10: the CoOp family trains with 0.002 to 0.035, so more than 10 is a typo (1e308
-# overflows SGD's momentum buffer in the second epoch instead of stopping here).
-OPTION_CHOICES = dict(lr=Range(0, 10, open_low=True), batch_size=Range(1), n_ctx=Range(1),
-                      n_ctx_vision=Range(1), depth=Range(1))
+# overrides one. Every check and --help reads {**OPTION_CHOICES, **module.CHOICES}. Each integer
+# option has an upper bound, so that a typo (10**20) stops here instead of deep in torch:
+# - lr at most 10: the CoOp family trains with 0.002 to 0.035 (1e308 would overflow SGD's momentum
+#   buffer in the second epoch).
+# - batch_size at most 4,096: the papers use 1 to 128, and 4,096 is a quarter of 16-shot ImageNet.
+# - epochs at most 10,000: the papers train 2 to 200.
+# - n_ctx at most 73: CLIP's 77-token context holds SOS, the context, a class name of at least one
+#   token, the full stop and EOS (a longer class name leaves less room: tokenize says so).
+# - n_ctx_vision at most 200: VPT's longest prompt, next to ViT-B/16's 197 image tokens.
+# - depth at most 24: the deepest encoder of OpenAI's CLIPs (ViT-L/14's vision side); check_depth
+#   refuses more layers than the loaded CLIP has.
+OPTION_CHOICES = dict(lr=Range(0, 10, open_low=True), batch_size=Range(1, 4096),
+                      epochs=Range(0, 10000), n_ctx=Range(1, 73), n_ctx_vision=Range(1, 200),
+                      depth=Range(1, 24))
 
 
 def describe(allowed, value=None):

@@ -49,8 +49,8 @@ HELP = dict(  # and prompts.common.OPTION_HELP's
     prior="fuse the class features of the data set's hand-crafted template",
     epochs="training epochs",
 )
-# + OPTION_CHOICES
-CHOICES = dict(n_prompts=Range(1), inject=("every", "first"), fusion=("feature", "logit"))
+# + OPTION_CHOICES; a prompt per partition of the prompted layers: at most 24, as depth
+CHOICES = dict(n_prompts=Range(1, 24), inject=("every", "first"), fusion=("feature", "logit"))
 # On the toy world (--dataset toy, 4 + 4 layers, 12 classes x 16 shots):
 # [ours], see prompts/__init__.py.
 # 4 prompts over all 4 vision layers: one layer each

@@ -163,7 +163,7 @@ BAD_TRAIN_ARGS = [  # (method, extra argv, a fragment of the message)
     ("coop", ["--fewshot_file", "/nonexistent/fewshot.json"], "/nonexistent/fewshot.json"),
     ("coop", ["--ctx_init", " ".join(["word"] * 100)], "too long for context length 77"),
     ("coop", ["--ctx_init", "x" * 5000], "too long for context length 77"),
-    ("pmpo", ["--n_ctx", "100", "--ctx_init", ""], "too long for context length 77"),
+    ("pmpo", ["--n_ctx", "100", "--ctx_init", ""], "--n_ctx must be between 1 and 73"),
     ("coop", ["--root", "/dev/null"], "data root not found"),
     ("coop", ["--model", "/tmp"], "not found"),
     ("coop", ["--out", ""], "--out is empty"),
@@ -221,6 +221,7 @@ def test_bad_train_file(world, tmp_path, capsys, what, extra, fragment):
     assert sorted(os.listdir(tmp_path)) == before  # nothing made
 
 
+@pytest.mark.whole_registry
 def test_help_lists_every_method(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--help"])
@@ -238,7 +239,7 @@ def test_help_lists_every_method(capsys):
     )
     assert (
         "seeds 1, 2, 3) (default: 1; between 0 and 4294967295)" in text
-        and "(default: 7 7 6)" in text
+        and "(default: 7 7 6; between 0 and 10000)" in text
         and "(default: yes)" in text
     )
     with pytest.raises(SystemExit):
@@ -247,6 +248,7 @@ def test_help_lists_every_method(capsys):
     assert "--n_prompts" in text and "--stage_epochs" not in text and "--method coop" not in text
 
 
+@pytest.mark.whole_registry
 def test_every_option_has_help_and_its_choices_are_its_own():
     for module in [options, *prompts.METHODS.values()]:
         # shared help + own

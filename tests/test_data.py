@@ -299,6 +299,15 @@ def test_test_loader_workers_in_order(tmp_path):
     assert torch.equal(torch.cat(seen_images), want)
 
 
+
+def test_test_loader_batch_above_the_test_set_is_the_test_set(tmp_path):
+    """--eval_batch_size 10**20 (above sys.maxsize, which DataLoader's sampler refuses): one batch
+    of the whole test set."""
+    items = [Datum(jpeg(str(tmp_path / f"{i}.jpg"), size=(50, 40), color=(i * 20, 100, 0)), i,
+                   "c") for i in range(3)]
+    (images, labels), = data.test_loader(items, 32, batch_size=10**20, workers=0)
+    assert labels.tolist() == [0, 1, 2] and images.shape == (3, 3, 32, 32)
+
 def test_truncated_jpeg_names_the_file(tmp_path):
     good = jpeg(str(tmp_path / "good.jpg"), size=(200, 150), noise_seed=2)
     bad = str(tmp_path / "bad.jpg")

@@ -10,11 +10,15 @@ import threading
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import clip.clip as weights
+import train
+from clip import toy
+from clip.model import build_model
 from tests.tiny import tiny_clip
 
 JIT_METADATA = {"input_resolution", "context_length", "vocab_size"}
@@ -323,11 +327,73 @@ def test_garbage_file_is_a_clear_error(tmp_path):
 def test_other_checkpoints_are_a_clear_error(tmp_path, state_dict, reason):
     path = tmp_path / "other.pt"
     torch.save(state_dict, path)
-    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + reason):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + reason) as error:
         weights.load(str(path), device="cpu")
+    assert "\n" not in str(error.value)  # one line, though torch's own message spans several
 
 
-# --- 4. names -------------------------------------------------------------------------------------
+# --- 4. hand-made files -------------------------------------------------------------------------
+
+def save_npz(tensors, path):
+    """A file in the toy CLIP's format (clip/toy.py save: numpy arrays, no pickle)."""
+    np.savez(path, **{k: v.numpy() for k, v in tensors.items()})
+    return str(path)
+
+
+def test_a_float16_toy_file_loads_as_float32(tmp_path):
+    """OpenAI's own checkpoints are half fp16: a toy-format file whose every float is fp16 (its
+    packed token-embedding rows too) loads as the float32 CLIP it rounds."""
+    packed = toy.read(toy.shipped())
+    half = {k: v.half() if v.is_floating_point() else v for k, v in packed.items()}
+    loaded, _ = weights.load(save_npz(half, tmp_path / "half.npz"), device="cpu")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    rounded = build_model(toy.unpack({k: v.float() if v.is_floating_point() else v
+                                      for k, v in half.items()}))
+    assert_same_features(loaded, rounded)
+    assert not torch.equal(features(loaded)[1], features(build_model(toy.unpack(packed)))[1])
+
+
+def packed_with(ids=None, rows=None):
+    """The shipped toy CLIP's tensors, with its packed token-embedding ids and/or rows replaced."""
+    packed = toy.read(toy.shipped())
+    changed = zip(toy.PACKED, (ids, rows))
+    return {**packed, **{key: f(packed[key]) for key, f in changed if f is not None}}
+
+
+HAND_MADE = {  # name -> (what a file holds, the words of its error)
+    "id past the vocabulary": (packed_with(ids=lambda i: i + 49408),
+                               "token_embedding.ids must hold integer ids 0..49407"),
+    "negative id": (packed_with(ids=lambda i: -1 - i), "token_embedding.ids must hold integer ids"),
+    "float ids": (packed_with(ids=lambda i: i.double()), "token_embedding.ids must hold integer"),
+    "a row short": (packed_with(rows=lambda r: r[:-1]), "one row of 64 numbers per id"),
+    "no rows": ({k: v for k, v in packed_with().items() if k != toy.PACKED[1]},
+                "one row of 64 numbers per id"),
+    "sparse": ({**tiny_clip().state_dict(), "text_projection": torch.eye(64).to_sparse()},
+               "text_projection is a sparse_coo tensor"),
+    "meta": ({**tiny_clip().state_dict(), "ln_final.weight": torch.empty(64, device="meta")},
+             "ln_final.weight is a meta tensor"),
+    "complex": ({**tiny_clip().state_dict(), "logit_scale": torch.tensor(4.6 + 1j)},
+                "logit_scale is a complex tensor"),
+}
+
+
+@pytest.mark.parametrize("case, suffix", [  # the toy format, .npz, holds only the packed ones
+    (case, suffix) for case, (tensors, _) in HAND_MADE.items() for suffix in (".npz", ".pt")
+    if suffix == ".pt" or toy.PACKED[0] in tensors])
+def test_a_hand_made_file_is_one_error_line_naming_it(tmp_path, case, suffix):
+    """Packed token-embedding ids out of range (a negative one would index from the end), rows that
+    do not fit them, sparse, data-less (meta) or complex tensors: `error: FILE: ...`, not torch's
+    message naming no file, nor a traceback."""
+    tensors, words = HAND_MADE[case]
+    path = tmp_path / f"clip{suffix}"
+    save_npz(tensors, path) if suffix == ".npz" else torch.save(tensors, path)
+    with pytest.raises(SystemExit) as stop:
+        train.load_frozen_clip(str(path), "cpu")
+    assert stop.value.code.startswith(f"error: {path}: ") and "\n" not in stop.value.code
+    assert words in stop.value.code
+
+
+# --- 5. names -------------------------------------------------------------------------------------
 
 def test_available_models_are_the_four_vits():
     assert weights.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
