@@ -53,9 +53,13 @@ HELP = dict(
     cuda_graphs="replay each train step as one CUDA graph (auto: on a GPU, unless fp16)",
 )
 # Upper bounds that catch typos before a run: warm-up lrs are 1e-5 (at most 10, as --lr); SGD weight
-# decay is 5e-4 (1 would shrink the prompts by lr x 100% a step); seeds are numpy's (< 2**32).
-CHOICES = dict(protocol=PROTOCOLS, shots=Range(1), momentum=Range(0, 1), eval_batch_size=Range(1),
-               warmup_lr=Range(0, 10), weight_decay=Range(0, 1), seed=Range(0, 2**32 - 1),
+# decay is 5e-4 (1 would shrink the prompts by lr x 100% a step); seeds are numpy's (< 2**32); K at
+# most 10,000 (no data set here has as many images a class); test batches at most 4,096 (as
+# --batch_size); warm-up epochs as --epochs; at most 256 decoding processes and 1,024 threads.
+CHOICES = dict(protocol=PROTOCOLS, shots=Range(1, 10000), momentum=Range(0, 1),
+               eval_batch_size=Range(1, 4096), warmup_lr=Range(0, 10), weight_decay=Range(0, 1),
+               seed=Range(0, 2**32 - 1), warmup_epochs=OPTION_CHOICES["epochs"],
+               workers=Range(0, 256), threads=Range(0, 1024),
                precision=("auto", "fp32", "bf16", "fp16"), augment_on_device=SWITCH,
                text_checkpointing=SWITCH, cuda_graphs=SWITCH)
 # On the built-in toy world (--dataset toy) these replace the DEFAULTS above, and

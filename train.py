@@ -158,6 +158,9 @@ def train(model, train_items, cfg, out, log, state=None):
     restart = model.schedule_restarts(cfg)  # each stage its own warm-up and cosine (APLe's option)
     power = model.lr_shape(cfg)  # 1: cosine; 2: squared cosine (KgCoOp's published runs)
     warn_warmup_only_stages(stages, cfg, restart, log)
+    if not any(epochs for _, epochs in stages):  # --epochs 0 (APLe: --stage_epochs 0 0 0)
+        log(f"--epochs 0: nothing is trained; the checkpoint and results are the prompts as "
+            f"initialised (--seed {cfg['seed']})")
     done = state["done"] if state else []  # [stage index, epoch] pairs finished in an earlier run
     for stage_index, (stage, epochs) in enumerate(stages):
         model.set_stage(stage)

@@ -445,3 +445,8 @@ def test_an_integer_option_past_its_bound_is_refused(method, key, capsys):
     assert stop.value.code == 2 and "Traceback" not in err
     assert re.search(rf": error: --{key} must be between \d+ and \d+ \(got {10**20}\)$",
                      err.strip().splitlines()[-1]), err
+
+
+def test_zero_epochs_evaluate_the_initial_prompts(folder):
+    lines = run(folder, "zero", "coop", "--epochs", "0")
+    assert any(line.startswith("--epochs 0: nothing is trained") for line in lines), lines
