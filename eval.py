@@ -80,6 +80,11 @@ def parse_args(argv=None):
     args.train_args = extra
     if extra and not args.benchmark:
         p.error("flags after -- are for the runs of --benchmark")
+    for flag in (a[2:].partition("=")[0] for a in extra if a.startswith("--")):
+        if flag in reproduce.OWNED:  # the benchmark sets it in every run
+            own = reproduce.OWNED[flag]
+            p.error(f"--{flag} after -- is the benchmark's to set in each run"
+                    + (f"; use eval.py's {own}" if own else "") + ", before --")
     if args.benchmark:
         args.datasets = args.datasets or list(reproduce.default_datasets(args.benchmark))
         reproduce.check_datasets(args.datasets)

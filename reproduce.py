@@ -29,6 +29,8 @@ from collections import namedtuple
 import torch
 
 import clip
+import console
+import data
 import options
 import runfolder
 import speed
@@ -38,12 +40,10 @@ from data import DATASETS
 
 SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
 SHOTS = (1, 2, 4, 8, 16)  # few-shot learning: CoOp's K
-# The protocol's data sets (CoOp, CoCoOp, MaPLe): base-to-novel and few-shot on 11;
-# cross-dataset trains on ImageNet and evaluates on the other 10, then on ImageNet's 4
-# shifts (domain generalisation).
-ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-          "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-SHIFTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+# What the benchmark sets in each run: a flag after -- may not set it too (the benchmark's own
+# option, or None where it has none)
+OWNED = dict(method="--methods", dataset="--datasets", protocol="--benchmark", seed="--seeds",
+             shots="--shots", out="--out", root="--root", device="--device", fewshot_file=None)
 BENCHMARKS = (*options.PROTOCOLS, "toy")  # toy: the toy world's base-to-novel table
 
 # kind: "train" (a train.py run into folder), "eval" (eval.py on folder's checkpoint, into out),
@@ -66,8 +66,7 @@ def jobs(args, extra):
     out = args.out or "runs"
     protocol = args.benchmark
     sources = ["imagenet"] if protocol == "crossdataset" else args.datasets
-    given = options.parse_args(["--method", args.methods[0], "--dataset", sources[0], *extra])["shots"]
-    shots = args.shots if protocol == "fewshot" else [given]  # 16, or K after --
+    shots = args.shots if protocol == "fewshot" else [16]
     todo = []
     for dataset in sources:
         for method in args.methods:
@@ -102,7 +101,7 @@ def run(args, extra, evaluate):
         share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         extra = [*extra, "--threads", str(share)]  # the cores shared out, not each rank taking all
     todo = jobs(args, extra)
-    check(args, todo)
+    check(args, todo, rank)
     start = time.time()
     failures = work(todo, args, device, rank, world, evaluate)
     if world > 1:
@@ -113,7 +112,10 @@ def run(args, extra, evaluate):
     table = None
     if rank == 0:
         failures += unfinished(todo, failures)
-        table = tables.summary(sorted({job.folder for job in todo}))
+        grid = dict(methods=args.methods, datasets=args.datasets, seeds=args.seeds)
+        if args.benchmark == "toy":
+            grid.update(methods=["zeroshot", *args.methods], datasets=["toy"])
+        table = tables.summary(sorted({job.folder for job in todo}), grid)
         print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
               flush=True)
         for folder, message in failures:
@@ -130,16 +132,49 @@ def toy_out(args):
     return args.out or os.path.join("runs", "toy_benchmark")
 
 
-def check(args, todo):
-    """Every run's settings, before any run starts (a typo never runs something else), and no
-    folder made with another CLIP file than its run would use (a finished one would be reused)."""
-    models = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root])["model"]
-              for job in todo if job.kind == "train"}
+def check(args, todo, rank):
+    """Before any run starts: every run's settings (a typo never runs something else), every data
+    set present (one message for all), and no folder made with another CLIP file than its run
+    would use; a finished folder with other settings than its run's is named (its table shows it
+    apart), never silently counted as this benchmark's."""
+    configs = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root])
+               for job in todo if job.kind == "train"}
+    check_data(sorted({job.argv[job.argv.index("--dataset") + 1] for job in todo
+                       if job.kind != "zeroshot"} | ({"toy"} if args.benchmark == "toy" else set())),
+               args.root)
+    models = {argv: cfg["model"] for argv, cfg in configs.items()}
     digests = {model: clip.clip.sha256(model) for model in {*models.values(), "toy"}}
     for job in todo:
         if job.kind != "eval":
             model = models[tuple(job.argv)] if job.kind == "train" else "toy"
             check_same_clip(job.folder, model, digests[model])
+        if job.kind == "train" and runfolder.finished(job.folder) and rank == 0:
+            old = runfolder.read_config(os.path.join(job.folder, "config.json")) or {}
+            new = options.recorded(configs[tuple(job.argv)])
+            differ = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                      if k not in (*options.SPEED_KEYS, "precision") and k in old
+                      and old[k] != v]
+            if differ:
+                print(f"note: {job.folder} holds a finished run with other settings than this "
+                      f"benchmark's ({', '.join(differ[:3])}); its table shows it apart. Delete "
+                      f"that folder to run it again.", file=sys.stderr)
+
+
+def check_data(names, root):
+    """Every data set the runs read, present under root; else one message naming each missing
+    one and the command that fetches them, before any folder is made."""
+    missing = []
+    for name in names:
+        try:
+            with console.clear_errors():
+                data.build_dataset(name, root)
+        except SystemExit:
+            missing.append(name)
+    if missing:
+        raise SystemExit(f"error: {len(missing)} data set(s) of this benchmark are not under "
+                         f"{root}: {', '.join(missing)}. `python -m data.prepare "
+                         f"{' '.join(missing)} --root {root}` downloads what it can and says "
+                         f"where the rest goes (or pass --datasets without them).")
 
 
 def work(todo, args, device, rank, world, evaluate):
@@ -276,7 +311,8 @@ def zeroshot_run(folder, args, device):
 
 def default_datasets(protocol):
     """--datasets' default: the protocol's list (cross-dataset: the targets)."""
-    return {"crossdataset": ELEVEN[1:] + SHIFTS, "toy": ("toy",)}.get(protocol, ELEVEN)
+    return {"crossdataset": tables.ELEVEN[1:] + tables.SHIFTS, "toy": ("toy",)}.get(protocol,
+                                                                                   tables.ELEVEN)
 
 
 def check_datasets(names):

@@ -9,7 +9,7 @@ import tables
 def fake_run(root, method, seed, base, novel, dataset="toy"):
     folder = os.path.join(root, method, f"seed{seed}")
     os.makedirs(folder, exist_ok=True)
-    cfg = dict(method=method, protocol="base2novel", dataset=dataset, shots=16, seed=seed, lr=0.1)
+    cfg = dict(method=method, protocol="base2novel", dataset=dataset, shots=16, seed=seed)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
