@@ -4,7 +4,7 @@ The reference is open_clip's copy of OpenAI's tokenizer (open_clip_torch==3.3.0,
 .ci/run with --no-deps). `import open_clip` would pull in torchvision, so its tokenizer.py and
 zero_shot_metadata.py are loaded as single files; neither has relative imports.
 
-Class names of the ten non-ImageNet benchmarks are in data/benchmark_classnames.json, taken from the
+Class names of the ten non-ImageNet benchmarks are in bench_classnames.json, taken from the
 prompt lists OpenAI published with CLIP (data/prompts.md). ImageNet's come from open_clip.
 """
 import hashlib
@@ -28,7 +28,7 @@ from clip.tokenizer import (
     tokenize,
 )
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "benchmark_classnames.json")
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "bench_classnames.json")
 EXPECTED_CLASS_COUNTS = {
     "Caltech101": 102, "OxfordPets": 37, "StanfordCars": 196, "Flowers102": 102, "Food101": 101,
     "FGVCAircraft": 100, "SUN397": 397, "DTD": 47, "EuroSAT": 10, "UCF101": 101,
