@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import measure
+import options
 import prompts
 from bench_data import bench_classnames
 from clip.tokenizer import tokenize
@@ -81,6 +82,22 @@ def test_train_step_row_uses_each_paths_rate(one_second_per_call, monkeypatch, c
     # floor: 1 s at the plain rate, 0.25 s at the fast one
     assert (row[3], row[6]) == ("1.00x", "4.00x")
     assert row[7:] == ["0", "n/a", "n/a"]  # no host sync in the step; no GPU to profile
+
+
+def test_train_step_floor_counts_a_step_after_the_first(one_second_per_call, monkeypatch):
+    """PromptSRC's first step also computes frozen CLIP's class features over 60 templates, kept
+    for every later step: the floor counts a later step, else a row would sit below its floor."""
+    clip_model = tiny_clip(vision_layers=9, transformer_layers=9).requires_grad_(False)  # depth 9
+    counted = []
+    monkeypatch.setattr(bench, "count_flops",
+                        lambda fn: counted.append(measure.count_flops(fn)) or counted[-1])
+    monkeypatch.setattr(measure, "matmul_probes", fake_probes(lambda dtype: 1e9))
+    list(bench.train_step_rows(clip_model, ["promptsrc"], [3], "cpu", repeat=1))
+    cfg = {**options.DEFAULTS, **prompts.METHODS["promptsrc"].DEFAULTS, "method": "promptsrc"}
+    step = bench.make_step("promptsrc", clip_model, 3, "cpu", False, cfg)
+    images, labels = torch.randn(cfg["batch_size"], 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    first, later = (measure.count_flops(lambda: step(images, labels)) for _ in range(2))
+    assert first > 5 * later and counted == [later]
 
 
 def test_rate_is_measured_in_the_rows_own_rounds(monkeypatch):
