@@ -323,7 +323,8 @@ TRAIN_HEADER = ["", "plain: time or rate", "plain: peak mem", "plain: x floor",
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda if there is one)")
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--tiny", action="store_true",
                         help="a tiny CLIP, small counts: checks that the script runs")
@@ -346,7 +347,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 2000)")
     p.add_argument("--agreement_classes", type=int, help="prompts of that check (default 1000)")
     p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10)")
-    p.add_argument("--workers", type=int, default=options.DEFAULTS["workers"])
+    p.add_argument("--workers", type=int, default=options.DEFAULTS["workers"],
+                   help="loader workers of the JPEG rows and whole runs (default: train.py's)")
     p.add_argument("--runs", nargs="*", choices=list(RUN_SIZES),
                    help="also time whole base2novel runs: the toy world, or "
                         "synthetic data sets of these sizes")
@@ -364,6 +366,12 @@ def main(argv=None):
             key != "workers"
         ):
             p.error(f"--{key} must be at least {int(key != 'workers')} (got {values})")
+    if not (args.tiny or args.device.startswith("cuda")):  # a long wait: say so before it starts
+        print(f"note: ViT-B/16-sized weights on the CPU, 0.2 to 1 s an image forward: the first "
+              f"check ({args.images} images, both paths) prints after {args.images // 150} to "
+              f"{args.images // 30} minutes, the whole table after hours (--quick is sized for a "
+              f"GPU). `--tiny` checks the script in about a minute; docs/performance.md has a "
+              f"shorter CPU command at ViT-B/16 sizes.\n", flush=True)
     # its ops are far too small for threads to pay off; with other jobs on the
     # CPU they wait on each other
     if args.tiny:
