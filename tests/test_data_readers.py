@@ -17,8 +17,7 @@ from PIL import Image
 import clip.clip
 import data
 from data import DatasetNotFound, build_dataset, prepare, sources
-from tests.synthetic import jpeg
-from tests.test_weights import refused_url
+from tests.synthetic import jpeg, refused_url
 
 IMAGENET_NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
 
