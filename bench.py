@@ -218,9 +218,9 @@ def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=
 def fast_copy(clip_model, device):
     """The frozen CLIP as train.py keeps it on this device: on a GPU in bf16,
     its matrices cast once."""
-    args = argparse.Namespace(device=device, precision=options.default_precision(device))
+    cfg = dict(device=device, precision=options.default_precision(device))
     return speed.keep_in_precision(copy.deepcopy(clip_model),
-                                   args) if device.startswith("cuda") else clip_model
+                                   cfg) if device.startswith("cuda") else clip_model
 
 
 def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
@@ -231,10 +231,9 @@ def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    args = argparse.Namespace(device=device,
-                              precision=options.default_precision(device) if fast else "fp32",
-                              cuda_graphs="auto" if fast and graphs else "off")
-    return train.train_step(model, optimizer, args, cfg)
+    cfg = dict(cfg, device=device, precision=options.default_precision(device) if fast else "fp32",
+               cuda_graphs="auto" if fast and graphs else "off")
+    return train.train_step(model, optimizer, cfg)
 
 
 def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repeat=10):

@@ -19,7 +19,6 @@ run failed. Cross-dataset: the ImageNet runs first, then each target evaluated w
 as its ImageNet run has finished.
 """
 
-import argparse
 import datetime
 import os
 import sys
@@ -66,7 +65,7 @@ def jobs(args, extra):
     out = args.out or "runs"
     protocol = args.benchmark
     sources = ["imagenet"] if protocol == "crossdataset" else args.datasets
-    given = options.parse_args(["--method", args.methods[0], "--dataset", sources[0], *extra]).shots
+    given = options.parse_args(["--method", args.methods[0], "--dataset", sources[0], *extra])["shots"]
     shots = args.shots if protocol == "fewshot" else [given]  # 16, or K after --
     todo = []
     for dataset in sources:
@@ -133,7 +132,7 @@ def toy_out(args):
 def check(args, todo):
     """Every run's settings, before any run starts (a typo never runs something else), and no
     folder made with another CLIP file than its run would use (a finished one would be reused)."""
-    models = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root]).model
+    models = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root])["model"]
               for job in todo if job.kind == "train"}
     digests = {model: clip.clip.sha256(model) for model in {*models.values(), "toy"}}
     for job in todo:
@@ -259,15 +258,15 @@ def check_same_clip(folder, model, sha256):
 def zeroshot_run(folder, args, device):
     """Zero-shot CLIP as a base-to-novel run folder (config.json, metrics.json):
     the table's first row."""
-    args = argparse.Namespace(**{**vars(args), "device": device})
+    cfg = dict(vars(args), method="zeroshot", dataset="toy", protocol="base2novel", shots=16,
+               seed=1, model="toy", clip_sha256=clip.clip.sha256("toy"), device=device)
     ds = train.read_dataset("toy", args.root)
-    clip_model = speed.keep_in_precision(train.load_frozen_clip("toy", device), args)
-    cfg = dict(method="zeroshot", dataset="toy", protocol="base2novel", shots=16, seed=1,
-               model="toy", clip_sha256=clip.clip.sha256("toy"),
-               eval_batch_size=options.DEFAULTS["eval_batch_size"], workers=args.workers)
-    metrics = train.zeroshot_metrics(clip_model, ds, args, cfg)
+    clip_model = speed.keep_in_precision(train.load_frozen_clip("toy", device), cfg)
+    metrics = train.zeroshot_metrics(clip_model, ds, cfg)
     print("zeroshot on toy: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    runfolder.save_json(os.path.join(folder, "config.json"), cfg)
+    recorded = ("method", "dataset", "protocol", "shots", "seed", "model", "clip_sha256",
+                "eval_batch_size", "workers")
+    runfolder.save_json(os.path.join(folder, "config.json"), {k: cfg[k] for k in recorded})
     runfolder.save_json(os.path.join(folder, "metrics.json"), metrics)  # last: the row is done
 
 

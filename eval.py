@@ -91,8 +91,8 @@ def parse_args(argv=None):
             p.error("--dataset is required")
         if not args.ckpt and args.method != "zeroshot":
             p.error("give --ckpt PATH (prompts from train.py) or --method zeroshot")
-    options.check_values(p, args, shared, options.CHOICES)
-    options.check_device(p, args)
+    options.check_values(p, vars(args), shared, options.CHOICES)
+    options.check_device(p, vars(args))  # vars: the same dict, so precision auto resolves in args
     return args
 
 
@@ -211,7 +211,7 @@ def main(argv=None):
     for names in data.duplicate_classnames(test):
         print(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
               f"{', '.join(names)}")
-    clip_model = speed.keep_in_precision(train.load_frozen_clip(model_name, args.device), args)
+    clip_model = speed.keep_in_precision(train.load_frozen_clip(model_name, args.device), vars(args))
     clip_sha256 = clip.clip.sha256(model_name)
     trained_on = ckpt["config"].get("clip_sha256") if ckpt else None  # older runs: not recorded
     if trained_on and trained_on != clip_sha256:  # same architecture, other weights
@@ -223,12 +223,11 @@ def main(argv=None):
                                       classnames, ds.template)
     else:
         model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
-    cfg = dict(eval_batch_size=args.eval_batch_size, workers=args.workers)
     result = dict(method=ckpt["method"] if ckpt else "zeroshot", checkpoint=args.ckpt,
                   model=model_name, dataset=args.dataset, subsample=args.subsample,
                   clip_sha256=clip_sha256, precision=args.precision,
                   classes=len(classnames), images=len(test),
-                  accuracy=train.evaluate(model, test, args, cfg))
+                  accuracy=train.evaluate(model, test, vars(args)))
     if unfinished:  # --summary leaves it out
         result.update(unfinished=True, epoch=ckpt["epoch"])
     print(json.dumps(result, indent=2))

@@ -66,7 +66,10 @@ TOY = dict(model="toy", threads=1, workers=0)
 
 
 def parse_args(argv=None):
-    """--method decides which method's options exist; --help without it describes every method."""
+    """train.py's command line -> the run's settings, one dict, resolved and checked (settings()):
+    every option, plus method, dataset, root, out, fewshot_file, device, the precision auto
+    resolves to, and `given`, the names of the flags given. --method decides which method's options
+    exist; --help without it describes every method."""
     argv = [flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--method")
@@ -84,17 +87,27 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}{given}; "
                          f"`python train.py --help` describes them")
     p = build_parser(known.method, known.dataset)
-    args = p.parse_args(argv)
+    args = vars(p.parse_args(argv))
     method = METHODS[known.method]
-    keys = {**DEFAULTS, **method.DEFAULTS}
-    given = {k: v for k, v in vars(args).items() if k in keys and v is not None}  # the flags given
-    vars(args).update(settings(args.method, args.dataset, given), given=set(given))
-    check_values(p, args, DEFAULTS, CHOICES)
-    check_values(p, args, method.DEFAULTS, {**OPTION_CHOICES, **getattr(method, "CHOICES", {})})
-    check_device(p, args)
-    if args.out == "":
+    given = {k: v for k, v in args.items() if k in {**DEFAULTS, **method.DEFAULTS} and v is not None}
+    cfg = {**args, **settings(known.method, args["dataset"], given), "given": sorted(given)}
+    check_values(p, cfg, DEFAULTS, CHOICES)
+    check_values(p, cfg, method.DEFAULTS, {**OPTION_CHOICES, **getattr(method, "CHOICES", {})})
+    check_device(p, cfg)
+    if cfg["out"] == "":
         p.error("--out is empty; leave it out for the default run folder")
-    return args
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # as JSON keeps it
+
+
+def config(method, dataset, **flags):
+    """parse_args without a command line: the settings train.py would run `method` on `dataset`
+    with, given these flags (config("coop", "toy", device="cpu", seed=2)). bench.py, eval.py
+    --benchmark and the tests build their runs' settings here, never by hand."""
+    argv = ["--method", method, "--dataset", dataset]
+    for key, value in flags.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"--{key}", *map(str, values)]
+    return parse_args(argv)
 
 
 def shared_defaults(dataset):
@@ -104,9 +117,8 @@ def shared_defaults(dataset):
 
 def settings(method, dataset, given):
     """A run's settings, each from the first of: the flags given; what the method's family uses for
-    this
-    protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet); on the
-    built-in toy world, its tiny CLIP and the method's TOY settings; the method's DEFAULTS;
+    this protocol, data set and K (prompts.protocol_defaults, e.g. CoOp's 50 epochs on ImageNet);
+    on the built-in toy world, its tiny CLIP and the method's TOY settings; the method's DEFAULTS;
     the DEFAULTS above."""
     toy = prompts.toy_defaults(method) if dataset == "toy" else {}
     cfg = {**shared_defaults(dataset), **METHODS[method].DEFAULTS, **toy, **given}
@@ -195,25 +207,26 @@ def yes_no(text):
     return answer
 
 
-def check_values(parser, args, defaults, choices):
+def check_values(parser, cfg, defaults, choices):
     """Every value in its CHOICES; a number not listed there must be >= 0 (and finite)."""
     try:
-        check_settings(vars(args), defaults, choices)
+        check_settings(cfg, defaults, choices)
     except ValueError as e:
         parser.error(str(e))
 
 
-def check_device(parser, args):
+def check_device(parser, cfg):
     """--device must exist here; --precision auto becomes bf16 on a GPU, fp32 on the CPU."""
-    if device_error(args.device):
-        parser.error(device_error(args.device))
-    args.precision = default_precision(args.device) if args.precision == "auto" else args.precision
-    if args.precision == "fp16" and not args.device.startswith("cuda"):
+    if device_error(cfg["device"]):
+        parser.error(device_error(cfg["device"]))
+    if cfg["precision"] == "auto":
+        cfg["precision"] = default_precision(cfg["device"])
+    if cfg["precision"] == "fp16" and not cfg["device"].startswith("cuda"):
         parser.error("--precision fp16 needs a CUDA device (its loss scaling runs there); "
                      "use bf16 or fp32")
-    if getattr(args, "cuda_graphs", "off") == "on" and not args.device.startswith("cuda"):
+    if cfg.get("cuda_graphs") == "on" and not cfg["device"].startswith("cuda"):
         parser.error("--cuda_graphs on needs a CUDA device; use auto or off")
-    if getattr(args, "cuda_graphs", "off") == "on" and args.precision == "fp16":
+    if cfg.get("cuda_graphs") == "on" and cfg["precision"] == "fp16":
         parser.error("--cuda_graphs on does not go with --precision fp16 (its loss scaler reads a "
                      "value back at every step); use bf16, or --cuda_graphs off")
 

@@ -155,6 +155,7 @@ def prepare_run_folder(out, cfg, stages, expected=None):
     must hold (expected_state), so that another run's prompts are never resumed from."""
     check_out_folder(out)
     check_ours(out)
+    cfg = recorded(cfg)
     old = recorded_config(out, cfg)
     if finished(out):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json)"
@@ -246,7 +247,15 @@ def checkpoint_state(out, stages, damage, cfg=None, expected=None):
                      f"uninterrupted run's")
 
 
-SPEED_KEYS = ("device", "workers", "threads", "cuda_graphs")  # may change between run and resume
+# What may change between a run and its resume, and never splits a table: where and how fast it
+# runs, and which flags spelled its settings.
+SPEED_KEYS = ("device", "workers", "threads", "cuda_graphs", "given")
+PLACES = ("root", "out")  # where the data and the run are: not settings, so never recorded
+
+
+def recorded(cfg):
+    """The settings config.json and the checkpoints record: the same on every machine."""
+    return {k: v for k, v in cfg.items() if k not in PLACES}
 CHECKPOINT_KEYS = dict(prompt_learner=("method", "config", "classnames", "epoch", "state_dict"),
                        train_state=("done", "stage", "optimizer", "rng", "learned"))
 
@@ -263,7 +272,8 @@ def expected_state(model, cfg):
 # what train.py's save_checkpoint writes, with the type each value must have
 PROMPT_CHECKPOINT = dict(method=str, config=dict, classnames=list, epoch=int,
                          clip_architecture=dict, state_dict=dict)
-CONFIG_STRINGS = ("method", "model", "protocol", "dataset")  # and the method's own options
+# the config keys train.py records as strings (and the method's own string options)
+CONFIG_STRINGS = ("method", "model", "protocol", "dataset", "device", "precision")
 
 
 def checkpoint_problem(ckpt):
@@ -425,7 +435,7 @@ def unlock_run_folder(out):
 def save_checkpoint(out, model, cfg, epochs_done):
     """Only the learned tensors (KB to a few MB), never CLIP, and what is needed to use them."""
     save_torch(os.path.join(out, "prompt_learner.pt"), dict(
-        method=cfg["method"], config=cfg, classnames=model.classnames, epoch=epochs_done,
+        method=cfg["method"], config=recorded(cfg), classnames=model.classnames, epoch=epochs_done,
         clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)))
 
 

@@ -13,25 +13,25 @@ from clip.model import cast_matrices
 DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
 
 
-def autocast(args):
-    if args.precision == "fp32":
+def autocast(cfg):
+    if cfg["precision"] == "fp32":
         return nullcontext()
-    return torch.autocast(device_type=args.device.split(":")[0], dtype=DTYPES[args.precision])
+    return torch.autocast(device_type=cfg["device"].split(":")[0], dtype=DTYPES[cfg["precision"]])
 
 
-def keep_in_precision(clip_model, args):
+def keep_in_precision(clip_model, cfg):
     """On a GPU in bf16 or fp16, the frozen CLIP's matrices are cast to it once here
     (clip.model.cast_matrices: the same results as autocast casting them at every step, without
     that copy). The CPU path keeps float32 weights."""
-    if args.device.startswith("cuda") and args.precision in ("bf16", "fp16"):
-        cast_matrices(clip_model, DTYPES[args.precision])
+    if cfg["device"].startswith("cuda") and cfg["precision"] in ("bf16", "fp16"):
+        cast_matrices(clip_model, DTYPES[cfg["precision"]])
     return clip_model
 
 
-def graphs_on(args):
+def graphs_on(cfg):
     """--cuda_graphs: auto is on on a GPU, except under fp16 (GradScaler reads back every step)."""
-    auto = args.device.startswith("cuda") and args.precision != "fp16"
-    return auto if args.cuda_graphs == "auto" else args.cuda_graphs == "on"
+    auto = cfg["device"].startswith("cuda") and cfg["precision"] != "fp16"
+    return switch_on(cfg, "cuda_graphs", auto)
 
 
 def switch_on(cfg, key, auto):

@@ -27,8 +27,8 @@ import torch
 import clip
 import data
 import prompts
-from options import DEFAULTS, parse_args
-from prompts import METHODS, zeroshot
+from options import parse_args
+from prompts import zeroshot
 from prompts.common import learned_state
 from runfolder import (Log, Progress, check_finite, clear_errors, expected_state, interrupted,
                        last_good, prepare_run_folder, recorded_shots, restore_rng, rng_state,
@@ -40,32 +40,28 @@ from speed import GraphedStep, autocast, keep_in_precision, graphs_on, switch_on
 # -- one run, from the command line to metrics.json ---------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
-    method = args.method
-    cfg = {**DEFAULTS, **METHODS[method].DEFAULTS}
-    given = {k: v for k, v in vars(args).items() if k in cfg}
-    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in given.items()})
-    cfg.update(method=method, dataset=args.dataset, device=args.device, precision=args.precision)
+    cfg = parse_args(argv)  # every setting of the run, resolved and checked (options.py)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg["threads"] or threads)
     try:
-        return run(args, cfg)
+        return run(cfg)
     finally:
         torch.set_num_threads(threads)  # main() is also called from eval.py and the tests
 
 
-def run(args, cfg):
+def run(cfg):
     """Train and evaluate one run with settings cfg; returns its metrics."""
-    method = args.method
+    method, dataset, device = cfg["method"], cfg["dataset"], cfg["device"]
 
     # Everything that can fail on bad input comes first, so a mistake leaves no run folder behind.
-    ds = read_dataset(args.dataset, args.root)
-    clip_model = keep_in_precision(load_frozen_clip(cfg["model"], args.device), args)
+    ds = read_dataset(dataset, cfg["root"])
+    clip_model = keep_in_precision(load_frozen_clip(cfg["model"], device), cfg)
     cfg["clip_sha256"] = clip.clip.sha256(cfg["model"])  # a rerun with another CLIP is refused
     set_seed(cfg["seed"])  # before the shots and the prompts' init, as CoOp's train.py
-    fewshot_train, fewshot_val = few_shot_data(ds, args, cfg)
-    out = args.out or os.path.join("runs", safe_name(args.dataset), method,
-                                   cfg["protocol"], f"shots{cfg['shots']}_seed{cfg['seed']}")
+    fewshot_train, fewshot_val = few_shot_data(ds, cfg)
+    out = cfg["out"] = cfg["out"] or os.path.join("runs", safe_name(dataset), method,
+                                                  cfg["protocol"],
+                                                  f"shots{cfg['shots']}_seed{cfg['seed']}")
     fewshot_train, fewshot_val = recorded_shots(out, ds, fewshot_train, fewshot_val)
     subsample = "base" if cfg["protocol"] == "base2novel" else "all"  # crossdataset: all ImageNet
     (train_items, _, test_items), classnames = data.subsample_classes(subsample, fewshot_train,
@@ -73,10 +69,10 @@ def run(args, cfg):
     (_, _, novel_test), novel_names = data.subsample_classes("new", fewshot_train, fewshot_val,
                                                              ds.test)
     if cfg["protocol"] == "base2novel" and not novel_test:
-        raise SystemExit(f"error: {args.dataset} has {len(classnames)} class(es) with test "
+        raise SystemExit(f"error: {dataset} has {len(classnames)} class(es) with test "
                          f"images, too few to split into base and novel; use --protocol fewshot")
     if not test_items:
-        raise SystemExit(f"error: {args.dataset} has no test images for its {subsample} classes")
+        raise SystemExit(f"error: {dataset} has no test images for its {subsample} classes")
     model = build_method(method, clip_model, classnames, ds.template, cfg)
 
     state = prepare_run_folder(out, cfg, model.stages(cfg), expected_state(model, cfg))
@@ -91,7 +87,7 @@ def run(args, cfg):
             log(state["note"])
         log(f"resuming {out} after {len(state['done'])} epochs")
     learned = {k: v.numel() for k, v in learned_state(model).items()}
-    log(f"{method} on {args.dataset} ({cfg['protocol']}, {cfg['shots']} shots, "
+    log(f"{method} on {dataset} ({cfg['protocol']}, {cfg['shots']} shots, "
         f"seed {cfg['seed']}): "
         f"{len(train_items)} training images, {len(classnames)} classes")
     warn_short_classes(fewshot_train, cfg["shots"], log)
@@ -106,21 +102,21 @@ def run(args, cfg):
     log("learned tensors: " + ", ".join(f"{k} ({n:,})" for k, n in learned.items()))
     log(f"trainable parameters: {sum(learned.values()):,} (CLIP: frozen)")
 
-    epochs_done = train(model, train_items, args, cfg, out, log, state)
+    epochs_done = train(model, train_items, cfg, out, log, state)
     save_checkpoint(out, model, cfg, epochs_done)  # also with nothing to train (--epochs 0)
 
     metrics = {}
     if cfg["protocol"] == "base2novel":
-        metrics["base_acc"] = evaluate(model, test_items, args, cfg)
+        metrics["base_acc"] = evaluate(model, test_items, cfg)
         novel = build_method(method, clip_model, novel_names, ds.template, cfg)
         novel.load_state_dict(model.state_dict(), strict=False)  # same prompts, new class buffers
-        metrics["novel_acc"] = evaluate(novel, novel_test, args, cfg)
+        metrics["novel_acc"] = evaluate(novel, novel_test, cfg)
         metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
     else:
-        metrics["accuracy"] = evaluate(model, test_items, args, cfg)
+        metrics["accuracy"] = evaluate(model, test_items, cfg)
     log("results: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    if args.dataset == "toy" and cfg["protocol"] == "base2novel":  # seconds on the toy: a yardstick
-        zs = zeroshot_metrics(clip_model, ds, args, cfg)
+    if dataset == "toy" and cfg["protocol"] == "base2novel":  # seconds on the toy: a yardstick
+        zs = zeroshot_metrics(clip_model, ds, cfg)
         log("zero-shot CLIP on the same test images: "
             + "  ".join(f"{k} {v:.2f}" for k, v in zs.items()))
     save_json(os.path.join(out, "metrics.json"), metrics)
@@ -133,10 +129,10 @@ def run(args, cfg):
 
 # -- train and evaluate ----------------------------------------------------------------------------
 
-def train(model, train_items, args, cfg, out, log, state=None):
+def train(model, train_items, cfg, out, log, state=None):
     """SGD over the learned tensors, stage by stage, a checkpoint after every epoch; returns the
     epochs done."""
-    device = args.device
+    device = cfg["device"]
     on_device = switch_on(cfg, "augment_on_device", auto=device.startswith("cuda"))
     n_text = model.text_prompts_per_step(cfg["batch_size"])
     # Saved activations of a bf16 step, ~2.7 MB per prompt (PMPO, 500 classes x 4 prompts: 5.3 GiB,
@@ -144,7 +140,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
     # that outgrows a 16 GB card.
     checkpointing = switch_on(cfg, "text_checkpointing", auto=n_text >= 4000)
     model.clip.transformer.grad_checkpointing = checkpointing
-    log(f"precision {args.precision}; crops resized {'on ' + device if on_device else 'by PIL'}; "
+    log(f"precision {cfg['precision']}; crops resized {'on ' + device if on_device else 'by PIL'}; "
         f"text encoder {'with' if checkpointing else 'without'} activation checkpointing "
         f"({n_text:,} prompts a step)")
     with clear_errors():  # every training image is decoded here, once
@@ -170,7 +166,7 @@ def train(model, train_items, args, cfg, out, log, state=None):
                                     weight_decay=cfg["weight_decay"])
         if state and state["stage"] == stage_index:
             optimizer.load_state_dict(state["optimizer"])
-        step = train_step(model, optimizer, args, cfg)  # eager, or replayed as a CUDA graph
+        step = train_step(model, optimizer, cfg)  # eager, or replayed as a CUDA graph
         log(
             f"stage {stage!r}: {epochs} epochs, learning {sum(p.numel() for p in params):,} values"
             + (", the step replayed as a CUDA graph" if isinstance(step, GraphedStep) else "")
@@ -213,20 +209,20 @@ def train(model, train_items, args, cfg, out, log, state=None):
     return len(done)
 
 
-def train_step(model, optimizer, args, cfg):
+def train_step(model, optimizer, cfg):
     """step(images, labels) -> {"loss": ..., each loss term: ...}, detached and left on the device:
     one SGD step on the method's loss. Replayed as a CUDA graph where --cuda_graphs allows."""
-    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")  # scales only under fp16
+    scaler = torch.amp.GradScaler(enabled=cfg["precision"] == "fp16")  # scales only under fp16
 
     def step(images, labels):
-        with autocast(args):
+        with autocast(cfg):
             loss = model.loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         return {"loss": loss.detach(), **model.loss_terms}
-    return GraphedStep(step, optimizer, args.cuda_graphs == "on") if graphs_on(args) else step
+    return GraphedStep(step, optimizer, cfg["cuda_graphs"] == "on") if graphs_on(cfg) else step
 
 
 class LossSums:
@@ -268,17 +264,17 @@ class LossSums:
 
 
 @torch.no_grad()
-def evaluate(model, items, args, cfg):
+def evaluate(model, items, cfg):
     """Top-1 accuracy (%) on items; the class features are computed once, then images stream by."""
     if not items:
         raise SystemExit("error: there are no test images to evaluate on")
     model.eval()
-    device = args.device
+    device = cfg["device"]
     correct = total = 0
     n_px = model.clip.visual.input_resolution
     loader = data.test_loader(items, n_px, cfg["eval_batch_size"], cfg["workers"])
     progress = Progress(f"evaluating {len(items)} images", len(loader))
-    with autocast(args), clear_errors():  # an unreadable test image: its name, not a traceback
+    with autocast(cfg), clear_errors():  # an unreadable test image: its name, not a traceback
         text_features = model.text_features()
         for step, (images, labels) in enumerate(loader):
             logits = model.logits(images.to(device, non_blocking=True), text_features)
@@ -290,13 +286,13 @@ def evaluate(model, items, args, cfg):
     return 100.0 * int(correct) / total  # the one read-back
 
 
-def zeroshot_metrics(clip_model, ds, args, cfg):
+def zeroshot_metrics(clip_model, ds, cfg):
     """Zero-shot CLIP on a data set's base and novel test images: base_acc, novel_acc, hm."""
     metrics = {}
     for subsample, key in (("base", "base_acc"), ("new", "novel_acc")):
         (_, _, test), classnames = data.subsample_classes(subsample, ds.train, ds.val, ds.test)
-        model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(args.device)
-        metrics[key] = evaluate(model, test, args, cfg)
+        model = zeroshot.CustomCLIP(clip_model, classnames, ds.template).to(cfg["device"])
+        metrics[key] = evaluate(model, test, cfg)
     metrics["hm"] = harmonic_mean(metrics["base_acc"], metrics["novel_acc"])
     return metrics
 
@@ -367,26 +363,27 @@ def read_dataset(name, root):
         return data.build_dataset(name, root)
 
 
-def few_shot_data(ds, args, cfg):
+def few_shot_data(ds, cfg):
     """K-shot train and val lists over all classes: CoOp's draw for (split, K, seed), or
     --fewshot-file's."""
+    path = cfg["fewshot_file"]
     if not ds.train:
-        raise SystemExit(f"error: {args.dataset} is test-only; train on another data set and use "
-                         f"eval.py on it.")
-    if not args.fewshot_file:
+        raise SystemExit(f"error: {cfg['dataset']} is test-only; train on another data set and "
+                         f"use eval.py on it.")
+    if not path:
         return data.fewshot_split(ds.train, ds.val, cfg["shots"], cfg["seed"])
     try:
-        train, val = data.load_fewshot(args.fewshot_file, ds.image_dir, ds.classnames)
+        train, val = data.load_fewshot(path, ds.image_dir, ds.classnames)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} is not a fewshot.json of "
+        raise SystemExit(f"error: --fewshot_file {path} is not a fewshot.json of "
                          f"train.py ({type(e).__name__}: {e})") from None
     if not train:
-        raise SystemExit(f"error: --fewshot_file {args.fewshot_file} lists no training images")
+        raise SystemExit(f"error: --fewshot_file {path} lists no training images")
     shots = max(collections.Counter(item.label for item in train).values())  # the file decides K
     # e.g. CoOp's epochs, which follow K
-    follow = prompts.protocol_defaults(cfg["method"], cfg["protocol"], args.dataset, shots)
-    cfg.update({k: v for k, v in follow.items() if k not in args.given},
-               shots=shots, fewshot_file=os.path.abspath(args.fewshot_file))
+    follow = prompts.protocol_defaults(cfg["method"], cfg["protocol"], cfg["dataset"], shots)
+    cfg.update({k: v for k, v in follow.items() if k not in cfg["given"]},
+               shots=shots, fewshot_file=os.path.abspath(path))
     return train, val
 
 

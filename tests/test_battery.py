@@ -193,7 +193,7 @@ def test_help_lists_every_method(capsys):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
     assert e.value.code == 0
-    for name, module in train.METHODS.items():
+    for name, module in prompts.METHODS.items():
         assert f"--method {name}" in text
         helps = {**OPTION_HELP, **module.HELP}
         for key in module.DEFAULTS:
@@ -228,7 +228,7 @@ def test_every_option_has_help_and_its_choices_are_its_own():
 
 def test_dash_and_underscore_flags_are_one(world, tmp_path):
     a = options.parse_args(argv(world, tmp_path, "pmpo", "--n-prompts", "2", "--eval-batch-size=7"))
-    assert (a.n_prompts, a.eval_batch_size) == (2, 7)
+    assert (a["n_prompts"], a["eval_batch_size"]) == (2, 7)
 
 
 @pytest.fixture(scope="module")

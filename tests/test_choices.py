@@ -266,7 +266,7 @@ def test_lr_at_keeps_the_cosine_for_a_shape_of_one(tiny, method):
                          [("one", ["language"]), ("restart", ["language", "vision", "joint"])])
 def test_a_stage_with_only_warmup_epochs_is_warned_about(schedule, warned):
     logs = []
-    cfg = {**options.DEFAULTS, "stage_schedule": schedule}
+    cfg = options.config("aple", "caltech101", device="cpu", stage_schedule=schedule)
     train.warn_warmup_only_stages([("language", 1), ("vision", 1), ("joint", 1)], cfg,
                                  schedule == "restart", logs.append)
     assert [re.search(r"stage '(\w+)'", line).group(1) for line in logs] == warned
@@ -276,7 +276,7 @@ def test_a_stage_with_only_warmup_epochs_is_warned_about(schedule, warned):
 # -- 5. each protocol's settings; a flag given wins ------------------------------------------------
 
 def parsed(*argv):
-    return vars(options.parse_args(["--dataset", "caltech101", *argv]))
+    return options.parse_args(["--dataset", "caltech101", *argv])
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -6,12 +6,11 @@ import types
 import pytest
 import torch
 
-import options
 import prompts
 import speed
 import train
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.tiny import tiny_clip, tiny_settings, tiny_train_step
+from tests.tiny import tiny_clip, tiny_config, tiny_train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSNAMES = ["cat", "dog", "sea lion", "hot air balloon"]
@@ -100,16 +99,14 @@ def test_the_cuda_graph_learns_what_eager_bf16_does(method):
     results = []
     for graphs in ("off", "on"):
         torch.manual_seed(0)
-        cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-               "method": method}
-        args = types.SimpleNamespace(device="cuda", precision="bf16", cuda_graphs=graphs)
-        clip_model = speed.keep_in_precision(tiny_clip().requires_grad_(False).cuda(), args)
+        cfg = tiny_config(method, device="cuda", precision="bf16", cuda_graphs=graphs)
+        clip_model = speed.keep_in_precision(tiny_clip().requires_grad_(False).cuda(), cfg)
         model = prompts.build(method, clip_model, CLASSNAMES, "a photo of a {}.", cfg)
         model.set_stage(model.stages(cfg)[-1][0])
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-        step = train.train_step(model, optimizer, args, cfg)
+        step = train.train_step(model, optimizer, cfg)
         assert isinstance(step, speed.GraphedStep) == (graphs == "on")
         g = torch.Generator().manual_seed(1)
         for _ in range(6):

@@ -16,7 +16,6 @@ import torch
 
 import eval as eval_py
 import options
-import prompts
 import runfolder
 import train
 from tests import synthetic
@@ -110,8 +109,7 @@ def edits(ckpt):
 
 def ckpt_cases():
     """The case ids, from the keys a coop checkpoint holds (the real one is made by a fixture)."""
-    config = {**options.DEFAULTS, **prompts.METHODS["coop"].DEFAULTS, "method": "coop",
-              "dataset": "caltech101"}
+    config = options.config("coop", "caltech101", device="cpu")
     ckpt = dict(method="coop", config=config, classnames=["cat"], epoch=2, clip_architecture={},
                 state_dict={"prompt_learner.ctx": torch.zeros(4, 64)})
     return [case[0] for case in edits(ckpt)]

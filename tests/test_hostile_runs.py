@@ -199,9 +199,9 @@ def test_values_that_crash_later_are_refused_first(world, tmp_path, capsys, flag
                                          ("--weight_decay", "1"), ("--seed", str(2**32 - 1)),
                                          ("--seed", "0")])
 def test_the_bounds_themselves_are_allowed(flag, value):
-    args = options.parse_args(["--method", "coop", "--dataset", "toy", "--device", "cpu", flag,
-                               value])
-    assert str(getattr(args, flag[2:])) == str(type(getattr(args, flag[2:]))(value))
+    cfg = options.parse_args(["--method", "coop", "--dataset", "toy", "--device", "cpu", flag,
+                              value])
+    assert str(cfg[flag[2:]]) == str(type(cfg[flag[2:]])(value))
 
 
 def test_the_largest_seed_runs(world, tmp_path, capsys):

@@ -33,7 +33,7 @@ def rel_err(a, b):
 
 
 def aple(clip_model, classnames=CLASSNAMES):
-    cfg = {**options.DEFAULTS, **prompts.METHODS["aple"].DEFAULTS, "depth": 3, "method": "aple"}
+    cfg = options.config("aple", "caltech101", device="cpu", depth=3)
     return train.build_method("aple", clip_model, classnames, "a photo of a {}.", cfg)
 
 

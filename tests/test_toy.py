@@ -45,11 +45,9 @@ def world(tmp_path_factory):
 
 def zeroshot(root):
     """Zero-shot CLIP on the toy world, as eval.py --benchmark toy computes it."""
-    args = SimpleNamespace(device="cpu", precision="fp32")
-    cfg = dict(eval_batch_size=options.TOY.get("eval_batch_size",
-                                               options.DEFAULTS["eval_batch_size"]), workers=0)
+    cfg = options.config("coop", "toy", device="cpu", root=root)  # the toy's eval settings
     return train.zeroshot_metrics(train.load_frozen_clip("toy", "cpu"),
-                                  train.read_dataset("toy", root), args, cfg)
+                                  train.read_dataset("toy", root), cfg)
 
 
 def readme_table():
@@ -233,8 +231,8 @@ def test_real_data_path_untouched():
     for method in prompts.METHODS:
         assert options.settings(method, "caltech101", {}) == options.settings(method, "folder:/x",
                                                                               {})
-    args = options.parse_args(["--method", "pmpo", "--dataset", "caltech101"])
-    assert args.model == "ViT-B/16" and args.epochs == prompts.METHODS["pmpo"].DEFAULTS["epochs"]
+    cfg = options.parse_args(["--method", "pmpo", "--dataset", "caltech101"])
+    assert cfg["model"] == "ViT-B/16" and cfg["epochs"] == prompts.METHODS["pmpo"].DEFAULTS["epochs"]
 
 
 def test_picture(tmp_path):

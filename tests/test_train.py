@@ -21,7 +21,6 @@ from PIL import Image
 import data
 import eval as eval_py
 import runfolder
-import options
 import train
 from clip.tokenizer import tokenize
 from clip.transform import Preprocess
@@ -29,7 +28,7 @@ import prompts
 from prompts import coop
 from tests import synthetic
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.tiny import stage_count, tiny_clip, tiny_flags, tiny_settings
+from tests.tiny import stage_count, tiny_clip, tiny_config, tiny_flags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,8 +65,7 @@ def evaluate(world, out, *args, root=None):
 def learned_names(method):
     """The names of the tensors `method` learns, from the model: its parameters
     outside the frozen CLIP."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           "method": method}
+    cfg = tiny_config(method)
     model = prompts.build(method, tiny_clip(), BASE, "a photo of a {}.", cfg)
     names = {n for n, p in model.named_parameters() if not n.startswith("clip.")}
     assert names and all(p.requires_grad for n, p in model.named_parameters() if n in names)

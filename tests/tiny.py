@@ -3,7 +3,6 @@ few MB instead of 350; the methods built on it; and, for counts that depend only
 random CLIP of ViT-B/16's sizes."""
 import functools
 import math
-import types
 
 import pytest
 import torch
@@ -58,30 +57,33 @@ def tiny_settings(method):
     return {k: min(defaults[k], layers) for k in ("depth", "n_prompts") if k in defaults}
 
 
+def tiny_config(method, **flags):
+    """train.py's settings for `method` fitted to the tiny CLIP, from the resolver train.py uses
+    (options.config): on the CPU unless flags say otherwise."""
+    return options.config(method, "caltech101", **{"device": "cpu", **tiny_settings(method),
+                                                   **flags})
+
+
 @functools.lru_cache(maxsize=None)
 def stage_count(method):
     """How many stages `method` trains in (APLe: 3), from the model itself."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           "method": method}
+    cfg = tiny_config(method)
     return len(prompts.build(method, tiny_clip(), ["cat", "dog"], "a photo of a {}.",
                              cfg).stages(cfg))
 
 
-def tiny_train_step(method, classnames, lr, **args):
+def tiny_train_step(method, classnames, lr, **flags):
     """(model, optimizer, step): `method` on the tiny CLIP in its last stage (everything it defines
-    learns) and train.py's step for it, SGD as train.py's; args: train_step's run arguments (device,
-    precision, cuda_graphs; default the CPU's)."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           "method": method}
+    learns) and train.py's step for it, SGD as train.py's; flags: train.py's (device, precision,
+    cuda_graphs; default the CPU's)."""
+    cfg = tiny_config(method, **flags)
     model = prompts.build(method, tiny_clip().requires_grad_(False), classnames, "a photo of a {}.",
                           cfg)
     model.set_stage(model.stages(cfg)[-1][0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    args = types.SimpleNamespace(**{"device": "cpu", "precision": "fp32", "cuda_graphs": "off",
-                                    **args})
-    return model, optimizer, train.train_step(model, optimizer, args, cfg)
+    return model, optimizer, train.train_step(model, optimizer, cfg)
 
 
 def tiny_flags(method, epochs):
@@ -102,8 +104,7 @@ def tiny_flags(method, epochs):
 
 def tiny_method(method, clip_model, **overrides):
     """`method` on the tiny CLIP; its settings are kept as model.cfg."""
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, **tiny_settings(method),
-           **overrides, "method": method}
+    cfg = {**tiny_config(method), **overrides}  # as given: a test may pass what train.py refuses
     model = train.build_method(method, clip_model, CLASSNAMES, TEMPLATE, cfg)
     model.cfg = cfg
     return model
