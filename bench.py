@@ -183,19 +183,19 @@ def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=
     eager. Then the fast step's host syncs (counted on its eager form: a replay dispatches
     nothing), and on a GPU the share of the step the GPU is busy and the kernel launches per
     step (torch.profiler)."""
-    fast_clip = fast_copy(clip_model, device)
+    fast_clip = fast_copy(clip_model, config(methods[0], device))
     n_px = clip_model.visual.input_resolution
     for method in methods:
-        cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
-        b = batch or cfg["batch_size"]
+        plain, fast, eager = (config(method, device, **flags) for flags in (
+            dict(precision="fp32", cuda_graphs="off"), {}, dict(cuda_graphs="off")))
+        b = batch or plain["batch_size"]
         images = torch.randn(b, 3, n_px, n_px,
                              generator=torch.Generator().manual_seed(0)).to(device)
         for n_cls in class_counts:
             labels = torch.randint(0, n_cls, (b,),
                                    generator=torch.Generator().manual_seed(n_cls)).to(device)
-            steps = {fast: make_step(method, fast_clip if fast else clip_model, n_cls, device, fast,
-                                     cfg)
-                     for fast in (False, True)}
+            steps = {False: make_step(clip_model, n_cls, plain),
+                     True: make_step(fast_clip, n_cls, fast)}
 
             def step(fast):
                 with contextlib.nullcontext() if fast else sdpa_kernel(SDPBackend.MATH):
@@ -207,32 +207,36 @@ def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=
             row = [f"train step {method}, {n_cls} classes, batch {b}",
                    *side_by_side(step, device, repeat, lambda seconds: f"{seconds * 1e3:.1f} ms",
                                  flops=flops)]
-            eager = make_step(method, fast_clip, n_cls, device, True, cfg, graphs=False)
-            eager(images, labels)  # what a method makes on its first step is not a step's cost
+            eager_step = make_step(fast_clip, n_cls, eager)
+            eager_step(images, labels)  # what a method makes on its first step is not a step's cost
             with HostSyncs() as syncs:
-                eager(images, labels)
+                eager_step(images, labels)
             fast_seconds = timed([lambda: step(True)], device, repeat)[0]
             yield row + [str(syncs.count), *gpu_profile(lambda: step(True), device, fast_seconds)]
 
 
-def fast_copy(clip_model, device):
-    """The frozen CLIP as train.py keeps it on this device: on a GPU in bf16,
-    its matrices cast once."""
-    cfg = dict(device=device, precision=options.default_precision(device))
+def config(method, device, **flags):
+    """The settings train.py would run `method` with on this device, given these flags
+    (options.config), on a data set of CoOp's defaults: a row times train.py's own settings."""
+    return options.config(method, "caltech101", device=device, **flags)
+
+
+def fast_copy(clip_model, cfg):
+    """The frozen CLIP as train.py keeps it for these settings: on a GPU in bf16, its matrices
+    cast once."""
     return speed.keep_in_precision(copy.deepcopy(clip_model),
-                                   cfg) if device.startswith("cuda") else clip_model
+                                   cfg) if cfg["device"].startswith("cuda") else clip_model
 
 
-def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
-    """train.train_step for `method` on n_cls classes, in its last stage, on
-    the plain or fast path."""
-    model = train.build_method(method, clip_model, bench_classnames(n_cls), "a photo of a {}.", cfg)
+def make_step(clip_model, n_cls, cfg):
+    """train.train_step for cfg's method on n_cls classes, in its last stage, with cfg's precision
+    and CUDA graphs (the plain path: fp32, off)."""
+    model = train.build_method(cfg["method"], clip_model, bench_classnames(n_cls),
+                               "a photo of a {}.", cfg)
     model.set_stage(model.stages(cfg)[-1][0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    cfg = dict(cfg, device=device, precision=options.default_precision(device) if fast else "fp32",
-               cuda_graphs="auto" if fast and graphs else "off")
     return train.train_step(model, optimizer, cfg)
 
 
@@ -241,10 +245,10 @@ def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repe
     files. Fast: the frozen CLIP as train.py keeps it on this device (fast_copy)."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
+    cfg = config(method, device)
     models = {fast: train.build_method(method, c, bench_classnames(50), "a photo of a {}.",
                                        cfg).eval()
-              for fast, c in ((False, clip_model), (True, fast_copy(clip_model, device)))}
+              for fast, c in ((False, clip_model), (True, fast_copy(clip_model, cfg)))}
     text_features = {}
     for fast in (False, True):
         with torch.no_grad(), path_context(fast, device):

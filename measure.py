@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import options
+import speed
 
 class HostSyncs(TorchDispatchMode):
     """Counts, while active, the ops after which the host waits for the device: on a GPU each one
@@ -120,8 +121,7 @@ def peak_memory(fns, device):
 
 def fast_dtype(device):
     """The precision train.py runs in on this device (bf16 on a GPU, float32 on a CPU)."""
-    return dict(fp32=torch.float32, bf16=torch.bfloat16,
-                fp16=torch.float16)[options.default_precision(device)]
+    return speed.DTYPES[options.default_precision(device)]
 
 
 def matmul_probes(device, dtype):

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import measure
-import options
 import prompts
 from bench_data import bench_classnames
 from clip.tokenizer import tokenize
@@ -93,8 +92,8 @@ def test_train_step_floor_counts_a_step_after_the_first(one_second_per_call, mon
                         lambda fn: counted.append(measure.count_flops(fn)) or counted[-1])
     monkeypatch.setattr(measure, "matmul_probes", fake_probes(lambda dtype: 1e9))
     list(bench.train_step_rows(clip_model, ["promptsrc"], [3], "cpu", repeat=1))
-    cfg = {**options.DEFAULTS, **prompts.METHODS["promptsrc"].DEFAULTS, "method": "promptsrc"}
-    step = bench.make_step("promptsrc", clip_model, 3, "cpu", False, cfg)
+    cfg = bench.config("promptsrc", "cpu", precision="fp32", cuda_graphs="off")  # the plain path
+    step = bench.make_step(clip_model, 3, cfg)
     images, labels = torch.randn(cfg["batch_size"], 3, 32, 32), torch.tensor([0, 1, 2, 0])
     first, later = (measure.count_flops(lambda: step(images, labels)) for _ in range(2))
     assert first > 5 * later and counted == [later]
