@@ -88,7 +88,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                         help="worker counts to time (default 0 1 2)")
     parser.add_argument("--n-px", type=int, default=224, help="model resolution (default 224)")
-    parser.add_argument("--batch-size", type=int, default=100, help="(default 100)")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="test_loader's batch (default 100)")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "bench_jpegs"),
                         help="where the JPEGs are written once (default %(default)s)")
     args = parser.parse_args(argv)
