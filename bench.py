@@ -16,31 +16,28 @@ floor is each prompt's work at its own length. Not a test: the numbers depend on
 """
 
 import argparse
-import collections
 import contextlib
 import copy
 import itertools
-import json
 import os
-import statistics
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
-import prompts
 import options
+import prompts
 import speed
 import train
+from bench_data import bench_classnames, make_jpegs, smooth_images, write_split_dataset
 from clip.model import CLIP
 from clip.tokenizer import tokenize
 from data import Datum, TrainSet, test_loader
+from measure import (HostSyncs, count_flops, fast_dtype, full_length_text_features, gpu_profile,
+                     peak_memory, rated, timed, x_floor)
 from prompts.common import encode_by_length, zeroshot_classifier
-from data.bench_loader import make_jpegs
 
 B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
            vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
@@ -48,46 +45,6 @@ B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=7
 # 12 narrow layers: every method fits
 TINY = dict(B16, image_resolution=32, vision_width=64, vision_patch_size=8,
             embed_dim=64, transformer_width=64, transformer_heads=1)
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts, while active, the ops after which the host waits for the device: on a GPU each one
-    drains the launch queue, so the CPU's launch time and the GPU's work add up instead of
-    overlapping. A value read back (.item(), int(t), float(t), bool(t), `if t:`) dispatches
-    _local_scalar_dense; ops whose output size depends on the values (nonzero, unique,
-    masked_select, boolean-mask indexing, repeat_interleave without output_size) wait for them too.
-    On a CPU nothing waits, but the same ops are counted, so a CPU test finds what would stall a
-    GPU. Not seen here: .tolist() and copies between devices, which do not dispatch as ops on a CPU.
-    ops: Counter of op names."""
-
-    WAIT = {"_local_scalar_dense", "nonzero", "unique_consecutive", "_unique", "_unique2",
-            "unique_dim", "masked_select", "is_nonzero", "equal"}
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    @property
-    def count(self):
-        return sum(self.ops.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._overloadpacket.__name__
-        masks = name == "index" and any(
-            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None
-        )
-        sized = (name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor")
-                 and kwargs.get("output_size") is None)
-        if name in self.WAIT or masks or sized:
-            self.ops[name] += 1
-        return func(*args, **kwargs)
-
-
-def fast_dtype(device):
-    """The precision train.py runs in on this device (bf16 on a GPU, float32 on a CPU)."""
-    return dict(fp32=torch.float32, bf16=torch.bfloat16,
-                fp16=torch.float16)[options.default_precision(device)]
 
 
 def path_context(fast, device):
@@ -98,90 +55,6 @@ def path_context(fast, device):
     if fast_dtype(device) == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=fast_dtype(device))
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fns, device, repeat=10, warmup=None):
-    """The median seconds of each fn in fns over `repeat` rounds.
-
-    The fns take turns within each round, so a slow spell of a shared machine falls on all of them
-    alike and a side-by-side ratio stays fair. warmup rounds first: 3 on a GPU (kernel choice, the
-    allocator's cache), 1 on a CPU (one call warms it, and a CPU call of the full table is long).
-    """
-    for _ in range(min(3 if device.startswith("cuda") else 1,
-                       repeat) if warmup is None else warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, seconds in zip(fns, times):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            seconds.append(time.perf_counter() - t0)
-    return [statistics.median(seconds) for seconds in times]
-
-
-def peak_memory(fns, device):
-    """Peak GPU memory of one call of each fn alone, as text; "n/a" off a GPU."""
-    if not device.startswith("cuda"):
-        return ["n/a"] * len(fns)
-    peaks = []
-    for fn in fns:
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        sync(device)
-        peaks.append(f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    return peaks
-
-
-def matmul_probes(device, dtype):
-    """[(fn, FLOPs)]: the products a floor's matmul rate is measured on, each into a preallocated
-    output (the kernel alone): a square one and the two MLP products of a ViT-B/16 block over 4,096
-    tokens ([4096, 768] x [768, 3072] and back). A floor at the best rate the machine shows for
-    products like the model's own is one no row can beat; a rate measured on one small square
-    product was beaten by the text encoder's own matmuls on a CPU (0.9x floor)."""
-    n = 8192 if device.startswith("cuda") else 2048
-    probes = []
-    for m, k, n_out in ((n, n, n), (4096, 768, 3072), (4096, 3072, 768)):
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n_out, device=device,
-                                                                          dtype=dtype)
-        out = torch.empty(m, n_out, device=device, dtype=dtype)
-        # out=: no autocast
-        probes.append((lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 2 * m * k * n_out))
-    return probes
-
-
-def rated(fns, device, repeat):
-    """timed(fns), with the matmul products of both paths' precisions taking turns in
-    the same rounds: (seconds of each fn, {fast: FLOP/s}), the rate being the best
-    median rate of matmul_probes.
-
-    A floor needs the machine's rate while the row ran: on a shared CPU it drifted by a quarter
-    within minutes (196 to 236 GFLOP/s), and two machines of one kind measured 111 and 257, so a
-    rate measured at the start of an 8- to 17-minute table would mis-state the rows run later.
-    """
-    dtypes = {False: torch.float32, True: fast_dtype(device)}
-    probes = [(dtype, fn,
-               flops) for dtype in set(dtypes.values()) for fn, flops in matmul_probes(device,
-                                                                                       dtype)]
-    seconds = timed(list(fns) + [fn for _, fn, _ in probes], device, repeat)
-    rate = dict.fromkeys(dtypes.values(), 0.0)
-    for (dtype, _, flops), probe_seconds in zip(probes, seconds[len(fns):]):
-        rate[dtype] = max(rate[dtype], flops / probe_seconds)
-    return seconds[:len(fns)], {fast: rate[dtype] for fast, dtype in dtypes.items()}
-
-
-def x_floor(seconds, flops, rate):
-    """A row's "x floor": its time over the time of its FLOPs at the matmul
-    rate (1.00x = the floor)."""
-    return f"{seconds / (flops / rate):.2f}x"
 
 
 def side_by_side(fn, device, repeat, show, flops=None):
@@ -196,76 +69,6 @@ def side_by_side(fn, device, repeat, show, flops=None):
         count = flops if flops is not None else count_flops(lambda: fn(fast))
         cells += [show(s), peak, x_floor(s, count, rates[fast])]
     return cells
-
-
-class Flops(TorchDispatchMode):
-    """FLOPs of the ops dispatched while active, by torch.utils.flop_counter's formulas (matmuls,
-    convolutions, attention), backward included. Not its FlopCounterMode: that one also tracks
-    modules, and on torch 2.11 failed on a module called under no_grad inside a step that learns
-    (PMPO's projections: "Expected gradient function to be set")."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
-
-
-def count_flops(fn):
-    """FLOPs of one fn(), attention through the plain kernel: the formulas know no CPU fused
-    attention kernel, and would leave attention out of a CPU fast path's work."""
-    with sdpa_kernel(SDPBackend.MATH), Flops() as counter:
-        fn()
-    return counter.total
-
-
-def bench_classnames(n):
-    """n real class names of the benchmark: Caltech101's for 50 (its base classes), SUN397's then
-    Food101's and StanfordCars' beyond (ImageNet's are not in the repo; these are as long). The text
-    cut and the length buckets make prompt length matter."""
-    with open(os.path.join(os.path.dirname(__file__), "data", "benchmark_classnames.json")) as f:
-        names = json.load(f)
-    pool = (
-        names["Caltech101"][:50]
-        if n <= 50
-        else names["SUN397"] + names["Food101"] + names["StanfordCars"]
-    )
-    return (pool * (n // len(pool) + 1))[:n]
-
-
-def smooth_images(n, n_px, generator):
-    """n synthetic images [n, 3, n_px, n_px]: random 7x7 colour fields
-    upsampled, plus a little noise."""
-    fields = torch.randn(n, 3, 7, 7, generator=generator)
-    images = F.interpolate(fields, size=(n_px, n_px), mode="bicubic", align_corners=False)
-    return images + 0.1 * torch.randn(images.shape, generator=generator)
-
-
-def full_length_text_features(model, text, embeddings=None, deep_prompts=None):
-    """encode_text over all 77 positions, nothing cut: the reference of the cut
-    and of the length buckets.
-
-    Same arguments as encode_text (text may be shorter than 77; embeddings then as long as text).
-    One extra row whose end-of-text token sits at the last position makes encode_text keep all 77;
-    the rows of a batch never see each other, so it changes no other row.
-    """
-    B, L = text.shape
-    n = model.context_length
-    last = torch.zeros(1, n, dtype=text.dtype, device=text.device)
-    last[0, -1] = model.token_embedding.num_embeddings - 1  # the highest id: its end-of-text
-    text = torch.cat([F.pad(text, (0, n - L)), last])  # [B + 1, 77]
-    if embeddings is not None:
-        embeddings = F.pad(embeddings, (0, 0, 0, n - L, 0, 1))  # [B + 1, 77, width], zeros behind
-    deep_prompts = {layer: F.pad(t, (0, 0, 0, 0, 0, 1)) if t.dim() == 3 else t  # [B + 1, n, width]
-                    for layer, t in (deep_prompts or {}).items()}
-    # [B, embed_dim]
-    return model.encode_text(text, embeddings=embeddings, deep_prompts=deep_prompts)[:B]
 
 
 @torch.no_grad()
@@ -380,83 +183,61 @@ def train_step_rows(clip_model, methods, class_counts, device, repeat=10, batch=
     eager. Then the fast step's host syncs (counted on its eager form: a replay dispatches
     nothing), and on a GPU the share of the step the GPU is busy and the kernel launches per
     step (torch.profiler)."""
-    fast_clip = fast_copy(clip_model, device)
+    fast_clip = fast_copy(clip_model, config(methods[0], device))
     n_px = clip_model.visual.input_resolution
     for method in methods:
-        cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
-        b = batch or cfg["batch_size"]
+        plain, fast, eager = (config(method, device, **flags) for flags in (
+            dict(precision="fp32", cuda_graphs="off"), {}, dict(cuda_graphs="off")))
+        b = batch or plain["batch_size"]
         images = torch.randn(b, 3, n_px, n_px,
                              generator=torch.Generator().manual_seed(0)).to(device)
         for n_cls in class_counts:
             labels = torch.randint(0, n_cls, (b,),
                                    generator=torch.Generator().manual_seed(n_cls)).to(device)
-            steps = {fast: make_step(method, fast_clip if fast else clip_model, n_cls, device, fast,
-                                     cfg)
-                     for fast in (False, True)}
+            steps = {False: make_step(clip_model, n_cls, plain),
+                     True: make_step(fast_clip, n_cls, fast)}
 
             def step(fast):
                 with contextlib.nullcontext() if fast else sdpa_kernel(SDPBackend.MATH):
                     return steps[fast](images, labels)
+            # The FLOPs of a step after the first: a first step also makes what the method keeps
+            # (PromptSRC: frozen CLIP's features of 60 templates x the classes, 25 steps' worth).
+            step(False)
+            flops = count_flops(lambda: step(False))
             row = [f"train step {method}, {n_cls} classes, batch {b}",
                    *side_by_side(step, device, repeat, lambda seconds: f"{seconds * 1e3:.1f} ms",
-                                 flops=count_flops(lambda: step(False)))]
-            eager = make_step(method, fast_clip, n_cls, device, True, cfg, graphs=False)
-            eager(images, labels)  # what a method makes on its first step is not a step's cost
+                                 flops=flops)]
+            eager_step = make_step(fast_clip, n_cls, eager)
+            eager_step(images, labels)  # what a method makes on its first step is not a step's cost
             with HostSyncs() as syncs:
-                eager(images, labels)
+                eager_step(images, labels)
             fast_seconds = timed([lambda: step(True)], device, repeat)[0]
             yield row + [str(syncs.count), *gpu_profile(lambda: step(True), device, fast_seconds)]
 
 
-def fast_copy(clip_model, device):
-    """The frozen CLIP as train.py keeps it on this device: on a GPU in bf16,
-    its matrices cast once."""
-    cfg = dict(device=device, precision=options.default_precision(device))
+def config(method, device, **flags):
+    """The settings train.py would run `method` with on this device, given these flags
+    (options.config), on a data set of CoOp's defaults: a row times train.py's own settings."""
+    return options.config(method, "caltech101", device=device, **flags)
+
+
+def fast_copy(clip_model, cfg):
+    """The frozen CLIP as train.py keeps it for these settings: on a GPU in bf16, its matrices
+    cast once."""
     return speed.keep_in_precision(copy.deepcopy(clip_model),
-                                   cfg) if device.startswith("cuda") else clip_model
+                                   cfg) if cfg["device"].startswith("cuda") else clip_model
 
 
-def make_step(method, clip_model, n_cls, device, fast, cfg, graphs=True):
-    """train.train_step for `method` on n_cls classes, in its last stage, on
-    the plain or fast path."""
-    model = train.build_method(method, clip_model, bench_classnames(n_cls), "a photo of a {}.", cfg)
+def make_step(clip_model, n_cls, cfg):
+    """train.train_step for cfg's method on n_cls classes, in its last stage, with cfg's precision
+    and CUDA graphs (the plain path: fp32, off)."""
+    model = train.build_method(cfg["method"], clip_model, bench_classnames(n_cls),
+                               "a photo of a {}.", cfg)
     model.set_stage(model.stages(cfg)[-1][0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    cfg = dict(cfg, device=device, precision=options.default_precision(device) if fast else "fp32",
-               cuda_graphs="auto" if fast and graphs else "off")
     return train.train_step(model, optimizer, cfg)
-
-
-LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
-            "cudaGraphLaunch")
-
-
-def gpu_profile(fn, device, step_seconds, steps=5):
-    """[GPU busy %, kernel launches per step] of fn, by torch.profiler over `steps` calls: busy is
-    the GPU's kernel time (overlaps merged) over the step's unprofiled time. "n/a" off a GPU."""
-    if not device.startswith("cuda"):
-        return ["n/a", "n/a"]
-    try:
-        from torch.profiler import ProfilerActivity, profile
-        fn()
-        sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                fn()
-            sync(device)
-        events = prof.events()
-        kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                         if e.device_type == torch.autograd.DeviceType.CUDA)
-        busy, end = 0.0, float("-inf")  # microseconds covered by at least one kernel
-        for a, b in kernels:
-            busy += max(0.0, b - max(a, end))
-            end = max(end, b)
-        launches = sum(e.name in LAUNCHES for e in events)
-        return [f"{100 * busy / steps / (step_seconds * 1e6):.0f} %", f"{launches / steps:,.0f}"]
-    except Exception as e:  # the profiler differs between torch versions: a cell, not a crash
-        return [f"profiler error: {type(e).__name__}: {e}"[:80], ""]
 
 
 def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repeat=10):
@@ -464,10 +245,10 @@ def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repe
     files. Fast: the frozen CLIP as train.py keeps it on this device (fast_copy)."""
     n_px = clip_model.visual.input_resolution
     images = torch.randn(batch, 3, n_px, n_px, device=device)
-    cfg = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS, "method": method}
+    cfg = config(method, device)
     models = {fast: train.build_method(method, c, bench_classnames(50), "a photo of a {}.",
                                        cfg).eval()
-              for fast, c in ((False, clip_model), (True, fast_copy(clip_model, device)))}
+              for fast, c in ((False, clip_model), (True, fast_copy(clip_model, cfg)))}
     text_features = {}
     for fast in (False, True):
         with torch.no_grad(), path_context(fast, device):
@@ -491,20 +272,6 @@ def eval_rows(clip_model, method, device, batch=256, jpegs=2000, workers=8, repe
     for peak, seconds in zip(peak_memory(runs, device), timed(runs, device, repeat=1, warmup=1)):
         row += [f"{jpegs / seconds:,.0f} img/s", peak, ""]
     yield row
-
-
-def write_split_dataset(folder, n_classes, per_class, size=(500, 375)):
-    """A folder data set with split.json: per_class = (train, val, test) JPEGs of each class."""
-    rows = {"train": [], "val": [], "test": []}
-    for c in range(n_classes):
-        paths = make_jpegs(os.path.join(folder, f"class_{c}"), sum(per_class), size)
-        start = 0
-        for split, n in zip(rows, per_class):
-            rows[split] += [[os.path.relpath(p, folder), c,
-                             f"class {c}"] for p in paths[start:start + n]]
-            start += n
-    with open(os.path.join(folder, "split.json"), "w") as f:
-        json.dump(rows, f)
 
 
 def whole_run_rows(config, methods, sizes, device, workers):
@@ -559,7 +326,8 @@ TRAIN_HEADER = ["", "plain: time or rate", "plain: peak mem", "plain: x floor",
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda if there is one)")
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--tiny", action="store_true",
                         help="a tiny CLIP, small counts: checks that the script runs")
@@ -582,7 +350,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, help="images of the fast-vs-plain check (default 2000)")
     p.add_argument("--agreement_classes", type=int, help="prompts of that check (default 1000)")
     p.add_argument("--repeat", type=int, help="timed runs per row, median shown (default 10)")
-    p.add_argument("--workers", type=int, default=options.DEFAULTS["workers"])
+    p.add_argument("--workers", type=int, default=options.DEFAULTS["workers"],
+                   help="loader workers of the JPEG rows and whole runs (default: train.py's)")
     p.add_argument("--runs", nargs="*", choices=list(RUN_SIZES),
                    help="also time whole base2novel runs: the toy world, or "
                         "synthetic data sets of these sizes")
@@ -600,6 +369,12 @@ def main(argv=None):
             key != "workers"
         ):
             p.error(f"--{key} must be at least {int(key != 'workers')} (got {values})")
+    if not (args.tiny or args.device.startswith("cuda")):  # a long wait: say so before it starts
+        print(f"note: ViT-B/16-sized weights on the CPU, 0.2 to 1 s an image forward: the first "
+              f"check ({args.images} images, both paths) prints after {args.images // 150} to "
+              f"{args.images // 30} minutes, the whole table after hours (--quick is sized for a "
+              f"GPU). `--tiny` checks the script in about a minute; docs/performance.md has a "
+              f"shorter CPU command at ViT-B/16 sizes.\n", flush=True)
     # its ops are far too small for threads to pay off; with other jobs on the
     # CPU they wait on each other
     if args.tiny:

@@ -11,7 +11,6 @@ deserialises TorchScript code: load archives only from OpenAI's URLs below (the 
 against the sha256 in _MODELS) or from sources you trust.
 """
 import errno
-import hashlib
 import http.client
 import os
 import sys
@@ -23,6 +22,7 @@ import zipfile
 
 import torch
 
+from .files import file_digest
 from .model import build_model
 from .tokenizer import tokenize
 from .transform import Preprocess
@@ -167,7 +167,9 @@ def _read_state_dict(path):
 
 
 def _toy():
-    """clip/toy.py, imported when first needed (so `python -m clip.toy` runs it only once)."""
+    """clip/toy.py, imported when first needed rather than at the top: `python -m clip.toy` loads
+    the package, and so this module, before it runs toy.py as __main__, and a toy.py imported here
+    would run twice (runpy warns). Not a cycle: toy.py imports nothing from this module."""
     from . import toy
     return toy
 
@@ -178,15 +180,6 @@ def _is_torchscript(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-
-
-def file_digest(path, algorithm="sha256"):
-    """Hex digest of a file's bytes ("sha256", "md5", any hashlib name), read 1 MB at a time."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download(url, root=None):

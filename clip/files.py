@@ -1,4 +1,6 @@
-"""Files that are either whole or absent: every file this project writes goes through atomic_write.
+"""Files that are either whole or absent: every file this project writes goes through atomic_write;
+file_digest checks the bytes of one it reads (a download, the shipped toy CLIP), load_json says
+which file is not the JSON it should be.
 
 A kill, a crash or a full disk in the middle of a write leaves the previous version (or
 nothing) under the final name, never a truncated file: the data goes to a temporary name in
@@ -6,6 +8,8 @@ the same folder, is flushed and fsync'ed, and only then renamed over the target 
 atomic within a filesystem).
 """
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 
@@ -41,3 +45,22 @@ def atomic_write(path, mode="w"):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file's bytes ("sha256", "md5", any hashlib name), read 1 MB at a time."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_json(path, what, fix):
+    """The parsed content of a JSON file, or a ValueError naming the file, what it
+    should be and `fix` (what to do)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a valid {what}: not JSON ({err}); {fix}") from None

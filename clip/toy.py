@@ -30,8 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clip import file_digest
-from .files import atomic_write
+from .files import atomic_write, file_digest
 from .model import CLIP
 from .tokenizer import tokenize
 from .transform import MEAN, STD
@@ -245,7 +244,7 @@ def read(path):
 
 
 def file_sha256(path):
-    return file_digest(path, "sha256")  # clip.py's, which checks OpenAI's downloads
+    return file_digest(path, "sha256")
 
 
 def shipped():

@@ -18,6 +18,9 @@ import random
 from collections import namedtuple
 from dataclasses import dataclass
 
+from clip.files import load_json
+from data.sources import source_of
+
 Datum = namedtuple("Datum", "impath label classname")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -81,8 +84,6 @@ def classnames_of(*lists):
 
 
 def not_found(name, root, path, what):
-    from data.prepare import source_of  # lazy: prepare imports this module
-
     source = source_of(name, root, path)
     where = f"\n  Get it from: {source}" if source else ""
     return DatasetNotFound(
@@ -141,16 +142,6 @@ def datums(rows, image_dir):
     """Rows [path relative to image_dir, label, classname], already checked by read_rows ->
     list[Datum]."""
     return [Datum(os.path.join(image_dir, rel), label, cname) for rel, label, cname in rows]
-
-
-def load_json(path, what, fix):
-    """The parsed content of a JSON file of data/, or a ValueError naming the file, what it
-    should be and `fix` (what to do)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a valid {what}: not JSON ({err}); {fix}") from None
 
 
 def check_row(row, image_dir):
@@ -420,7 +411,10 @@ def read_folder(path):
 def read_toy(name, root, spec):
     """The built-in toy world (data/toy.py): drawn into root on first use, then read
     like any split data set."""
-    from data.toy import ensure_world  # lazy: the world is drawn only when asked for
+    # Imported here, not at the top: `python -m data.toy` loads the package, and so this module,
+    # before it runs data/toy.py as __main__, which would then run twice (runpy warns). Not a
+    # cycle: data/toy.py imports nothing from this module.
+    from data.toy import ensure_world
 
     ensure_world(os.path.join(root, spec.folder))
     return read_split_dataset(name, root, spec)

@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clip import toy
-from clip.files import atomic_write
-from data.datasets import load_json
+from clip.files import atomic_write, load_json
 
 # Images per class and split; 16 shots are drawn from the 32. [ours] 100 test images a class: one
 # image is 0.08 points of a half's accuracy, well under the seeds' spread.

@@ -1,18 +1,25 @@
 """Small synthetic worlds for the end-to-end tests: a tiny CLIP checkpoint and image sets in
 the layouts data/datasets.py reads (CoOp's caltech-101 split file, ImageNet and its
-variants, a plain class folder).
+variants, a plain class folder), and the reliability battery's world with the runs made on it.
 
 Images are 32 x 32 (the tiny CLIP's resolution), one base colour per class plus per-image noise,
 drawn from a seeded numpy generator, so every file is the same on every machine.
 """
+import http.server
+import importlib.util
 import json
 import os
+import re
+import socket
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import train
 from tests.tiny import tiny_clip
 
 
@@ -139,3 +146,135 @@ def write_folder(path, classnames, per_class=4, seed=0):
         for i in range(per_class):
             write_image(os.path.join(path, name, f"{i:03d}.jpg"), class_image(label, rng))
     return str(path)
+
+
+# -- the battery's world: Caltech101's layout with 4 classes and the tiny CLIP, train.py's flags
+# for a short run on it, and a run killed the way kill -9 would
+
+CLASSES = ["cat", "dog", "fish", "bird"]
+FAST = {"coop": ["--epochs", "2"], "aple": ["--stage_epochs", "1", "1", "1", "--depth", "2"],
+        "pmpo": ["--epochs", "2", "--n_prompts", "2", "--depth", "2"]}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("battery")
+    root = write_caltech101(str(tmp / "data"), CLASSES, train=3, val=1, test=2)
+    return SimpleNamespace(tmp=tmp, root=root, model=save_tiny_clip(tmp / "tiny.pt"))
+
+
+def argv(world, out, method="coop", *extra, root=None):
+    return ["--method", method, "--dataset", "caltech101", "--root", root or world.root, "--model",
+            world.model, "--out", str(out), "--workers", "0", "--shots", "2", "--batch_size", "2",
+            *FAST[method], *extra]
+
+
+def message_of(call, capsys):
+    """call() must stop with SystemExit; its message (or argparse's, on stderr). Any
+    other exception fails."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        call()
+    text = (str(e.value.code) if not isinstance(e.value.code,
+                                                int) else "") + capsys.readouterr().err
+    assert e.value.code != 0 and "Traceback" not in text
+    return text
+
+
+def load_ckpt(folder):
+    return torch.load(os.path.join(folder, "prompt_learner.pt"), map_location="cpu",
+                      weights_only=True)
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs (BaseException, so no
+    `except Exception` sees it)."""
+
+
+def crash_after_epochs(mp, n):
+    """Kill the run as its (n+1)-th epoch starts."""
+    calls, real = [], train.lr_at
+
+    def lr_at(*args):
+        calls.append(1)
+        if len(calls) > n:
+            raise Killed
+        return real(*args)
+
+    mp.setattr(train, "lr_at", lr_at)
+
+
+def interrupted(world, out, method="coop", epochs=1, root=None):
+    with pytest.MonkeyPatch.context() as mp:
+        crash_after_epochs(mp, epochs)
+        with pytest.raises(Killed):
+            train.main(argv(world, out, method, root=root))
+
+
+# -- stand-ins for the outside world: a file server, a port nothing listens on, open_clip's files
+
+class Server:
+    """An HTTP file server on 127.0.0.1 that honours Range (unless told not to) and can
+    cut its first response after `cut_after` bytes. `requests` records each request's
+    path and Range header."""
+
+    def __init__(self, files, cut_after=None, honour_range=True):
+        self.files, self.cut_after, self.honour_range, self.requests = (
+            files,
+            cut_after,
+            honour_range,
+            [],
+        )
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, h):
+        self.requests.append(SimpleNamespace(path=h.path, range=h.headers.get("Range")))
+        data = self.files.get(h.path.lstrip("/"))
+        if data is None:
+            return h.send_error(404)
+        start = int(re.fullmatch(r"bytes=(\d+)-",
+                                 h.headers["Range"])[1]) if h.headers.get("Range") else 0
+        start = start if self.honour_range else 0
+        h.send_response(206 if start else 200)
+        if start:
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.send_header("Content-Length", str(len(data) - start))
+        h.end_headers()
+        cut = self.cut_after if self.cut_after is not None and len(self.requests) == 1 else None
+        # then the connection closes (HTTP/1.0), after `cut` bytes if cut
+        h.wfile.write(data[start:][:cut])
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def refused_url():
+    """The URL of a port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+
+def load_open_clip_file(filename):
+    """Load one file of the installed open_clip package as a standalone module."""
+    spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
+    if spec is None:
+        pytest.fail("open_clip_torch is not installed: run .ci/run, which installs it "
+                    "(pip install --no-deps open_clip_torch==3.3.0); it is the reference tokenizer")
+    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+    module_spec = importlib.util.spec_from_file_location("_reference_" + filename[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

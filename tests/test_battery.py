@@ -32,44 +32,11 @@ import prompts
 import train
 from prompts.common import OPTION_HELP
 from tests import synthetic
-from tests.synthetic import one_thread  # noqa: F401 (a fixture)
+# one_thread and world are fixtures
+from tests.synthetic import (Killed, argv, interrupted, load_ckpt, message_of,  # noqa: F401
+                             one_thread, world)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-CLASSES = ["cat", "dog", "fish", "bird"]
-FAST = {"coop": ["--epochs", "2"], "aple": ["--stage_epochs", "1", "1", "1", "--depth", "2"],
-        "pmpo": ["--epochs", "2", "--n_prompts", "2", "--depth", "2"]}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("battery")
-    root = synthetic.write_caltech101(str(tmp / "data"), CLASSES, train=3, val=1, test=2)
-    return SimpleNamespace(tmp=tmp, root=root, model=synthetic.save_tiny_clip(tmp / "tiny.pt"))
-
-
-def argv(world, out, method="coop", *extra, root=None):
-    return ["--method", method, "--dataset", "caltech101", "--root", root or world.root, "--model",
-            world.model, "--out", str(out), "--workers", "0", "--shots", "2", "--batch_size", "2",
-            *FAST[method], *extra]
-
-
-def message_of(call, capsys):
-    """call() must stop with SystemExit; its message (or argparse's, on stderr). Any
-    other exception fails."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        call()
-    text = (str(e.value.code) if not isinstance(e.value.code,
-                                                int) else "") + capsys.readouterr().err
-    assert e.value.code != 0 and "Traceback" not in text
-    return text
-
-
-def load_ckpt(folder):
-    return torch.load(os.path.join(folder, "prompt_learner.pt"), map_location="cpu",
-                      weights_only=True)
-
 
 def same_run(a, b):
     """Bit-identical learned tensors and identical metrics."""
@@ -323,11 +290,6 @@ def test_bad_eval_value(world, finished_run, tmp_path, capsys, case):
 
 # -- kills and full disks at every write -----------------------------------------------------------
 
-class Killed(BaseException):
-    """Stands for kill -9: nothing after it runs (BaseException, so no
-    `except Exception` sees it)."""
-
-
 class FullDisk:
     """A file whose every write fails as on a full disk."""
 
@@ -442,26 +404,6 @@ def test_read_only_out(world, tmp_path, capsys, monkeypatch):
 
 
 # -- hostile files in the data set and in the run folder -------------------------------------------
-
-def crash_after_epochs(mp, n):
-    """Kill the run as its (n+1)-th epoch starts."""
-    calls, real = [], train.lr_at
-
-    def lr_at(*args):
-        calls.append(1)
-        if len(calls) > n:
-            raise Killed
-        return real(*args)
-
-    mp.setattr(train, "lr_at", lr_at)
-
-
-def interrupted(world, out, method="coop", epochs=1, root=None):
-    with pytest.MonkeyPatch.context() as mp:
-        crash_after_epochs(mp, epochs)
-        with pytest.raises(Killed):
-            train.main(argv(world, out, method, root=root))
-
 
 def test_damaged_config_is_restored_from_the_checkpoint(world, reference, tmp_path):
     out = tmp_path / "run"

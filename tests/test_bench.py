@@ -9,7 +9,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import measure
 import prompts
+from bench_data import bench_classnames
 from clip.tokenizer import tokenize
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
 from tests.tiny import tiny_clip
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def one_second_per_call(monkeypatch):
     ticks = itertools.count()
-    monkeypatch.setattr(bench, "time",
+    monkeypatch.setattr(measure, "time",
                         types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
 
 
@@ -54,7 +56,7 @@ def test_timed_paths_take_turns():
     """Each round calls every fn once, in turn, so a slow spell of the
     machine falls on all of them."""
     calls = []
-    results = bench.timed([lambda: calls.append("plain"), lambda: calls.append("fast")], "cpu",
+    results = measure.timed([lambda: calls.append("plain"), lambda: calls.append("fast")], "cpu",
                           repeat=3, warmup=1)
     assert calls == ["plain", "fast"] * 4 and len(results) == 2
 
@@ -69,8 +71,8 @@ def fake_probes(rate_of):
 def test_train_step_row_uses_each_paths_rate(one_second_per_call, monkeypatch, clip_model):
     monkeypatch.setattr(bench, "count_flops", lambda fn: 1e9)
     # the two paths' precisions differ
-    monkeypatch.setattr(bench, "fast_dtype", lambda device: torch.bfloat16)
-    monkeypatch.setattr(bench, "matmul_probes",
+    monkeypatch.setattr(measure, "fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(measure, "matmul_probes",
                         fake_probes(lambda dtype: 4e9 if dtype == torch.bfloat16 else 1e9))
     (row,) = bench.train_step_rows(clip_model, ["coop"], [3], "cpu", repeat=1)
     batch = prompts.METHODS["coop"].DEFAULTS["batch_size"]  # each method at its own batch
@@ -81,26 +83,42 @@ def test_train_step_row_uses_each_paths_rate(one_second_per_call, monkeypatch, c
     assert row[7:] == ["0", "n/a", "n/a"]  # no host sync in the step; no GPU to profile
 
 
+def test_train_step_floor_counts_a_step_after_the_first(one_second_per_call, monkeypatch):
+    """PromptSRC's first step also computes frozen CLIP's class features over 60 templates, kept
+    for every later step: the floor counts a later step, else a row would sit below its floor."""
+    clip_model = tiny_clip(vision_layers=9, transformer_layers=9).requires_grad_(False)  # depth 9
+    counted = []
+    monkeypatch.setattr(bench, "count_flops",
+                        lambda fn: counted.append(measure.count_flops(fn)) or counted[-1])
+    monkeypatch.setattr(measure, "matmul_probes", fake_probes(lambda dtype: 1e9))
+    list(bench.train_step_rows(clip_model, ["promptsrc"], [3], "cpu", repeat=1))
+    cfg = bench.config("promptsrc", "cpu", precision="fp32", cuda_graphs="off")  # the plain path
+    step = bench.make_step(clip_model, 3, cfg)
+    images, labels = torch.randn(cfg["batch_size"], 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    first, later = (measure.count_flops(lambda: step(images, labels)) for _ in range(2))
+    assert first > 5 * later and counted == [later]
+
+
 def test_rate_is_measured_in_the_rows_own_rounds(monkeypatch):
     """The matmul products take their turn in each round of the row they rate,
     after the row's own fns."""
     calls = []
-    monkeypatch.setattr(bench, "matmul_probes", lambda device,
+    monkeypatch.setattr(measure, "matmul_probes", lambda device,
                         dtype: [(lambda: calls.append("probe"), 1.0)])
-    seconds, rates = bench.rated([lambda: calls.append("row")], "cpu", repeat=2)
+    seconds, rates = measure.rated([lambda: calls.append("row")], "cpu", repeat=2)
     assert calls == ["row", "probe"] * 3  # a warm-up round, then two timed ones
     assert len(seconds) == 1 and rates[False] == rates[True] > 0  # a CPU runs both paths in float32
 
 
 def test_text_rows_floor_is_each_prompts_own_length(one_second_per_call, monkeypatch, clip_model):
     n = 9
-    text = tokenize([f"a photo of a {name}." for name in bench.bench_classnames(n)])
+    text = tokenize([f"a photo of a {name}." for name in bench_classnames(n)])
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         for t in text:  # each prompt alone, cut at its own end-of-text token
             clip_model.encode_text(t[None])
     floor_flops = counter.get_total_flops()
     # floor: 0.4 s
-    monkeypatch.setattr(bench, "matmul_probes", fake_probes(lambda dtype: 2.5 * floor_flops))
+    monkeypatch.setattr(measure, "matmul_probes", fake_probes(lambda dtype: 2.5 * floor_flops))
     (row,) = bench.text_rows(clip_model, "cpu", prompt_counts=(n,), repeat=1)
     lengths = text.argmax(-1) + 1
     assert row[0] == (f"text forward, {n} class prompts ({lengths.float().mean():.1f} tokens on "
@@ -111,14 +129,14 @@ def test_text_rows_floor_is_each_prompts_own_length(one_second_per_call, monkeyp
 
 
 def test_flops_count_forward_and_backward_like_torchs_counter(clip_model):
-    """bench.Flops (train steps that learn, no module tracker) against torch's FlopCounterMode."""
+    """measure.Flops (train steps that learn, no module tracker) against torch's FlopCounterMode."""
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
 
     def step():
         clip_model.encode_image(x).sum().backward()
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         step()
-    assert bench.count_flops(step) == counter.get_total_flops() > 0
+    assert measure.count_flops(step) == counter.get_total_flops() > 0
 
 
 def test_the_rows_are_printed_as_they_are_measured(capsys):

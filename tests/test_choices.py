@@ -21,7 +21,7 @@ from prompts.common import PromptLearner, cosine_logits
 # one_thread is a fixture
 from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401
 # vit_b16 is a fixture
-from tests.test_prompts import CLASSNAMES, TEMPLATE, tiny_method, vit_b16  # noqa: F401
+from tests.tiny import CLASSNAMES, TEMPLATE, tiny_method, vit_b16  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,9 +16,8 @@ from PIL import Image
 
 import clip.clip
 import data
-from data import DatasetNotFound, build_dataset, prepare
-from tests.synthetic import jpeg
-from tests.test_weights import refused_url
+from data import DatasetNotFound, build_dataset, prepare, sources
+from tests.synthetic import jpeg, refused_url
 
 IMAGENET_NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
 
@@ -490,11 +489,11 @@ EUROSAT_SPLIT = {"train": [["Forest/Forest_1.jpg", 0, "Forest"]], "val": [],
 def test_prepare_zip_then_split_file_from_drive(server, drive, tmp_path, monkeypatch, capsys):
     served, url = server
     eurosat_zip(served / "EuroSAT_RGB.zip")
-    entries = [prepare.Download(f"{url}/EuroSAT_RGB.zip?download=1",
+    entries = [sources.Download(f"{url}/EuroSAT_RGB.zip?download=1",
                                 md5(served / "EuroSAT_RGB.zip"), "eurosat", "eurosat/2750",
                                 ("eurosat/EuroSAT_RGB", "eurosat/2750")),
-               prepare.drive_file("split-id", "eurosat", "split_zhou_EuroSAT.json")]
-    monkeypatch.setitem(prepare.DOWNLOADS, "eurosat", entries)
+               sources.drive_file("split-id", "eurosat", "split_zhou_EuroSAT.json")]
+    monkeypatch.setitem(sources.DOWNLOADS, "eurosat", entries)
     root = tmp_path / "root"
 
     # Drive does not have the split file (404)
@@ -532,7 +531,7 @@ def test_large_drive_file_goes_through_the_confirm_page(drive, tmp_path, monkeyp
         z.writestr("UCF-101-midframes/Biking/v_Biking_g01_c01.jpg", jpeg_bytes())
     drive.files["frames-id"] = buf.getvalue()
     (drive.large if page == "form" else drive.legacy).add("frames-id")
-    entry = prepare.Download("drive:frames-id/UCF-101-midframes.zip", None, "ucf101",
+    entry = sources.Download("drive:frames-id/UCF-101-midframes.zip", None, "ucf101",
                              "ucf101/UCF-101-midframes")
     prepare.fetch(entry, str(tmp_path))
     assert (
@@ -545,8 +544,8 @@ def test_large_drive_file_goes_through_the_confirm_page(drive, tmp_path, monkeyp
 def test_drive_quota_page_is_one_clear_line(drive, tmp_path, monkeypatch, capsys):
     drive.files["split-id"] = b"{}"
     drive.quota.add("split-id")
-    monkeypatch.setitem(prepare.DOWNLOADS, "dtd",
-                        [prepare.drive_file("split-id", "dtd",
+    monkeypatch.setitem(sources.DOWNLOADS, "dtd",
+                        [sources.drive_file("split-id", "dtd",
                                             "split_zhou_DescribableTextures.json")])
     assert prepare.main(["dtd", "--root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
@@ -562,12 +561,12 @@ def test_prepare_never_tracebacks(server, drive, tmp_path, monkeypatch, capsys):
     (served / "dtd-r1.0.1.tar.gz").write_bytes(b"not a tar file")
     eurosat_zip(served / "EuroSAT_RGB.zip")
     dead = refused_url() + "caltech-101.zip"
-    monkeypatch.setitem(prepare.DOWNLOADS, "caltech101",
-                        [prepare.Download(dead, None, ".", "caltech-101/101_ObjectCategories")])
-    monkeypatch.setitem(prepare.DOWNLOADS, "dtd",
-                        [prepare.Download(f"{url}/dtd-r1.0.1.tar.gz", None, ".", "dtd/images")])
-    wrong_md5 = prepare.Download(f"{url}/EuroSAT_RGB.zip", "0" * 32, "eurosat", "eurosat/2750")
-    monkeypatch.setitem(prepare.DOWNLOADS, "eurosat", [wrong_md5])
+    monkeypatch.setitem(sources.DOWNLOADS, "caltech101",
+                        [sources.Download(dead, None, ".", "caltech-101/101_ObjectCategories")])
+    monkeypatch.setitem(sources.DOWNLOADS, "dtd",
+                        [sources.Download(f"{url}/dtd-r1.0.1.tar.gz", None, ".", "dtd/images")])
+    wrong_md5 = sources.Download(f"{url}/EuroSAT_RGB.zip", "0" * 32, "eurosat", "eurosat/2750")
+    monkeypatch.setitem(sources.DOWNLOADS, "eurosat", [wrong_md5])
     assert prepare.main(["caltech101", "dtd", "eurosat", "sun397", "--root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     failed = [line.strip() for line in out.splitlines() if "FAILED" in line]
@@ -588,7 +587,7 @@ def test_prepare_never_tracebacks(server, drive, tmp_path, monkeypatch, capsys):
 def test_published_checksums_are_recorded():
     """Every archive whose publisher lists an md5 (torchvision's dataset classes, the Caltech and
     Zenodo records) carries it; only the ones nobody publishes a checksum for go unchecked."""
-    entries = [e for entries in prepare.DOWNLOADS.values() for e in entries]
+    entries = [e for entries in sources.DOWNLOADS.values() for e in entries]
     unchecked = sorted(
         e.creates for e in entries if e.md5 is None and not str(e.url).startswith("drive:")
     )
@@ -596,8 +595,8 @@ def test_published_checksums_are_recorded():
                          "imagenet-rendition/imagenet-r",
                          "imagenetv2/imagenetv2-matched-frequency-format-val"]
     assert all(re.fullmatch(r"[0-9a-f]{32}", e.md5) for e in entries if e.md5)
-    assert prepare.DOWNLOADS["caltech101"][0].url.startswith("https://data.caltech.edu/records/")
-    assert prepare.DOWNLOADS["eurosat"][0].url.startswith("https://zenodo.org/records/7711810/")
+    assert sources.DOWNLOADS["caltech101"][0].url.startswith("https://data.caltech.edu/records/")
+    assert sources.DOWNLOADS["eurosat"][0].url.startswith("https://zenodo.org/records/7711810/")
 
 
 def test_prepare_tar_with_rename(server, tmp_path, monkeypatch):
@@ -616,9 +615,9 @@ def test_prepare_tar_with_rename(server, tmp_path, monkeypatch):
             info = tarfile.TarInfo(f"fgvc-aircraft-2013b/data/{rel}")
             info.size = len(blob)
             t.addfile(info, io.BytesIO(blob))
-    entry = prepare.Download(f"{url}/fgvc-aircraft-2013b.tar.gz", None, ".", "fgvc_aircraft/images",
+    entry = sources.Download(f"{url}/fgvc-aircraft-2013b.tar.gz", None, ".", "fgvc_aircraft/images",
                              ("fgvc-aircraft-2013b/data", "fgvc_aircraft"))
-    monkeypatch.setitem(prepare.DOWNLOADS, "fgvc_aircraft", [entry])
+    monkeypatch.setitem(sources.DOWNLOADS, "fgvc_aircraft", [entry])
     root = tmp_path / "root"
     assert prepare.main(["fgvc_aircraft", "--root", str(root), "--keep-archives"]) == 0
     assert (root / "downloads" / "fgvc-aircraft-2013b.tar.gz").is_file()
@@ -637,7 +636,7 @@ def test_prepare_archive_inside_archive(server, tmp_path, monkeypatch):
     with zipfile.ZipFile(served / "caltech-101.zip", "w") as z:
         z.writestr("caltech-101/101_ObjectCategories.tar.gz", inner.getvalue())
         z.writestr("caltech-101/Annotations.tar", b"")
-    entry = prepare.Download(f"{url}/caltech-101.zip?download=1", md5(served / "caltech-101.zip"),
+    entry = sources.Download(f"{url}/caltech-101.zip?download=1", md5(served / "caltech-101.zip"),
                              ".", "caltech-101/101_ObjectCategories",
                              inner="caltech-101/101_ObjectCategories.tar.gz")
     prepare.fetch(entry, str(tmp_path))

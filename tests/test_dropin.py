@@ -20,8 +20,7 @@ import clip
 from clip import clip as openai_clip
 from clip.model import causal_mask
 from clip.simple_tokenizer import SimpleTokenizer
-from tests.test_tokenizer import load_open_clip_file
-from tests.test_weights import Server
+from tests.synthetic import Server, load_open_clip_file
 from tests.tiny import tiny_clip
 
 N_CTX = 4

@@ -20,8 +20,7 @@ import checkpoint
 import tables
 import train
 from tests import synthetic
-from tests.synthetic import one_thread  # noqa: F401 (a fixture)
-from tests.test_battery import CLASSES, argv, message_of
+from tests.synthetic import CLASSES, argv, message_of, one_thread  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,8 +22,8 @@ import runfolder
 import train
 from clip.files import atomic_write
 from tests import synthetic
-from tests.test_battery import CLASSES, argv, interrupted, load_ckpt, world  # noqa: F401 (world)
-from tests.synthetic import one_thread  # noqa: F401 (a fixture)
+# one_thread and world are fixtures
+from tests.synthetic import argv, interrupted, one_thread, world  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

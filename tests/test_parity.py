@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clip.model import build_model
-from bench import full_length_text_features  # the reference of the cut, shared with bench.py
+from measure import full_length_text_features  # the reference of the cut, shared with bench.py
 
 transformers = pytest.importorskip("transformers", reason="pip install -r tests/requirements.txt")
 

@@ -7,28 +7,16 @@ import torch
 
 import prompts
 import train
-from clip.model import CLIP
 from clip.tokenizer import tokenize
 from prompts import aple, pmpo, promptsrc, zeroshot
 from prompts.common import PromptLearner, learned_state, zeroshot_classifier
 # one_thread is a fixture
 from tests.synthetic import one_thread, save_tiny_clip, write_folder  # noqa: F401
-from tests.tiny import stage_count, tiny_config, tiny_flags
+# vit_b16 is a fixture
+from tests.tiny import (CLASSNAMES, TEMPLATE, stage_count, tiny_flags, tiny_method,  # noqa: F401
+                        vit_b16)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-CLASSNAMES = ["cat", "sea lion", "golden retriever"]  # 1, 2 and 2 BPE tokens
-TEMPLATE = "a photo of a {}."
-
-
-@pytest.fixture(scope="module")
-def vit_b16():
-    """A randomly initialised, frozen CLIP with ViT-B/16's sizes (the counts
-    depend only on shapes)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
-    return model.requires_grad_(False).eval()
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +96,6 @@ def test_train_prints_trainable_parameters(tmp_path, capsys, method, expected):
 
 
 # -- only the prompts learn ------------------------------------------------------------------------
-
-def tiny_method(method, clip_model, **overrides):
-    """`method` on the tiny CLIP; its settings are kept as model.cfg."""
-    cfg = {**tiny_config(method), **overrides}  # as given: a test may pass what train.py refuses
-    model = train.build_method(method, clip_model, CLASSNAMES, TEMPLATE, cfg)
-    model.cfg = cfg
-    return model
-
 
 def backward(model, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import options
 import train
-from bench import full_length_text_features
 from clip.tokenizer import tokenize
+from measure import full_length_text_features
 from prompts.common import encode_by_length, layer_dict, zeroshot_classifier
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
 from tests.tiny import tiny_clip

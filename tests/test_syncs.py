@@ -1,4 +1,4 @@
-"""No host sync inside a training step: on a GPU each one drains the launch queue (bench.HostSyncs
+"""No host sync inside a training step: on a GPU each one drains the launch queue (measure.HostSyncs
 says which ops). Counted on the CPU, where the same ops are dispatched: every registered method's
 step, and train.py's loop over a whole toy run."""
 
@@ -10,7 +10,7 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 import options
 import prompts
 import train
-from bench import HostSyncs
+from measure import HostSyncs
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
 from tests.tiny import tiny_train_step
 

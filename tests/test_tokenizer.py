@@ -4,12 +4,11 @@ The reference is open_clip's copy of OpenAI's tokenizer (open_clip_torch==3.3.0,
 .ci/run with --no-deps). `import open_clip` would pull in torchvision, so its tokenizer.py and
 zero_shot_metadata.py are loaded as single files; neither has relative imports.
 
-Class names of the ten non-ImageNet benchmarks are in data/benchmark_classnames.json, taken from the
+Class names of the ten non-ImageNet benchmarks are in bench_classnames.json, taken from the
 prompt lists OpenAI published with CLIP (data/prompts.md). ImageNet's come from open_clip.
 """
 import hashlib
 import html
-import importlib.util
 import json
 import os
 import random
@@ -27,8 +26,9 @@ from clip.tokenizer import (
     default_tokenizer,
     tokenize,
 )
+from tests.synthetic import load_open_clip_file
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "benchmark_classnames.json")
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "bench_classnames.json")
 EXPECTED_CLASS_COUNTS = {
     "Caltech101": 102, "OxfordPets": 37, "StanfordCars": 196, "Flowers102": 102, "Food101": 101,
     "FGVCAircraft": 100, "SUN397": 397, "DTD": 47, "EuroSAT": 10, "UCF101": 101,
@@ -90,19 +90,6 @@ OVER_LONG = [
     "🐶" * 80,
     "a photo of a " + "very " * 90 + "big dog.",
 ]
-
-
-def load_open_clip_file(filename):
-    """Load one file of the installed open_clip package as a standalone module."""
-    spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
-    if spec is None:
-        pytest.fail("open_clip_torch is not installed: run .ci/run, which installs it "
-                    "(pip install --no-deps open_clip_torch==3.3.0); it is the reference tokenizer")
-    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
-    module_spec = importlib.util.spec_from_file_location("_reference_" + filename[:-3], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,8 @@
 fall back to the next mirror and are sha256-checked; damaged files give clear errors. CPU, no
 network: downloads come from a server on 127.0.0.1 that each test starts itself."""
 import hashlib
-import http.server
 import io
 import re
-import socket
-import threading
 import warnings
 from types import SimpleNamespace
 
@@ -19,6 +16,7 @@ import clip.clip as weights
 import train
 from clip import toy
 from clip.model import build_model
+from tests.synthetic import Server, refused_url
 from tests.tiny import tiny_clip
 
 JIT_METADATA = {"input_resolution", "context_length", "vocab_size"}
@@ -126,60 +124,6 @@ def test_fp16_state_dict_loads_as_float32(tmp_path):
 
 
 # --- 2. downloads, from a local server ------------------------------------------------------------
-
-class Server:
-    """An HTTP file server on 127.0.0.1 that honours Range (unless told not to) and can
-    cut its first response after `cut_after` bytes. `requests` records each request's
-    path and Range header."""
-
-    def __init__(self, files, cut_after=None, honour_range=True):
-        self.files, self.cut_after, self.honour_range, self.requests = (
-            files,
-            cut_after,
-            honour_range,
-            [],
-        )
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.answer(self)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def answer(self, h):
-        self.requests.append(SimpleNamespace(path=h.path, range=h.headers.get("Range")))
-        data = self.files.get(h.path.lstrip("/"))
-        if data is None:
-            return h.send_error(404)
-        start = int(re.fullmatch(r"bytes=(\d+)-",
-                                 h.headers["Range"])[1]) if h.headers.get("Range") else 0
-        start = start if self.honour_range else 0
-        h.send_response(206 if start else 200)
-        if start:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        h.send_header("Content-Length", str(len(data) - start))
-        h.end_headers()
-        cut = self.cut_after if self.cut_after is not None and len(self.requests) == 1 else None
-        # then the connection closes (HTTP/1.0), after `cut` bytes if cut
-        h.wfile.write(data[start:][:cut])
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def refused_url():
-    """The URL of a port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/"
-
 
 @pytest.fixture
 def tiny_model(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """A tiny random CLIP for fast CPU tests: same layout and names as OpenAI's, a
-few MB instead of 350."""
+few MB instead of 350; the methods built on it; and, for counts that depend only on shapes, a
+random CLIP of ViT-B/16's sizes."""
 import functools
 import math
 
+import pytest
 import torch
 
 import options
@@ -13,6 +15,9 @@ from clip.model import CLIP
 TINY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,
                    vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
                    transformer_layers=2)
+
+CLASSNAMES = ["cat", "sea lion", "golden retriever"]  # 1, 2 and 2 BPE tokens
+TEMPLATE = "a photo of a {}."
 
 
 @torch.no_grad()
@@ -95,3 +100,21 @@ def tiny_flags(method, epochs):
         split = [epochs // n] * (n - 1) + [epochs - (n - 1) * (epochs // n)]
         return flags + ["--stage_epochs", *map(str, split)]
     return flags + ["--epochs", str(epochs)]
+
+
+def tiny_method(method, clip_model, **overrides):
+    """`method` on the tiny CLIP; its settings are kept as model.cfg."""
+    cfg = {**tiny_config(method), **overrides}  # as given: a test may pass what train.py refuses
+    model = train.build_method(method, clip_model, CLASSNAMES, TEMPLATE, cfg)
+    model.cfg = cfg
+    return model
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    """A randomly initialised, frozen CLIP with ViT-B/16's sizes (the counts
+    depend only on shapes)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
+    return model.requires_grad_(False).eval()
