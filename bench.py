@@ -15,7 +15,6 @@ gradient): all 77 positions, the batch cut after its longest prompt, and length 
 floor is each prompt's work at its own length. Not a test: the numbers depend on the machine.
 """
 
-import argparse
 import contextlib
 import copy
 import itertools
@@ -325,7 +324,7 @@ TRAIN_HEADER = ["", "plain: time or rate", "plain: peak mem", "plain: x floor",
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = options.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda if there is one)")
     preset = p.add_mutually_exclusive_group()

@@ -16,7 +16,6 @@ Results are printed and saved as JSON (next to the checkpoint by default); an ex
 result is never overwritten.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ from checkpoint import expected_state
 
 def parse_args(argv=None):
     argv = [options.flag_style(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = options.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Flags take - or _ alike "
                                        "(--eval-batch-size = --eval_batch_size).")
     p.add_argument("--ckpt", help="a prompt_learner.pt written by train.py")
@@ -72,8 +71,8 @@ def parse_args(argv=None):
                    help="of --benchmark (default: 1 2 3)")
     p.add_argument("--datasets", nargs="+", help="of --benchmark (default: the protocol's 11; "
                    "crossdataset: the 10 targets and ImageNet's 4 shifts)")
-    p.add_argument("--shots", nargs="+", type=int, default=list(reproduce.SHOTS),
-                   help="of --benchmark fewshot (default: 1 2 4 8 16)")
+    p.add_argument("--shots", nargs="+", type=int,
+                   help="K of --benchmark's runs (default: fewshot 1 2 4 8 16, else 16)")
     argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv,
                                                                                                [])
     args = p.parse_args(argv)
@@ -87,9 +86,10 @@ def parse_args(argv=None):
                     + (f"; use eval.py's {own}" if own else "") + ", before --")
     if args.benchmark:
         args.datasets = args.datasets or list(reproduce.default_datasets(args.benchmark))
+        args.shots = args.shots or list(reproduce.SHOTS if args.benchmark == "fewshot" else [16])
         reproduce.check_datasets(args.datasets)
-        if min(args.seeds + args.shots) < 1:
-            p.error("--seeds and --shots must be at least 1")
+        if min(args.seeds + args.shots) < 1 or max(args.seeds + args.shots) > 10000:
+            p.error("--seeds and --shots must be between 1 and 10000")
     defaults = options.shared_defaults(args.dataset or args.benchmark)  # the toy world's differ
     vars(args).update({k: defaults[k] for k in shared if getattr(args, k) is None})  # not given
     if not args.summary and not args.benchmark:

@@ -7,6 +7,7 @@ method's DEFAULTS and the DEFAULTS here (settings()).
 import argparse
 import os
 import sys
+import textwrap
 
 import torch
 
@@ -92,11 +93,12 @@ def parse_args(argv=None):
     pre.add_argument("--dataset")  # --help with --dataset toy shows the toy world's defaults
     pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    if known.help and known.method not in METHODS:  # every method's options, one section each
+    if known.help and known.method not in METHODS:  # the shared options, then a line per method
         p = build_parser(dataset=known.dataset)
         p.epilog, flags_note = None, p.epilog
-        methods = "".join("\n" + method_help(name, known.dataset) for name in METHODS)
-        print(p.format_help() + methods + "\n" + flags_note)
+        methods = "\n".join(method_line(name) for name in METHODS)
+        print(f"{p.format_help()}\nmethods (`--method NAME --help`: its options, their help and "
+              f"defaults):\n{methods}\n\n{flags_note}")
         raise SystemExit(0)
     if known.method not in METHODS:
         given = "" if known.method is None else f" (got {known.method!r})"
@@ -156,8 +158,7 @@ def build_parser(method=None, dataset=None):
     epilog = ("Defaults are base-to-novel's; other protocols and data sets change some "
               "(prompts.protocol_defaults), and a flag given wins. Flags take - or _ alike "
               "(--batch-size = --batch_size). `--method NAME --help` shows one method's options.")
-    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=epilog,
-                                allow_abbrev=False)
+    p = Parser(description=DESCRIPTION, epilog=epilog, allow_abbrev=False)
     p.add_argument("--method", required=True, choices=list(METHODS), help="the prompt learner")
     p.add_argument("--dataset", required=True,
                    help=f"one of {', '.join(data.DATASETS)}, or folder:/path")
@@ -187,11 +188,22 @@ def add_method_options(parser, method, dataset=None):
     add_options(group, {**module.DEFAULTS, **toy}, helps, choices)
 
 
-def method_help(method, dataset=None):
-    """The help of one method's options alone (train.py --help lists every method's)."""
-    p = argparse.ArgumentParser(usage=argparse.SUPPRESS, add_help=False)
-    add_method_options(p, method, dataset)
-    return p.format_help()
+def method_line(method):
+    """A method in `train.py --help`: its name, its docstring's first sentence, its options."""
+    module = METHODS[method]
+    name = (module.__doc__ or method).strip().split("\n")[0].split(" (")[0].rstrip(".")
+    own = textwrap.fill("options: " + ", ".join(f"--{k}" for k in module.DEFAULTS), width=88,
+                        initial_indent=" " * 13, subsequent_indent=" " * 22)
+    return f"  {method:10} {name}\n{own}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value said in one `error:` line (exit code 2), not after its
+    usage block: the line names the flag, and --help has the rest."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2)
 
 
 def add_options(group, defaults, helps, choices):

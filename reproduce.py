@@ -66,7 +66,7 @@ def jobs(args, extra):
     out = args.out or "runs"
     protocol = args.benchmark
     sources = ["imagenet"] if protocol == "crossdataset" else args.datasets
-    shots = args.shots if protocol == "fewshot" else [16]
+    shots = args.shots if protocol == "fewshot" else args.shots[:1]
     todo = []
     for dataset in sources:
         for method in args.methods:
@@ -163,18 +163,21 @@ def check(args, todo, rank):
 def check_data(names, root):
     """Every data set the runs read, present under root; else one message naming each missing
     one and the command that fetches them, before any folder is made."""
-    missing = []
+    missing = {}
     for name in names:
         try:
             with console.clear_errors():
                 data.build_dataset(name, root)
-        except SystemExit:
-            missing.append(name)
+        except SystemExit as e:
+            missing[name] = str(e.code).removeprefix("error: ").split(". ")[0]
     if missing:
-        raise SystemExit(f"error: {len(missing)} data set(s) of this benchmark are not under "
-                         f"{root}: {', '.join(missing)}. `python -m data.prepare "
-                         f"{' '.join(missing)} --root {root}` downloads what it can and says "
-                         f"where the rest goes (or pass --datasets without them).")
+        known = [name for name in missing if name in DATASETS]
+        fetch = (f"`python -m data.prepare {' '.join(known)} --root {root}` downloads what it "
+                 f"can and says where the rest goes; " if known else "")
+        raise SystemExit(f"error: {len(missing)} data set(s) of this benchmark cannot be read "
+                         f"under --root {root}: " + "; ".join(f"{n} ({why})" for n, why in
+                                                              missing.items())
+                         + f". {fetch}or pass --datasets without them. No run was started.")
 
 
 def work(todo, args, device, rank, world, evaluate):

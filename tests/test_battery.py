@@ -10,6 +10,7 @@ whose write raises ENOSPC. The cases are tables, so their count is the number of
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -194,11 +195,19 @@ def test_help_lists_every_method(capsys):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
     assert e.value.code == 0
-    for name, module in prompts.METHODS.items():
-        assert f"--method {name}" in text
+    for name, module in prompts.METHODS.items():  # a line each, naming its options
+        assert re.search(rf"\b{name} +{re.escape(module.__doc__.split(' (')[0])}", text), name
+        assert all(f"--{key}" in text for key in module.DEFAULTS), name
+    text = ""
+    for name, module in prompts.METHODS.items():  # each option's help under --method NAME --help
+        with pytest.raises(SystemExit):
+            train.main(["--method", name, "--help"])
+        own = " ".join(capsys.readouterr().out.split())
         helps = {**OPTION_HELP, **module.HELP}
+        assert f"--method {name}" in own
         for key in module.DEFAULTS:
-            assert helps[key].split()[0] in text and f"--{key}" in text, key
+            assert helps[key].split()[0] in own and f"--{key}" in own, key
+        text += own
     assert (
         "--fusion feature|logit" in text
         and "(default: every)" in text
@@ -685,7 +694,9 @@ def test_kill_9_of_a_real_process(world, tmp_path):
 
 # -- eval.py --summary -----------------------------------------------------------------------------
 
-def test_summary_groups_by_every_setting_but_the_seed(world, reference, tmp_path, capsys):
+def test_summary_splits_tables_by_what_the_user_changed(world, reference, tmp_path, capsys):
+    """Seeds share a table; a flag the protocol does not set (here --lr) splits it, and the title
+    names every setting the runs changed from the protocol's."""
     runs = tmp_path / "runs"
     for name, extra in (("s1", []), ("s2", ["--seed", "2"]), ("lr", ["--lr", "0.01"])):
         train.main(argv(world, runs / name, "coop", *extra))
@@ -698,10 +709,11 @@ def test_summary_groups_by_every_setting_but_the_seed(world, reference, tmp_path
     text = capsys.readouterr().out
     tables = {"### " + block.splitlines()[0]: block for block in text.split("### ")[1:]}
     side = "### base-to-novel, 2 shots, caltech101: side by side"
-    assert set(tables) == {"### coop, base2novel, 2 shots, lr 0.002",
-                           "### coop, base2novel, 2 shots, lr 0.01", side}
-    assert "| coop, lr 0.002 | 2 |" in tables[side] and "| coop, lr 0.01 | 1 |" in tables[side]
-    assert "| caltech101 | 2 |" in tables["### coop, base2novel, 2 shots, lr 0.002"]
-    assert "| caltech101 | 1 |" in tables["### coop, base2novel, 2 shots, lr 0.01"]
+    flags = f"batch_size 2, epochs 2, model {world.model!r}"  # argv's flags, beside the shots
+    same, other = f"coop, {flags}", f"coop, batch_size 2, epochs 2, lr 0.01, model {world.model!r}"
+    assert set(tables) == {f"### coop, base2novel, 2 shots, {flags}",
+                           f"### {other.replace('coop,', 'coop, base2novel, 2 shots,')}", side}
+    assert f"| {same} | 2 |" in tables[side] and f"| {other} | 1 |" in tables[side]
+    assert "| caltech101 | 2 |" in tables[f"### coop, base2novel, 2 shots, {flags}"]
     assert f"skipped {runs / 'broken'}: {runs / 'broken' / 'metrics.json'} is damaged" in text
     assert f"skipped {runs / 's2' / 'eval_imagenet_a_all.json'}: damaged" in text

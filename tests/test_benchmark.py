@@ -15,8 +15,8 @@ from tests.synthetic import one_thread  # noqa: F401 (a fixture)
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["coop", "kgcoop"]  # text-only: the flags after -- fit both on the tiny CLIP
-FAST = ["--model", "{model}", "--epochs", "1", "--shots", "2", "--batch_size", "2", "--workers",
-        "0", "--threads", "1"]
+FAST = ["--model", "{model}", "--epochs", "1", "--batch_size", "2", "--workers", "0", "--threads",
+        "1"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def world(tmp_path_factory):
 def argv(world, out, *extra):
     tmp, datasets, model = world
     return ["--benchmark", "base2novel", "--methods", *METHODS, "--seeds", "1", "--datasets",
-            *datasets, "--out", str(out), "--device", "cpu", *extra, "--",
+            *datasets, "--out", str(out), "--device", "cpu", "--shots", "2", *extra, "--",
             *[f.format(model=model) for f in FAST]]
 
 
@@ -74,12 +74,13 @@ def test_a_finished_benchmark_runs_nothing_again(world, tmp_path):
 
 def test_a_failed_run_is_reported_and_the_others_go_on(world, tmp_path, capsys):
     tmp, datasets, model = world
-    broken = tmp_path / "broken"
-    os.makedirs(broken / "cat")  # a data set with no images
+    broken = tmp_path / "broken"  # one class: nothing to split into base and novel
+    synthetic.write_folder(broken, ["cat"], per_class=6)
     with pytest.raises(SystemExit) as e:
         eval_py.main(["--benchmark", "base2novel", "--methods", "coop", "--seeds", "1",
                       "--datasets", f"folder:{broken}", datasets[0], "--out", str(tmp_path / "c"),
-                      "--device", "cpu", "--", *[f.format(model=model) for f in FAST]])
+                      "--device", "cpu", "--shots", "2", "--",
+                      *[f.format(model=model) for f in FAST]])
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert re.search(r"error: rank 0: the run in \S*folder_\S*broken\S* failed", err)
