@@ -169,7 +169,7 @@ def check_data(names, root):
             with console.clear_errors():
                 data.build_dataset(name, root)
         except SystemExit as e:
-            missing[name] = str(e.code).removeprefix("error: ").split(". ")[0]
+            missing[name] = str(e.code).removeprefix("error: ").splitlines()[0].split(". ")[0]
     if missing:
         known = [name for name in missing if name in DATASETS]
         fetch = (f"`python -m data.prepare {' '.join(known)} --root {root}` downloads what it "

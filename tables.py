@@ -119,8 +119,9 @@ def markdown_tables(key, table, grid):
     datasets = list(grid["datasets"] if grid else table)
     if cfg["protocol"] == "crossdataset":
         datasets = ["imagenet"] if grid else list(table)
-        targets = list(dict.fromkeys(c for row in table.values() for c in row
-                                     if c not in ("accuracy", "seed")))
+        order = [*ELEVEN, *SHIFTS]  # the papers' column order; other targets after them
+        targets = sorted({c for row in table.values() for c in row if c not in ("accuracy", "seed")},
+                         key=lambda t: (order.index(t) if t in order else len(order), t))
         shifts = [t for t in targets if t in SHIFTS]
         wanted = [t for t in (grid or {}).get("datasets", targets)]
         parts = [("cross-dataset transfer", [t for t in targets if t not in SHIFTS],

@@ -443,7 +443,7 @@ def test_an_integer_option_past_its_bound_is_refused(method, key, capsys):
         train.parse_args(["--method", method, "--dataset", "caltech101", f"--{key}", *values])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
-    assert re.search(rf": error: --{key} must be between \d+ and \d+ \(got {10**20}\)$",
+    assert re.search(rf"^error: --{key} must be between \d+ and \d+ \(got {10**20}\)$",
                      err.strip().splitlines()[-1]), err
 
 
