@@ -120,8 +120,8 @@ def run(args, extra, evaluate):
               flush=True)
         for folder, message in failures:
             print(f"failed: {folder}: {message}", file=sys.stderr)
-    if world > 1:  # [ours] every rank past its collectives before gloo is torn down: a rank that
-        torch.distributed.barrier()  # left at once aborted at exit once in a CI run (SIGABRT)
+    if world > 1:  # [ours] every rank past its collectives before gloo is torn down: a rank
+        torch.distributed.barrier()  # leaving while another is still in one can abort (SIGABRT)
         torch.distributed.destroy_process_group()
     if failures:
         raise SystemExit(1)

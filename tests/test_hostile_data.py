@@ -1,4 +1,4 @@
-"""Hostile data files and data sets (issue 25): every kind of file data/ reads, damaged in every
+"""Hostile data files and data sets: every kind of file data/ reads, damaged in every
 way a hand edit or a half copy damages it, and the data set layouts whose labels can go wrong.
 
 Each case ends in one of two ways: a SystemExit whose text names the file and what is wrong (never
