@@ -196,7 +196,8 @@ def test_help_lists_every_method(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
     assert e.value.code == 0
     for name, module in prompts.METHODS.items():  # a line each, naming its options
-        assert re.search(rf"\b{name} +{re.escape(module.__doc__.split(' (')[0])}", text), name
+        heading = module.__doc__.strip().split("\n")[0].split(" (")[0].rstrip(".")
+        assert re.search(rf"\b{name} +{re.escape(heading)}", text), name
         assert all(f"--{key}" in text for key in module.DEFAULTS), name
     text = ""
     for name, module in prompts.METHODS.items():  # each option's help under --method NAME --help
