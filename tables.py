@@ -51,7 +51,7 @@ def summary(dirs, grid=None):
             if why:
                 notes.append(f"skipped {path}: {why}")
                 continue
-            values[e["dataset"]] = e["accuracy"]  # a cross-dataset target
+            values[f"{e['dataset']} ({e['subsample']})"] = e["accuracy"]
         key = json.dumps(dict(method=cfg["method"], protocol=cfg["protocol"], shots=cfg["shots"],
                               **changes(cfg)), sort_keys=True)
         if (key, cfg["dataset"], cfg["seed"]) in seen:  # e.g. the quick start's and the benchmark's
@@ -117,8 +117,9 @@ def markdown_tables(key, table, grid):
     if grid and cfg["method"] == "zeroshot":  # no seed changes zero-shot CLIP: seed 1 is its row
         grid = dict(grid, seeds=[1])
     datasets = list(grid["datasets"] if grid else table)
-    if cfg["protocol"] == "crossdataset":
-        datasets = ["imagenet"] if grid else list(table)
+    if cfg["protocol"] == "crossdataset":  # its targets: eval.py's results on all classes
+        table = {d: {c.removesuffix(" (all)"): v for c, v in row.items()
+                     if not c.endswith((" (base)", " (new)"))} for d, row in table.items()}
         order = [*ELEVEN, *SHIFTS]  # the papers' column order; other targets after them
         targets = sorted({c for row in table.values() for c in row if c not in ("accuracy", "seed")},
                          key=lambda t: (order.index(t) if t in order else len(order), t))
@@ -176,8 +177,9 @@ def target_table(name, table, columns, wanted, paper_protocol, cfg, grid):
     paper's row and our difference where the paper gives the numbers."""
     columns = [t for t in wanted if t in columns] + [t for t in columns if t not in wanted]
     head = ["accuracy", *columns]
-    lines = [f"### {name}", "", "| trained on | seeds | imagenet | " + " | ".join(columns)
-             + " | average |", "|---" * (len(columns) + 4) + "|"]
+    lines = [f"### {name}", "", "| trained on | seeds | imagenet | "
+             + "".join(f"{t} (all) | " for t in columns) + "average |",
+             "|---" * (len(columns) + 4) + "|"]
     for dataset, row in table.items():
         complete = [t for t in columns if len(row.get(t, [])) == len(row["seed"])]
         per_seed = [statistics.mean(v) for v in zip(*(row[t] for t in complete))]

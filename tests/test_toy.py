@@ -274,7 +274,7 @@ def test_help_on_the_toy_world_shows_its_values(capsys):
     text = " ".join(capsys.readouterr().out.split())
     toy = {**options.TOY, **prompts.toy_defaults("pmpo")}
     assert f"--epochs EPOCHS training epochs (default: {toy['epochs']};" in text  # then its bounds
-    assert f"(default: {toy['model']})" in text and f"(default: {toy['threads']})" in text
+    assert f"(default: {toy['model']})" in text and f"(default: {toy['threads']};" in text
     assert (
         "--device DEVICE cpu, cuda, cuda:1, mps (default: cuda if a GPU "
         "is seen, else cpu; here: cpu)"
