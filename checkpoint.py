@@ -120,9 +120,8 @@ def read_checkpoint(path, cfg=None, expected=None, kind="prompt_learner"):
     check_finite(tensors, path)
     if kind == "prompt_learner" and cfg is not None:
         old = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
-        # keys an older train.py did not record are not held against it
-        other = [f"{k}: {old[k]!r} (this run: {v!r})" for k, v in cfg.items()
-                 if k in old and k not in options.SPEED_KEYS and k != "clip_sha256" and old[k] != v]
+        other = [f"{k}: {a!r} (this run: {b!r})" for k, (a, b) in
+                 options.differences(old, cfg).items() if k != "clip_sha256"]
         if other:
             raise SystemExit(f"error: {path} belongs to another run ({', '.join(other[:3])})")
     if expected is None:

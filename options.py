@@ -71,15 +71,20 @@ TOY = dict(model="toy", threads=1, workers=0)
 
 # What may change between a run and its resume, and never splits a table: where and how fast it
 # runs, and which flags spelled its settings.
-SPEED_KEYS = ("device", "workers", "threads", "cuda_graphs", "given")
-
-
+FREE_KEYS = ("device", "workers", "threads", "cuda_graphs", "given")
 PLACES = ("root", "out")  # where the data and the run are: not settings, so never recorded
 
 
 def recorded(cfg):
     """The settings config.json and the checkpoints record: the same on every machine."""
     return {k: v for k, v in cfg.items() if k not in PLACES}
+
+
+def differences(old, new):
+    """{key: (old, new)} of the settings `new` gives otherwise than the recorded `old`; a key an
+    older train.py did not record is not held against it, nor are the FREE_KEYS."""
+    return {k: (old[k], v) for k, v in new.items()
+            if k in old and k not in FREE_KEYS and old[k] != v}
 
 
 def parse_args(argv=None):

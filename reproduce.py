@@ -101,7 +101,7 @@ def run(args, extra, evaluate):
         share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         extra = [*extra, "--threads", str(share)]  # the cores shared out, not each rank taking all
     todo = jobs(args, extra)
-    check(args, todo, rank)
+    check(args, todo, rank, device)
     start = time.time()
     failures = work(todo, args, device, rank, world, evaluate)
     if world > 1:
@@ -132,12 +132,13 @@ def toy_out(args):
     return args.out or os.path.join("runs", "toy_benchmark")
 
 
-def check(args, todo, rank):
+def check(args, todo, rank, device):
     """Before any run starts: every run's settings (a typo never runs something else), every data
     set present (one message for all), and no folder made with another CLIP file than its run
     would use; a finished folder with other settings than its run's is named (its table shows it
     apart), never silently counted as this benchmark's."""
-    configs = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root])
+    configs = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root, "--device",
+                                                               device])
                for job in todo if job.kind == "train"}
     check_data(sorted({job.argv[job.argv.index("--dataset") + 1] for job in todo
                        if job.kind != "zeroshot"} | ({"toy"} if args.benchmark == "toy" else set())),
@@ -151,9 +152,8 @@ def check(args, todo, rank):
         if job.kind == "train" and runfolder.finished(job.folder) and rank == 0:
             old = runfolder.read_config(os.path.join(job.folder, "config.json")) or {}
             new = options.recorded(configs[tuple(job.argv)])
-            differ = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
-                      if k not in (*options.SPEED_KEYS, "precision") and k in old
-                      and old[k] != v]
+            differ = [f"{k}: {a!r} -> {b!r}"
+                      for k, (a, b) in options.differences(old, new).items()]
             if differ:
                 print(f"note: {job.folder} holds a finished run with other settings than this "
                       f"benchmark's ({', '.join(differ[:3])}); its table shows it apart. Delete "

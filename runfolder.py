@@ -149,8 +149,7 @@ def prepare_run_folder(out, cfg, stages, expected=None):
         raise SystemExit(f"error: {out} already holds a finished run (metrics.json)"
                          f"{other_clip(old, cfg)}. Pick another --out, or delete that folder to "
                          f"run again.")
-    changed = {k: (old.get(k), v) for k, v in cfg.items()
-               if old.get(k) != v and k not in options.SPEED_KEYS} if old is not None else {}
+    changed = options.differences(old, cfg) if old is not None else {}
     if changed and trained_in(out):
         differences = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise SystemExit(f"error: {out} holds an unfinished run with other settings "

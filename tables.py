@@ -28,7 +28,7 @@ ELEVEN = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flow
           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 SHIFTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 # what never splits a table: the rows (data set), the seeds, and what changes no result
-NOT_SETTINGS = ("seed", "dataset", "fewshot_file", "clip_sha256", *options.SPEED_KEYS,
+NOT_SETTINGS = ("seed", "dataset", "fewshot_file", "clip_sha256", *options.FREE_KEYS,
                 *options.PLACES)
 
 
