@@ -213,6 +213,21 @@ def interrupted(world, out, method="coop", epochs=1, root=None):
 
 # -- stand-ins for the outside world: a file server, a port nothing listens on, open_clip's files
 
+def serve(answer):
+    """(server, its URL): a local HTTP server on 127.0.0.1 whose GETs answer(handler) handles,
+    quietly, in a daemon thread; tests never reach the network."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            answer(self)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_port}"
+
+
 class Server:
     """An HTTP file server on 127.0.0.1 that honours Range (unless told not to) and can
     cut its first response after `cut_after` bytes. `requests` records each request's
@@ -225,18 +240,8 @@ class Server:
             honour_range,
             [],
         )
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.answer(self)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, url = serve(self.answer)
+        self.url = url + "/"
 
     def answer(self, h):
         self.requests.append(SimpleNamespace(path=h.path, range=h.headers.get("Range")))

@@ -17,7 +17,7 @@ from PIL import Image
 import clip.clip
 import data
 from data import DatasetNotFound, build_dataset, prepare, sources
-from tests.synthetic import jpeg, refused_url
+from tests.synthetic import jpeg, refused_url, serve
 
 IMAGENET_NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
 
@@ -389,18 +389,7 @@ class FakeDrive:
 
     def __init__(self):
         self.files, self.large, self.legacy, self.quota, self.requests = {}, set(), set(), set(), []
-        drive = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                drive.answer(self)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = serve(self.answer)
 
     def answer(self, h):
         path, _, query = h.path.partition("?")
