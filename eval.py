@@ -88,8 +88,11 @@ def parse_args(argv=None):
         args.datasets = args.datasets or list(reproduce.default_datasets(args.benchmark))
         args.shots = args.shots or list(reproduce.SHOTS if args.benchmark == "fewshot" else [16])
         reproduce.check_datasets(args.datasets)
-        if min(args.seeds + args.shots) < 1 or max(args.seeds + args.shots) > 10000:
-            p.error("--seeds and --shots must be between 1 and 10000")
+        for flag, key in (("seeds", "seed"), ("shots", "shots")):  # each run's own bounds
+            bad = [v for v in getattr(args, flag) if v < 1 or v not in options.CHOICES[key]]
+            if bad:
+                p.error(f"--{flag} must be at least 1 and within --{key}'s bounds, "
+                        f"{options.CHOICES[key]} (got {bad[0]})")
     defaults = options.shared_defaults(args.dataset or args.benchmark)  # the toy world's differ
     vars(args).update({k: defaults[k] for k in shared if getattr(args, k) is None})  # not given
     if not args.summary and not args.benchmark:

@@ -36,7 +36,6 @@ import runfolder
 import speed
 import tables
 import train
-from data import DATASETS
 
 SEEDS = (1, 2, 3)  # the papers average seeds 1, 2 and 3
 SHOTS = (1, 2, 4, 8, 16)  # few-shot learning: CoOp's K
@@ -171,7 +170,7 @@ def check_data(names, root):
         except SystemExit as e:
             missing[name] = str(e.code).removeprefix("error: ").splitlines()[0].split(". ")[0]
     if missing:
-        known = [name for name in missing if name in DATASETS]
+        known = [name for name in missing if name in data.DATASETS]
         fetch = (f"`python -m data.prepare {' '.join(known)} --root {root}` downloads what it "
                  f"can and says where the rest goes; " if known else "")
         raise SystemExit(f"error: {len(missing)} data set(s) of this benchmark cannot be read "
@@ -320,6 +319,6 @@ def default_datasets(protocol):
 
 def check_datasets(names):
     for name in names:
-        if name not in DATASETS and not name.startswith("folder:"):
+        if name not in data.DATASETS and not name.startswith("folder:"):
             raise SystemExit(f"error: unknown data set {name!r} in --datasets; known: "
-                             f"{', '.join(DATASETS)}, or folder:/path")
+                             f"{', '.join(data.DATASETS)}, or folder:/path")
