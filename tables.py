@@ -98,10 +98,11 @@ def protocol_settings(method, dataset, protocol, shots):
 def changes(cfg):
     """The settings of a run that its protocol does not set: what the user changed."""
     ref = protocol_settings(cfg["method"], cfg["dataset"], cfg["protocol"], cfg["shots"])
+    ref = {k: list(v) if isinstance(v, tuple) else v for k, v in ref.items()}  # as JSON keeps it
     if ref.get("precision") == "auto":  # what auto became on the run's device
         ref["precision"] = options.default_precision(cfg.get("device", "cpu"))
-    return {k: v for k, v in cfg.items() if k in ref and k not in NOT_SETTINGS
-            and v != (list(ref[k]) if isinstance(ref[k], tuple) else ref[k])}
+    return {k: new for k, (_, new) in options.differences(ref, cfg).items()
+            if k not in NOT_SETTINGS}
 
 
 def title(key):
