@@ -66,20 +66,14 @@ def config_problem(cfg, method):
     """What is wrong in a checkpoint's config: the method's options, each of its default's type."""
     if cfg.get("method") != method:
         return f"it holds {method} prompts, but its config says method {cfg.get('method')!r}"
-    defaults = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS}
     for key in (*CONFIG_STRINGS, *prompts.METHODS[method].DEFAULTS):
         if key not in cfg:
             return f"its config has no {key!r}"
+    defaults = options.settings(method, "", {})  # each setting's type, as train.py resolves it
     for key, value in cfg.items():
-        want = str if key in CONFIG_STRINGS else type(defaults.get(key))
-        # an option whose default is None (fewshot_file) takes any value
-        if value is None and key not in CONFIG_STRINGS or want is type(None):
-            continue
-        ok = (isinstance(value, (list, tuple)) if want in (list, tuple)
-              else isinstance(value, (int, float)) and not isinstance(value, bool)
-              if want is float else type(value) is want)
-        if not ok:
-            return f"its config's {key} is {value!r}, not a {want.__name__}"
+        want = "" if key in CONFIG_STRINGS else defaults.get(key)
+        if not options.same_type(value, want) or (key in CONFIG_STRINGS and value is None):
+            return f"its config's {key} is {value!r}, not a {type(want).__name__}"
     return None
 
 

@@ -87,6 +87,19 @@ def differences(old, new):
             if k in old and k not in FREE_KEYS and old[k] != v}
 
 
+def same_type(saved, value):
+    """JSON's types for a setting: an int may stand for a float, a list for a tuple."""
+    if value is None or saved is None:
+        return True
+    if isinstance(value, bool) or isinstance(saved, bool):
+        return isinstance(value, bool) and isinstance(saved, bool)
+    if isinstance(value, float):
+        return isinstance(saved, (int, float))
+    if isinstance(value, (list, tuple)):
+        return isinstance(saved, (list, tuple))
+    return isinstance(saved, type(value))
+
+
 def parse_args(argv=None):
     """train.py's command line -> the run's settings, one dict, resolved and checked (settings()):
     every option, plus method, dataset, root, out, fewshot_file, device, the precision auto

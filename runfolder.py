@@ -68,24 +68,11 @@ def read_config(path):
     method = config["method"]
     defaults = options.settings(method, config["dataset"], {}) if method in prompts.METHODS else {}
     for key, value in defaults.items():
-        if key in config and not same_type(config[key], value):
+        if key in config and not options.same_type(config[key], value):
             raise ValueError(f"{path}: {key} is {config[key]!r} ({type(config[key]).__name__}), "
                              f"not a {type(value).__name__} as train.py writes it (e.g. "
                              f"{key}: {value!r})")
     return config
-
-
-def same_type(recorded, value):
-    """JSON's types for a setting: an int may stand for a float, a list for a tuple."""
-    if value is None or recorded is None:
-        return True
-    if isinstance(value, bool) or isinstance(recorded, bool):
-        return isinstance(value, bool) and isinstance(recorded, bool)
-    if isinstance(value, float):
-        return isinstance(recorded, (int, float))
-    if isinstance(value, (list, tuple)):
-        return isinstance(recorded, list)
-    return isinstance(recorded, type(value))
 
 
 def check_ours(out):
