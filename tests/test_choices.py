@@ -437,7 +437,7 @@ def integer_options():
 def test_an_integer_option_past_its_bound_is_refused(method, key, capsys):
     """10**20 (batch size, threads, depth, epochs...) stops at the parse with one `error:` line
     that names the option's bounds, not deep in torch."""
-    default = {**options.DEFAULTS, **prompts.METHODS[method].DEFAULTS}[key]
+    default = options.settings(method, "caltech101", {})[key]
     values = [str(10**20)] * (len(default) if isinstance(default, tuple) else 1)
     with pytest.raises(SystemExit) as stop:
         train.parse_args(["--method", method, "--dataset", "caltech101", f"--{key}", *values])
