@@ -202,10 +202,8 @@ def target_table(name, table, columns, wanted, paper_protocol, cfg, grid):
 
 
 def published(cfg, dataset, column):
-    """The paper's number for this table's method, protocol and K on `dataset`, or None; only
-    for runs with the protocol's own settings (a changed setting is another experiment)."""
-    if set(cfg) - {"method", "protocol", "shots"}:
-        return None
+    """The paper's number for this table's method, protocol and K on `dataset`, or None. It stands
+    beside every table, settings changed or not: the title names what differs from the paper's."""
     number = paper_number(cfg["protocol"], cfg["method"], dataset, cfg["shots"], column)
     return number[0] if number else None
 
