@@ -105,6 +105,12 @@ def changes(cfg):
             if k not in NOT_SETTINGS}
 
 
+def paper_order(dataset):
+    """The papers' order of data sets (their rows and columns); others after them, by name."""
+    order = [*ELEVEN, *SHIFTS]
+    return (order.index(dataset) if dataset in order else len(order), dataset)
+
+
 def title(key):
     """"method, protocol, K shots", then each setting the user changed."""
     cfg = json.loads(key)
@@ -117,13 +123,12 @@ def markdown_tables(key, table, grid):
     cfg = json.loads(key)
     if grid and cfg["method"] == "zeroshot":  # no seed changes zero-shot CLIP: seed 1 is its row
         grid = dict(grid, seeds=[1])
-    datasets = list(grid["datasets"] if grid else table)
+    datasets = list(grid["datasets"]) if grid else sorted(table, key=paper_order)
     if cfg["protocol"] == "crossdataset":  # its targets: eval.py's results on all classes
         table = {d: {c.removesuffix(" (all)"): v for c, v in row.items()
                      if not c.endswith((" (base)", " (new)"))} for d, row in table.items()}
-        order = [*ELEVEN, *SHIFTS]  # the papers' column order; other targets after them
         targets = sorted({c for row in table.values() for c in row if c not in ("accuracy", "seed")},
-                         key=lambda t: (order.index(t) if t in order else len(order), t))
+                         key=paper_order)
         shifts = [t for t in targets if t in SHIFTS]
         wanted = [t for t in (grid or {}).get("datasets", targets)]
         parts = [("cross-dataset transfer", [t for t in targets if t not in SHIFTS],
