@@ -11,14 +11,19 @@ import torch
 
 import options
 import prompts
-from console import write_errors
 from clip.files import atomic_write
+from console import write_errors
 from prompts import clip_architecture
 from prompts.common import learned_state
 
 
 CHECKPOINT_KEYS = dict(prompt_learner=("method", "config", "classnames", "epoch", "state_dict"),
                        train_state=("done", "stage", "optimizer", "rng", "learned"))
+# what train.py's save_checkpoint writes, with the type each value must have
+PROMPT_CHECKPOINT = dict(method=str, config=dict, classnames=list, epoch=int,
+                         clip_architecture=dict, state_dict=dict)
+# the config keys train.py records as strings (and the method's own string options)
+CONFIG_STRINGS = ("method", "model", "protocol", "dataset", "device", "precision")
 
 
 def expected_state(model, cfg):
@@ -28,15 +33,6 @@ def expected_state(model, cfg):
         return {k: tuple(v.shape) for k, v in learned_state(model, buffers=buffers).items()}
     return dict(method=cfg["method"], classnames=list(model.classnames),
                 prompt_learner=shapes(False), train_state=shapes(True))
-
-
-# what train.py's save_checkpoint writes, with the type each value must have
-PROMPT_CHECKPOINT = dict(method=str, config=dict, classnames=list, epoch=int,
-                         clip_architecture=dict, state_dict=dict)
-
-
-# the config keys train.py records as strings (and the method's own string options)
-CONFIG_STRINGS = ("method", "model", "protocol", "dataset", "device", "precision")
 
 
 def checkpoint_problem(ckpt):

@@ -252,7 +252,7 @@ def lock_run_folder(out):
     RUN_LOCKS[key] = f
 
 
-FILE_LOCKS = {}  # path -> its open file, while this process holds it (benchmark.py's evaluations)
+FILE_LOCKS = {}  # path -> its open file, while this process holds it (reproduce.py's evaluations)
 
 
 def try_lock(path):

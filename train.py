@@ -27,11 +27,11 @@ import torch
 import clip
 import data
 import prompts
+from checkpoint import check_finite, expected_state, save_checkpoint, save_torch
+from console import Log, Progress, clear_errors, interrupted, write_errors
 from options import parse_args
 from prompts import zeroshot
 from prompts.common import learned_state
-from checkpoint import check_finite, expected_state, save_checkpoint, save_torch
-from console import Log, Progress, clear_errors, interrupted, write_errors
 from runfolder import (last_good, prepare_run_folder, recorded_shots, restore_rng, rng_state,
                        safe_name, save_json, unlock_run_folder)
 from speed import GraphedStep, autocast, keep_in_precision, graphs_on, switch_on
