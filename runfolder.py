@@ -23,7 +23,7 @@ import data
 import options
 import prompts
 from checkpoint import Damaged, read_checkpoint
-from clip.files import atomic_write
+from clip.files import atomic_write, load_json
 from console import write_errors
 
 RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt",
@@ -43,8 +43,7 @@ def save_json(path, obj):
 def read_json(path):
     """The JSON at path, or None if it is missing or damaged (e.g. 0 bytes after a full disk)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return load_json(path, "JSON file", "")
     except (OSError, ValueError):
         return None
 

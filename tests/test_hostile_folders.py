@@ -1,0 +1,109 @@
+"""Hostile folders and files around a run: which folder is ours to write in, empty values of the
+flags that name a file, JSON nested past Python's recursion limit, and a hand-edited metrics.json.
+
+A user's files are compared byte for byte before and after ("lost" otherwise); bad input ends in
+one `error:` line that names the file or flag, never in a traceback.
+"""
+import json
+import os
+
+import pytest
+
+import eval as eval_py
+import options
+import tables
+import train
+from tests import synthetic
+# one_thread and world are fixtures
+from tests.synthetic import argv, interrupted, message_of, one_thread, world  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON that json.load cannot read: RecursionError
+
+
+def snapshot(folder):
+    """Every file under folder and its bytes."""
+    files = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+def refused_untouched(call, folder, capsys):
+    """call() stops with one clear message and leaves every file under folder as it was."""
+    before = snapshot(folder)
+    text = message_of(call, capsys)
+    assert snapshot(folder) == before, "lost"
+    return text
+
+
+# -- tracebacks: JSON nested 100,000 deep ----------------------------------------------------------
+
+def finished_run(folder, seed):
+    """What tables.summary reads of a finished base-to-novel run."""
+    folder.mkdir(parents=True)
+    cfg = dict(method="coop", protocol="base2novel", dataset="toy", shots=16, seed=seed)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "metrics.json").write_text(json.dumps(dict(base_acc=90.0, novel_acc=60.0, hm=72.0)))
+    (folder / "eval_x_all.json").write_text(json.dumps(dict(dataset="x", subsample="all",
+                                                            accuracy=50.0)))
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.json", "eval_x_all.json"])
+def test_summary_skips_deep_json_as_damaged(tmp_path, name):
+    """json.load's RecursionError is a damaged file, named and skipped like any other."""
+    finished_run(tmp_path / "good", 1)
+    finished_run(tmp_path / "deep", 2)
+    (tmp_path / "deep" / name).write_text(DEEP)
+    text = tables.summary([str(tmp_path)])
+    skipped = [line for line in text.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and str(tmp_path / "deep" / name) in skipped[0], text
+    seeds = 2 if name.startswith("eval_") else 1  # a bad eval_*.json leaves its run's metrics
+    assert "damaged" in skipped[0] and f"| toy | {seeds} |" in text, text
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.json", "fewshot.json"])
+def test_deep_json_in_an_interrupted_run(world, tmp_path, capsys, name):
+    """config.json: the checkpoint's copy; metrics.json: evaluated again; fewshot.json: named."""
+    out = tmp_path / "run"
+    interrupted(world, out)
+    (out / name).write_text(DEEP)
+    if name == "fewshot.json":
+        text = message_of(lambda: train.main(argv(world, out)), capsys)
+        assert f"{out / name} is damaged" in text, text
+        return
+    train.main(argv(world, out))
+    assert json.loads((out / "metrics.json").read_text())["base_acc"] >= 0
+    assert json.loads((out / "config.json").read_text())["method"] == "coop"
+
+
+def test_deep_fewshot_file_is_named(world, tmp_path, capsys):
+    path = tmp_path / "shots.json"
+    path.write_text(DEEP)
+    out = tmp_path / "run"
+    text = message_of(lambda: train.main(argv(world, out, "coop", "--fewshot_file", str(path))),
+                      capsys)
+    assert f"--fewshot_file {path}" in text and "not JSON" in text, text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dataset, name", [("toy", "toy/world.json"),
+                                           ("caltech101", "caltech-101/split_zhou_Caltech101.json"),
+                                           ("folder", "split.json")])
+def test_deep_json_in_a_data_set_is_named(tmp_path, capsys, dataset, name):
+    """The data set's own JSON (the toy world's stamp, a split file) nested too deep."""
+    root = tmp_path / "root"
+    if dataset == "toy":
+        (root / "toy").mkdir(parents=True)
+        (root / "toy" / "split.json").write_text('{"train": [], "val": [], "test": []}')
+    elif dataset == "caltech101":
+        synthetic.write_caltech101(str(root), ["cat", "dog"], train=1, val=1, test=1)
+    else:
+        synthetic.write_folder(root, ["cat", "dog"])
+        dataset = f"folder:{root}"
+    (root / name).write_text(DEEP)
+    text = message_of(lambda: train.read_dataset(dataset, str(root)), capsys)
+    assert f"{root / name} is not a valid" in text and "not JSON" in text, text
