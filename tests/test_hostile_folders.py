@@ -107,3 +107,21 @@ def test_deep_json_in_a_data_set_is_named(tmp_path, capsys, dataset, name):
     (root / name).write_text(DEEP)
     text = message_of(lambda: train.read_dataset(dataset, str(root)), capsys)
     assert f"{root / name} is not a valid" in text and "not JSON" in text, text
+
+
+# -- unclear: a finished run's hand-edited metrics.json --------------------------------------------
+
+@pytest.mark.parametrize("metrics", [dict(base_acc="high", novel_acc=60.0),
+                                     dict(base_acc=90.0, novel_acc=60.0, hm=250.0),
+                                     dict(novel_acc=60.0)], ids=["text", "250", "no base_acc"])
+def test_a_hand_edited_metrics_json_says_what_to_do(tmp_path, metrics):
+    """train.py refuses a finished run: the note names the file and how to run it again."""
+    finished_run(tmp_path / "good", 1)
+    finished_run(tmp_path / "edited", 2)
+    path = tmp_path / "edited" / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    text = tables.summary([str(tmp_path)])
+    skipped = [line for line in text.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and str(path) in skipped[0], text
+    assert "restore it" in skipped[0], text
+    assert f"delete the run folder {tmp_path / 'edited'} to run it again" in skipped[0], text
