@@ -40,6 +40,29 @@ def refused_untouched(call, folder, capsys):
     return text
 
 
+# -- silent: an empty value for a flag that names a file -------------------------------------------
+
+TRAIN = ["--method", "coop", "--dataset", "caltech101", "--device", "cpu"]
+EVAL = ["--method", "zeroshot", "--dataset", "caltech101", "--device", "cpu"]
+
+
+EMPTY = [pytest.param(parse, [*base, flag, ""], flag, id=f"{name} {flag} ''")
+         for parse, base, name, flags in [
+             (options.parse_args, TRAIN, "train.py", ("--fewshot_file", "--model", "--root",
+                                                      "--out")),
+             (eval_py.parse_args, EVAL, "eval.py", ("--ckpt", "--out", "--model", "--root"))]
+         for flag in flags]
+EMPTY += [pytest.param(options.parse_args, [*TRAIN, "--root="], "--root", id="train.py --root="),
+          pytest.param(eval_py.parse_args, ["--summary", "runs", ""], "--summary",
+                       id="eval.py --summary runs ''")]
+
+
+@pytest.mark.parametrize("parse, args, flag", EMPTY)
+def test_an_empty_path_is_refused(capsys, parse, args, flag):
+    """"" would fall back to a default (or to $DATA) without a word."""
+    assert f"{flag} is empty" in message_of(lambda: parse(args), capsys)
+
+
 # -- tracebacks: JSON nested 100,000 deep ----------------------------------------------------------
 
 def finished_run(folder, seed):
