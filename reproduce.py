@@ -145,6 +145,8 @@ def check(args, todo, rank, device):
     models = {argv: cfg["model"] for argv, cfg in configs.items()}
     digests = {model: clip.clip.sha256(model) for model in {*models.values(), "toy"}}
     for job in todo:
+        if job.kind != "eval" and not runfolder.finished(job.folder):  # to be written in
+            runfolder.check_ours(job.folder)
         if job.kind != "eval":
             model = models[tuple(job.argv)] if job.kind == "train" else "toy"
             check_same_clip(job.folder, model, digests[model])
@@ -241,7 +243,7 @@ def claim(job):
         if not runfolder.try_lock(job.out + ".lock"):
             return False
     else:
-        os.makedirs(job.folder, exist_ok=True)
+        runfolder.make_run_folder(job.folder)  # marked before it is locked: check() saw it is ours
         try:
             runfolder.lock_run_folder(job.folder)
         except SystemExit:  # another process is running in it
@@ -260,8 +262,10 @@ def release(job):
 
 
 def held(folder):
-    """Whether some process holds the run folder's lock now."""
-    return os.path.isdir(folder) and held_lock(os.path.join(folder, ".lock"))
+    """Whether some process holds the run folder's lock now (a held lock has its file: no .lock
+    is made where there is none)."""
+    lock = os.path.join(folder, ".lock")
+    return os.path.isfile(lock) and held_lock(lock)
 
 
 def held_lock(path):

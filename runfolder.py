@@ -31,8 +31,6 @@ RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_l
 MARKER = ".run_folder"
 # atomic_write's temporary names for the run files: ".config.json.k3j_9x2a.tmp" (tempfile.mkstemp)
 TEMP_NAME = re.compile(r"\.(%s)\.[a-z0-9_]+\.tmp" % "|".join(map(re.escape, RUN_FILES)))
-# keys every config.json of train.py has had (a folder from before the marker file counts as ours)
-CONFIG_KEYS = ("method", "dataset", "protocol", "shots", "seed", "model")
 
 
 def save_json(path, obj):
@@ -86,13 +84,10 @@ def check_ours(out):
 
 
 def is_run_folder(out):
-    """Written by this program: its marker file, or a config.json of ours from before the marker
-    existed; or it holds nothing a user made (empty, a lock and temporary files of ours)."""
+    """Ours to write in: made by this program (its marker, written before anything else), or
+    empty. A name or a key like ours (config.json, .lock, a temporary name) is no sign of it."""
     names = os.listdir(out)
-    if MARKER in names or all(n == ".lock" or TEMP_NAME.fullmatch(n) for n in names):
-        return True
-    config = read_json(os.path.join(out, "config.json"))
-    return isinstance(config, dict) and all(k in config for k in CONFIG_KEYS)
+    return MARKER in names or not names
 
 
 def make_run_folder(out):

@@ -40,6 +40,48 @@ def refused_untouched(call, folder, capsys):
     return text
 
 
+# -- lost: only a folder with our marker (or an empty one) is ours ---------------------------------
+
+def run_config(world):
+    """A config.json with every key train.py's have, as a run from before the marker wrote it."""
+    return json.dumps(dict(method="coop", dataset="caltech101", protocol="base2novel", shots=2,
+                           seed=1, model=world.model)).encode()
+
+
+USERS = {  # what a user's folder holds; None: a run's config.json (run_config)
+    "a run's keys in the user's config.json": {"config.json": None},
+    "a run's config.json beside the user's notes": {"config.json": None, "notes.txt": b"mine\n"},
+    "a file named like the lock": {".lock": b"precious"},
+    "a file named like a temporary config.json": {".config.json.k3j_9x2a.tmp": b"precious"},
+    "the lock's and a temporary name": {".lock": b"1234", ".prompt_learner.pt.abcdefgh.tmp": b"x"},
+}
+
+
+@pytest.mark.parametrize("case", USERS)
+def test_a_folder_without_the_marker_is_the_users(world, tmp_path, capsys, case):
+    """Names or keys like ours do not make a folder ours: only the marker does (or nothing)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, content in USERS[case].items():
+        (out / name).write_bytes(run_config(world) if content is None else content)
+    text = refused_untouched(lambda: train.main(argv(world, out)), out, capsys)
+    assert "not a run folder" in text and str(out) in text, text
+
+
+def test_the_benchmark_leaves_a_users_folder_in_a_runs_place_alone(world, tmp_path, capsys):
+    """The benchmark locks each run's folder before train.py runs in it: a user's .lock there is
+    theirs all the same, and nothing runs."""
+    runs = tmp_path / "runs"
+    mine = runs / "caltech101" / "coop" / "base2novel" / "shots2_seed1"
+    mine.mkdir(parents=True)
+    (mine / ".lock").write_bytes(b"precious")
+    benchmark = ["--benchmark", "base2novel", "--methods", "coop", "--seeds", "1", "--datasets",
+                 "caltech101", "--root", world.root, "--out", str(runs), "--device", "cpu",
+                 "--shots", "2", "--", "--model", world.model, "--epochs", "1", "--workers", "0"]
+    text = refused_untouched(lambda: eval_py.main(benchmark), runs, capsys)
+    assert str(mine) in text and "not a run folder" in text, text
+
+
 # -- silent: an empty value for a flag that names a file -------------------------------------------
 
 TRAIN = ["--method", "coop", "--dataset", "caltech101", "--device", "cpu"]
