@@ -288,6 +288,7 @@ def last_good(out):
 
 def recorded_shots(out, ds, train, val):
     """On resume, the shots the run started with (its fewshot.json), even if the data changed."""
+    check_ours(out)  # a user's folder is refused before its files are read as a run's
     path = os.path.join(out, "fewshot.json")
     if not trained_in(out) or not os.path.isfile(path) or finished(out):  # today's draw
         return train, val

@@ -54,6 +54,7 @@ USERS = {  # what a user's folder holds; None: a run's config.json (run_config)
     "a file named like the lock": {".lock": b"precious"},
     "a file named like a temporary config.json": {".config.json.k3j_9x2a.tmp": b"precious"},
     "the lock's and a temporary name": {".lock": b"1234", ".prompt_learner.pt.abcdefgh.tmp": b"x"},
+    "checkpoint-named and a cut fewshot.json": {"prompt_learner.pt": b"x", "fewshot.json": b"{"},
 }
 
 
