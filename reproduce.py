@@ -133,9 +133,9 @@ def toy_out(args):
 
 def check(args, todo, rank, device):
     """Before any run starts: every run's settings (a typo never runs something else), every data
-    set present (one message for all), and no folder made with another CLIP file than its run
-    would use; a finished folder with other settings than its run's is named (its table shows it
-    apart), never silently counted as this benchmark's."""
+    set present (one message for all), no folder of a user's in a run's place, and no folder made
+    with another CLIP file than its run would use; a finished folder with other settings than its
+    run's is named (its table shows it apart), never silently counted as this benchmark's."""
     configs = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root, "--device",
                                                                device])
                for job in todo if job.kind == "train"}
@@ -145,9 +145,9 @@ def check(args, todo, rank, device):
     models = {argv: cfg["model"] for argv, cfg in configs.items()}
     digests = {model: clip.clip.sha256(model) for model in {*models.values(), "toy"}}
     for job in todo:
-        if job.kind != "eval" and not runfolder.finished(job.folder):  # to be written in
-            runfolder.check_ours(job.folder)
         if job.kind != "eval":
+            if not runfolder.finished(job.folder):  # to be written in: a user's folder is refused
+                runfolder.check_ours(job.folder)
             model = models[tuple(job.argv)] if job.kind == "train" else "toy"
             check_same_clip(job.folder, model, digests[model])
         if job.kind == "train" and runfolder.finished(job.folder) and rank == 0:
