@@ -130,8 +130,6 @@ def parse_args(argv=None):
     check_values(p, cfg, DEFAULTS, CHOICES)
     check_values(p, cfg, method.DEFAULTS, {**OPTION_CHOICES, **getattr(method, "CHOICES", {})})
     check_device(p, cfg)
-    if cfg["out"] == "":
-        p.error("--out is empty; leave it out for the default run folder")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # as JSON keeps it
 
 
@@ -215,6 +213,10 @@ def method_line(method):
     return f"  {method:10} {name}\n{own}"
 
 
+# flags of train.py and eval.py that name a file or folder: "" would quietly mean the default
+PATHS = ("root", "out", "fewshot_file", "model", "ckpt", "summary")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a bad flag or value said in one `error:` line (exit code 2), not after its
     usage block: the line names the flag, and --help has the rest."""
@@ -222,6 +224,17 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2)
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, and an empty path given (--out "") refused; an empty $DATA, --root's
+        default, is said where the data is read."""
+        known, extra = super().parse_known_args(args, namespace)
+        for key in PATHS:
+            value = getattr(known, key, None)
+            if "" in (value if isinstance(value, list) else [value]) and (
+                    value != self.get_default(key)):
+                self.error(f"--{key} is empty; give a path, or leave the flag out for its default")
+        return known, extra
 
 
 def add_options(group, defaults, helps, choices):

@@ -133,9 +133,9 @@ def toy_out(args):
 
 def check(args, todo, rank, device):
     """Before any run starts: every run's settings (a typo never runs something else), every data
-    set present (one message for all), and no folder made with another CLIP file than its run
-    would use; a finished folder with other settings than its run's is named (its table shows it
-    apart), never silently counted as this benchmark's."""
+    set present (one message for all), no folder of a user's in a run's place, and no folder made
+    with another CLIP file than its run would use; a finished folder with other settings than its
+    run's is named (its table shows it apart), never silently counted as this benchmark's."""
     configs = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root, "--device",
                                                                device])
                for job in todo if job.kind == "train"}
@@ -146,6 +146,8 @@ def check(args, todo, rank, device):
     digests = {model: clip.clip.sha256(model) for model in {*models.values(), "toy"}}
     for job in todo:
         if job.kind != "eval":
+            if not runfolder.finished(job.folder):  # to be written in: a user's folder is refused
+                runfolder.check_ours(job.folder)
             model = models[tuple(job.argv)] if job.kind == "train" else "toy"
             check_same_clip(job.folder, model, digests[model])
         if job.kind == "train" and runfolder.finished(job.folder) and rank == 0:
@@ -241,7 +243,7 @@ def claim(job):
         if not runfolder.try_lock(job.out + ".lock"):
             return False
     else:
-        os.makedirs(job.folder, exist_ok=True)
+        runfolder.make_run_folder(job.folder)  # marked before it is locked: check() saw it is ours
         try:
             runfolder.lock_run_folder(job.folder)
         except SystemExit:  # another process is running in it
@@ -260,8 +262,10 @@ def release(job):
 
 
 def held(folder):
-    """Whether some process holds the run folder's lock now."""
-    return os.path.isdir(folder) and held_lock(os.path.join(folder, ".lock"))
+    """Whether some process holds the run folder's lock now (a held lock has its file: no .lock
+    is made where there is none)."""
+    lock = os.path.join(folder, ".lock")
+    return os.path.isfile(lock) and held_lock(lock)
 
 
 def held_lock(path):

@@ -23,7 +23,7 @@ import data
 import options
 import prompts
 from checkpoint import Damaged, read_checkpoint
-from clip.files import atomic_write
+from clip.files import atomic_write, load_json
 from console import write_errors
 
 RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_learner.pt",
@@ -31,8 +31,6 @@ RUN_FILES = ("config.json", "fewshot.json", "log.txt", "metrics.json", "prompt_l
 MARKER = ".run_folder"
 # atomic_write's temporary names for the run files: ".config.json.k3j_9x2a.tmp" (tempfile.mkstemp)
 TEMP_NAME = re.compile(r"\.(%s)\.[a-z0-9_]+\.tmp" % "|".join(map(re.escape, RUN_FILES)))
-# keys every config.json of train.py has had (a folder from before the marker file counts as ours)
-CONFIG_KEYS = ("method", "dataset", "protocol", "shots", "seed", "model")
 
 
 def save_json(path, obj):
@@ -43,8 +41,7 @@ def save_json(path, obj):
 def read_json(path):
     """The JSON at path, or None if it is missing or damaged (e.g. 0 bytes after a full disk)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return load_json(path, "JSON file", "")
     except (OSError, ValueError):
         return None
 
@@ -87,13 +84,10 @@ def check_ours(out):
 
 
 def is_run_folder(out):
-    """Written by this program: its marker file, or a config.json of ours from before the marker
-    existed; or it holds nothing a user made (empty, a lock and temporary files of ours)."""
+    """Ours to write in: made by this program (its marker, written before anything else), or
+    empty. A name or a key like ours (config.json, .lock, a temporary name) is no sign of it."""
     names = os.listdir(out)
-    if MARKER in names or all(n == ".lock" or TEMP_NAME.fullmatch(n) for n in names):
-        return True
-    config = read_json(os.path.join(out, "config.json"))
-    return isinstance(config, dict) and all(k in config for k in CONFIG_KEYS)
+    return MARKER in names or not names
 
 
 def make_run_folder(out):
@@ -294,6 +288,7 @@ def last_good(out):
 
 def recorded_shots(out, ds, train, val):
     """On resume, the shots the run started with (its fewshot.json), even if the data changed."""
+    check_ours(out)  # a user's folder is refused before its files are read as a run's
     path = os.path.join(out, "fewshot.json")
     if not trained_in(out) or not os.path.isfile(path) or finished(out):  # today's draw
         return train, val

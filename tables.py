@@ -293,17 +293,19 @@ def side_by_side(tables):
 
 
 def read_metrics(path, protocol):
-    """A run's metrics.json: every value an accuracy, with the protocol's columns."""
+    """A run's metrics.json: every value an accuracy, with the protocol's columns. A hand-edited
+    one says what to do: train.py takes a readable one for a finished run and will not redo it."""
     values = read_json(path)
     if not isinstance(values, dict):
         return None, f"{path} is damaged (not a JSON object)"
     columns = ("base_acc", "novel_acc") if protocol == "base2novel" else ("accuracy",)
     missing = [c for c in columns if c not in values]
+    fix = f"; restore it, or delete the run folder {os.path.dirname(path)} to run it again"
     if missing:
-        return None, f"{path} has no {', '.join(missing)}"
+        return None, f"{path} has no {', '.join(missing)}{fix}"
     for key, value in values.items():
         if not is_accuracy(value):
-            return None, f"{path}: {key} is {value!r}, not an accuracy (a number in [0, 100])"
+            return None, f"{path}: {key} is {value!r}, not an accuracy (a number in [0, 100]){fix}"
     return values, None
 
 

@@ -58,9 +58,10 @@ def file_digest(path, algorithm="sha256"):
 
 def load_json(path, what, fix):
     """The parsed content of a JSON file, or a ValueError naming the file, what it
-    should be and `fix` (what to do)."""
+    should be and `fix` (what to do). The one reader of JSON: a file nested deeper than Python's
+    recursion limit ([[[...]]]) is as damaged as a cut one."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path} is not a valid {what}: not JSON ({err}); {fix}") from None

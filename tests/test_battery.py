@@ -647,7 +647,7 @@ LOCK_HOLDER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, os.getcwd())
     import runfolder
-    os.makedirs(sys.argv[1], exist_ok=True)
+    runfolder.make_run_folder(sys.argv[1])  # as train.py and the benchmark take a folder
     runfolder.lock_run_folder(sys.argv[1])
     print("locked", flush=True)
     time.sleep(60)
