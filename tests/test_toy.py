@@ -207,6 +207,7 @@ def test_rerun_with_another_clip_is_refused(world, tmp_path, one_thread):
     """A finished run made with another CLIP file: the message says so, and which CLIP each was."""
     out = tmp_path / "run"
     os.makedirs(out)
+    (out / ".run_folder").touch()  # a run folder of train.py's, made with another CLIP
     with open(world.run / "config.json") as f:
         config = json.load(f)
     for name, content in (("config.json", {**config, "clip_sha256": "0" * 64}),
@@ -224,6 +225,7 @@ def test_benchmark_refuses_runs_of_another_clip(world, tmp_path):
     CLIP stops the benchmark."""
     folder = tmp_path / "bench" / "coop" / "base2novel" / "shots16_seed2"
     os.makedirs(folder)
+    (folder / ".run_folder").touch()  # a run folder of train.py's
     with open(folder / "config.json", "w") as f:
         # before sha256s were recorded
         json.dump(dict(method="coop", dataset="toy", model="toy", protocol="base2novel", shots=16,
