@@ -14,19 +14,17 @@ is the only coordination, so each run is done exactly once, by whichever process
 run is skipped, an interrupted one resumes from its last epoch: kill the whole thing and start it
 again (or let torchrun's --max-restarts do so) and nothing is done twice. Each process computes on
 its own device, cuda:LOCAL_RANK (or the CPU). A run that fails is reported with its folder and the
-others go on; after a barrier the first process prints the table, and the exit code is 1 if any
-run failed. Cross-dataset: the ImageNet runs first, then each target evaluated with eval.py as soon
-as its ImageNet run has finished.
+others go on; once no process holds a run any more (the locks again: no collective, so a restarted
+round needs no rendezvous) the first process prints the table, and its exit code is 1 if any run
+failed. Cross-dataset: the ImageNet runs first, then each target evaluated with eval.py as soon as
+its ImageNet run has finished.
 """
 
-import datetime
 import os
 import sys
 import time
 import traceback
 from collections import namedtuple
-
-import torch
 
 import clip
 import console
@@ -93,8 +91,6 @@ def run(args, extra, evaluate):
     evaluations (passed down, so that this module never imports the script above it)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if world > 1:  # the barrier before the table; gloo needs no GPU. A long wait is normal here.
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     device = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
     if device == "cpu" and world > 1 and "--threads" not in extra and args.benchmark != "toy":
         share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -103,25 +99,19 @@ def run(args, extra, evaluate):
     check(args, todo, rank, device)
     start = time.time()
     failures = work(todo, args, device, rank, world, evaluate)
-    if world > 1:
-        sys.stdout.flush()  # all of this process's lines before the table, not inside it
-        everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, failures)  # also the barrier
-        failures = [f for rank_failures in everyone for f in rank_failures]
-    table = None
-    if rank == 0:
-        failures += unfinished(todo, failures)
-        grid = dict(methods=args.methods, datasets=args.datasets, seeds=args.seeds)
-        if args.benchmark == "toy":
-            grid.update(methods=["zeroshot", *args.methods], datasets=["toy"])
-        table = tables.summary(sorted({job.folder for job in todo}), grid)
-        print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
-              flush=True)
-        for folder, message in failures:
-            print(f"failed: {folder}: {message}", file=sys.stderr)
-    if world > 1:  # [ours] every rank past its collectives before gloo is torn down: a rank
-        torch.distributed.barrier()  # leaving while another is still in one can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    if rank > 0:  # its failures were printed; the first process names every unfinished run
+        return None
+    # No collective: the other processes are waited for through their runs' locks, so a round
+    # that torchrun restarts after a worker died needs no rendezvous, only the run folders
+    failures += unfinished(todo, failures)
+    grid = dict(methods=args.methods, datasets=args.datasets, seeds=args.seeds)
+    if args.benchmark == "toy":
+        grid.update(methods=["zeroshot", *args.methods], datasets=["toy"])
+    table = tables.summary(sorted({job.folder for job in todo}), grid)
+    print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
+          flush=True)
+    for folder, message in failures:
+        print(f"failed: {folder}: {message}", file=sys.stderr)
     if failures:
         raise SystemExit(1)
     return table
@@ -223,7 +213,8 @@ def unfinished(todo, failures):
     waiting = [job for job in todo if not done(job) and job.folder not in failed]
     while any(held_job(job) for job in waiting if not done(job)):
         time.sleep(2)
-    return [(job.folder, "not finished: another process held it and stopped")
+    return [(job.folder, "not finished: the process that ran it failed (its error is above) or "
+                         "was stopped")
             for job in waiting if not done(job)]
 
 
