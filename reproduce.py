@@ -13,11 +13,11 @@ list of runs and takes the next one nobody holds: the run folder's lock (runfold
 is the only coordination, so each run is done exactly once, by whichever process is free. A finished
 run is skipped, an interrupted one resumes from its last epoch: kill the whole thing and start it
 again (or let torchrun's --max-restarts do so) and nothing is done twice. Each process computes on
-its own device, cuda:LOCAL_RANK (or the CPU). A run that fails is reported with its folder and the
-others go on; once no process holds a run any more (the locks again: no collective, so a restarted
-round needs no rendezvous) the first process prints the table, and its exit code is 1 if any run
-failed. Cross-dataset: the ImageNet runs first, then each target evaluated with eval.py as soon as
-its ImageNet run has finished.
+its own device, cuda:LOCAL_RANK (or the CPU). A run that fails, or a folder that cannot hold one,
+is reported with its folder and the others go on; once no process holds a run any more (the locks
+again: no collective, so a restarted round needs no rendezvous) the first process prints the table,
+and its exit code is 1 if any run failed. Cross-dataset: the ImageNet runs first, then each target
+evaluated with eval.py as soon as its ImageNet run has finished.
 """
 
 import os
@@ -185,20 +185,23 @@ def work(todo, args, device, rank, world, evaluate):
                 if not held(job.folder) and job.folder not in running(pending):
                     pending.remove(job)  # its ImageNet run failed (reported where it ran)
                 continue  # its ImageNet run is still going: wait
-            if not claim(job):
-                pending.remove(job)  # another process has it
-                continue
-            if world > 1:
-                print(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}", flush=True)
-            try:
-                perform(job, args, device, evaluate)
+            try:  # a folder that cannot be locked (a file in its place, say) fails like a run
+                if not claim(job):
+                    pending.remove(job)  # another process has it
+                    continue
+                try:
+                    if world > 1:
+                        print(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}",
+                              flush=True)
+                    perform(job, args, device, evaluate)
+                finally:
+                    release(job)
             except (Exception, SystemExit) as e:  # one failed run: report it, go on with the others
-                message = str(e) if isinstance(e, SystemExit) else traceback.format_exc(limit=3)
+                message = (str(e) if isinstance(e, SystemExit) else
+                           traceback.format_exc(limit=3)).removeprefix("error: ")
                 print(f"error: rank {rank}: the run in {job.folder} failed: {message}",
                       file=sys.stderr, flush=True)
-                failures.append((job.folder, str(e) or type(e).__name__))
-            finally:
-                release(job)
+                failures.append((job.folder, str(e).removeprefix("error: ") or type(e).__name__))
             pending.remove(job)
             progressed = True
         if pending and not progressed:
@@ -227,16 +230,23 @@ def running(pending):
 
 
 def claim(job):
-    """This process's lock on the job (a run's folder lock, or an evaluation's own), or False."""
-    if job.kind == "eval":
-        if not runfolder.try_lock(job.out + ".lock"):
-            return False
-    else:
-        os.makedirs(job.folder, exist_ok=True)
-        try:
+    """This process's lock on the job (a run's folder lock, or an evaluation's own), or False if
+    another process has it. A folder where no lock can be taken raises SystemExit saying why."""
+    folder = os.path.dirname(job.out) if job.kind == "eval" else job.folder
+    why = runfolder.unwritable(folder)  # a file in the folder's place, a read-only folder
+    if why:
+        raise SystemExit(f"error: {why}: fix or remove it, or pass another --out")
+    try:
+        with console.write_errors(folder):
+            os.makedirs(folder, exist_ok=True)
+            if job.kind == "eval" and not runfolder.try_lock(job.out + ".lock"):
+                return False
+        if job.kind != "eval":
             runfolder.lock_run_folder(job.folder)
-        except SystemExit:  # another process is running in it
+    except SystemExit:  # another process holds the lock, or it cannot be taken: the message says
+        if held_job(job) or done(job):
             return False
+        raise
     if done(job):  # finished between the look and the lock
         release(job)
         return False
@@ -256,8 +266,13 @@ def held(folder):
 
 
 def held_lock(path):
-    if not runfolder.try_lock(path):
-        return True
+    """Whether some process holds the lock file at path; False where none can be (no such folder,
+    the lock a folder or unreadable: claim names what is wrong)."""
+    try:
+        if not runfolder.try_lock(path):
+            return True
+    except OSError:
+        return False
     runfolder.unlock(path, remove=False)
     return False
 

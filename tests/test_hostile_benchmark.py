@@ -1,5 +1,6 @@
-"""eval.py --benchmark against a hostile user: a round that torchrun starts again after a worker was
-killed finishes."""
+"""eval.py --benchmark against a hostile user: damaged run folders fail their own run and the others
+go on, and a round that torchrun starts again after a worker was killed finishes."""
+import errno
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import textwrap
 import pytest
 
 import data
+import eval as eval_py
 import runfolder
 from tests.synthetic import one_thread  # noqa: F401 (a fixture)
 
@@ -30,6 +32,58 @@ def argv(root, out):
 
 def folder(out, seed):
     return os.path.join(str(out), "coop", "base2novel", f"shots16_seed{seed}")
+
+
+def denied(monkeypatch, inside):
+    """What a user other than root meets where `inside` (a path, or a folder and all in it) may not
+    be opened or written (chmod 000 or 555): tests run as root, whom chmod does not stop."""
+    real_open, real_access = open, os.access
+
+    def opened(path, *args, **kwargs):
+        if os.path.abspath(path).startswith(inside):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runfolder, "open", opened, raising=False)  # the lock's and its pid's opens
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        not os.path.abspath(path).startswith(inside) and real_access(path, mode, **kw)))
+
+
+def lock_is_a_folder(run, monkeypatch):
+    os.makedirs(os.path.join(run, ".lock"))
+
+
+def folder_is_a_file(run, monkeypatch):
+    os.makedirs(os.path.dirname(run))
+    with open(run, "w") as f:
+        f.write("not a run\n")
+
+
+def lock_cannot_be_opened(run, monkeypatch):
+    os.makedirs(run)
+    open(os.path.join(run, ".lock"), "w").close()
+    denied(monkeypatch, os.path.join(os.path.abspath(run), ".lock"))
+
+
+def folder_is_read_only(run, monkeypatch):
+    os.makedirs(run)
+    denied(monkeypatch, os.path.abspath(run))
+
+
+@pytest.mark.parametrize("damage", [lock_is_a_folder, folder_is_a_file, lock_cannot_be_opened,
+                                    folder_is_read_only])
+def test_a_damaged_run_folder_fails_its_run_and_the_others_go_on(damage, root, tmp_path,
+                                                                  monkeypatch, capsys):
+    out = tmp_path / "bench"
+    damage(folder(out, 1), monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        eval_py.main(argv(root, out))
+    printed = capsys.readouterr()
+    assert stop.value.code == 1 and "Traceback" not in printed.err
+    assert f"failed: {folder(out, 1)}: " in printed.err
+    assert "side by side" in printed.out  # the table, of the runs that could be done
+    for other in (folder(out, 2), os.path.join(out, "zeroshot", "base2novel", "shots16_seed1")):
+        assert runfolder.finished(other)
 
 
 WORKER = """
