@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 from collections import namedtuple
+from contextlib import suppress
 
 import clip
 import console
@@ -98,6 +99,8 @@ def run(args, extra, evaluate):
     todo = jobs(args, extra)
     check(args, todo, rank, device)
     start = time.time()
+    if rank == 0:  # also shows, before any run, that stdout can be written
+        say(f"{len(todo)} runs, {sum(map(done, todo))} finished before, {world} process(es)")
     failures = work(todo, args, device, rank, world, evaluate)
     if rank > 0:  # its failures were printed; the first process names every unfinished run
         return None
@@ -108,13 +111,25 @@ def run(args, extra, evaluate):
     if args.benchmark == "toy":
         grid.update(methods=["zeroshot", *args.methods], datasets=["toy"])
     table = tables.summary(sorted({job.folder for job in todo}), grid)
-    print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
-          flush=True)
+    say(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s")
     for folder, message in failures:
         print(f"failed: {folder}: {message}", file=sys.stderr)
     if failures:
         raise SystemExit(1)
     return table
+
+
+def say(text):
+    """A line on stdout, flushed. A full disk or a closed pipe there stops the benchmark with one
+    line, before any run (the first line) or after all (the table)."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        with suppress(OSError, ValueError):  # what stays buffered goes nowhere, not to a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(f"error: could not write to stdout: {e.strerror or e}. Make room (or send "
+                         f"stdout elsewhere) and run the same command again: the runs saved are "
+                         f"skipped, and the table is printed") from None
 
 
 def toy_out(args):
@@ -191,8 +206,7 @@ def work(todo, args, device, rank, world, evaluate):
                     continue
                 try:
                     if world > 1:
-                        print(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}",
-                              flush=True)
+                        say(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}")
                     perform(job, args, device, evaluate)
                 finally:
                     release(job)

@@ -1,5 +1,6 @@
 """eval.py --benchmark against a hostile user: damaged run folders fail their own run and the others
-go on, and a round that torchrun starts again after a worker was killed finishes."""
+go on, a stdout that cannot be written is one error line, and a round that torchrun starts again
+after a worker was killed finishes."""
 import errno
 import os
 import signal
@@ -84,6 +85,24 @@ def test_a_damaged_run_folder_fails_its_run_and_the_others_go_on(damage, root, t
     assert "side by side" in printed.out  # the table, of the runs that could be done
     for other in (folder(out, 2), os.path.join(out, "zeroshot", "base2novel", "shots16_seed1")):
         assert runfolder.finished(other)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("before", ["nothing", "every run"])
+def test_a_full_stdout_is_one_error_line(before, root, tmp_path, capsys):
+    """`eval.py --benchmark toy > /dev/full`: refused before any run, or (every run saved already)
+    when the table is printed; either way one line on stderr and exit code 1."""
+    out = tmp_path / "bench"
+    if before == "every run":
+        eval_py.main(argv(root, out))
+        capsys.readouterr()
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "eval.py", *argv(root, out)], cwd=REPO,
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert result.stderr.startswith("error: could not write to stdout: No space left on device")
+    assert os.path.exists(out) == (before == "every run")  # nothing was run that would print
 
 
 WORKER = """
