@@ -211,8 +211,8 @@ def work(todo, args, device, rank, world, evaluate):
                 finally:
                     release(job)
             except (Exception, SystemExit) as e:  # one failed run: report it, go on with the others
-                message = (str(e) if isinstance(e, SystemExit) else
-                           traceback.format_exc(limit=3)).removeprefix("error: ")
+                message = (str(e).removeprefix("error: ") if isinstance(e, SystemExit) else
+                           traceback.format_exc(limit=3))
                 print(f"error: rank {rank}: the run in {job.folder} failed: {message}",
                       file=sys.stderr, flush=True)
                 failures.append((job.folder, str(e).removeprefix("error: ") or type(e).__name__))
