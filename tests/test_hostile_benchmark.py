@@ -106,27 +106,23 @@ def test_a_full_stdout_is_one_error_line(before, root, tmp_path, capsys):
 
 
 WORKER = """
-    import os, signal, sys, threading
+    import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import console, eval as eval_py, reproduce
+    import console, eval as eval_py, train
 
     if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-        perform = reproduce.perform
+        def killed(*args, **kwargs):  # as kill -9 would, its run's epoch saved, the lock held
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        def killed(job, *args):  # as kill -9 would, a second into its first run
-            if job.kind == "train":
-                threading.Timer(1, os.kill, (os.getpid(), signal.SIGKILL)).start()
-            return perform(job, *args)
-
-        reproduce.perform = killed
+        train.evaluate = killed
     with console.interrupted():
         eval_py.main(sys.argv[1:])
 """
 
 
 def test_a_round_torchrun_restarts_after_a_killed_worker_finishes(root, tmp_path):
-    """torchrun --max-restarts 1, the second worker killed in its first run: the next round resumes
-    the runs and prints the table; it neither hangs nor fails to connect."""
+    """torchrun --max-restarts 1, the second worker killed in its first run (as it evaluates): the
+    next round resumes the runs and prints the table; it neither hangs nor fails to connect."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER.format(repo=REPO)))
     out = tmp_path / "bench"
