@@ -145,7 +145,8 @@ def check_fit(path, tensors, wanted):
 def save_checkpoint(out, model, cfg, epochs_done):
     """Only the learned tensors (KB to a few MB), never CLIP, and what is needed to use them."""
     save_torch(os.path.join(out, "prompt_learner.pt"), dict(
-        method=cfg["method"], config=options.recorded(cfg), classnames=model.classnames, epoch=epochs_done,
+        method=cfg["method"], config=options.recorded(cfg), classnames=model.classnames,
+        epoch=epochs_done,
         clip_architecture=clip_architecture(model.clip), state_dict=learned_state(model)))
 
 

@@ -212,7 +212,8 @@ def main(argv=None):
     for names in data.duplicate_classnames(test):
         print(f"warning: CLIP cannot tell these classes apart, their prompts are the same: "
               f"{', '.join(names)}")
-    clip_model = speed.keep_in_precision(train.load_frozen_clip(model_name, args.device), vars(args))
+    clip_model = train.load_frozen_clip(model_name, args.device)
+    clip_model = speed.keep_in_precision(clip_model, vars(args))
     clip_sha256 = clip.clip.sha256(model_name)
     trained_on = ckpt["config"].get("clip_sha256") if ckpt else None  # older runs: not recorded
     if trained_on and trained_on != clip_sha256:  # same architecture, other weights

@@ -125,7 +125,8 @@ def parse_args(argv=None):
     p = build_parser(known.method, known.dataset)
     args = vars(p.parse_args(argv))
     method = METHODS[known.method]
-    given = {k: v for k, v in args.items() if k in {**DEFAULTS, **method.DEFAULTS} and v is not None}
+    given = {k: v for k, v in args.items()
+             if k in {**DEFAULTS, **method.DEFAULTS} and v is not None}  # the flags given
     cfg = {**args, **settings(known.method, args["dataset"], given), "given": sorted(given)}
     check_values(p, cfg, DEFAULTS, CHOICES)
     check_values(p, cfg, method.DEFAULTS, {**OPTION_CHOICES, **getattr(method, "CHOICES", {})})

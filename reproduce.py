@@ -13,20 +13,19 @@ list of runs and takes the next one nobody holds: the run folder's lock (runfold
 is the only coordination, so each run is done exactly once, by whichever process is free. A finished
 run is skipped, an interrupted one resumes from its last epoch: kill the whole thing and start it
 again (or let torchrun's --max-restarts do so) and nothing is done twice. Each process computes on
-its own device, cuda:LOCAL_RANK (or the CPU). A run that fails is reported with its folder and the
-others go on; after a barrier the first process prints the table, and the exit code is 1 if any
-run failed. Cross-dataset: the ImageNet runs first, then each target evaluated with eval.py as soon
-as its ImageNet run has finished.
+its own device, cuda:LOCAL_RANK (or the CPU). A run that fails, or a folder that cannot hold one,
+is reported with its folder and the others go on; once no process holds a run any more (the locks
+again: no collective, so a restarted round needs no rendezvous) the first process prints the table,
+and its exit code is 1 if any run failed. Cross-dataset: the ImageNet runs first, then each target
+evaluated with eval.py as soon as its ImageNet run has finished.
 """
 
-import datetime
 import os
 import sys
 import time
 import traceback
 from collections import namedtuple
-
-import torch
+from contextlib import suppress
 
 import clip
 import console
@@ -93,8 +92,6 @@ def run(args, extra, evaluate):
     evaluations (passed down, so that this module never imports the script above it)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if world > 1:  # the barrier before the table; gloo needs no GPU. A long wait is normal here.
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     device = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
     if device == "cpu" and world > 1 and "--threads" not in extra and args.benchmark != "toy":
         share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -102,29 +99,37 @@ def run(args, extra, evaluate):
     todo = jobs(args, extra)
     check(args, todo, rank, device)
     start = time.time()
+    if rank == 0:  # also shows, before any run, that stdout can be written
+        say(f"{len(todo)} runs, {sum(map(done, todo))} finished before, {world} process(es)")
     failures = work(todo, args, device, rank, world, evaluate)
-    if world > 1:
-        sys.stdout.flush()  # all of this process's lines before the table, not inside it
-        everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, failures)  # also the barrier
-        failures = [f for rank_failures in everyone for f in rank_failures]
-    table = None
-    if rank == 0:
-        failures += unfinished(todo, failures)
-        grid = dict(methods=args.methods, datasets=args.datasets, seeds=args.seeds)
-        if args.benchmark == "toy":
-            grid.update(methods=["zeroshot", *args.methods], datasets=["toy"])
-        table = tables.summary(sorted({job.folder for job in todo}), grid)
-        print(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s",
-              flush=True)
-        for folder, message in failures:
-            print(f"failed: {folder}: {message}", file=sys.stderr)
-    if world > 1:  # [ours] every rank past its collectives before gloo is torn down: a rank
-        torch.distributed.barrier()  # leaving while another is still in one can abort (SIGABRT)
-        torch.distributed.destroy_process_group()
+    if rank > 0:  # its failures were printed; the first process names every unfinished run
+        return None
+    # No collective: the other processes are waited for through their runs' locks, so a round
+    # that torchrun restarts after a worker died needs no rendezvous, only the run folders
+    failures += unfinished(todo, failures)
+    grid = dict(methods=args.methods, datasets=args.datasets, seeds=args.seeds)
+    if args.benchmark == "toy":
+        grid.update(methods=["zeroshot", *args.methods], datasets=["toy"])
+    table = tables.summary(sorted({job.folder for job in todo}), grid)
+    say(f"\n{table}\n\n{len(todo)} runs, {world} process(es), {time.time() - start:.0f}s")
+    for folder, message in failures:
+        print(f"failed: {folder}: {message}", file=sys.stderr)
     if failures:
         raise SystemExit(1)
     return table
+
+
+def say(text):
+    """A line on stdout, flushed. A full disk or a closed pipe there stops the benchmark with one
+    line, before any run (the first line) or after all (the table)."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        with suppress(OSError, ValueError):  # what stays buffered goes nowhere, not to a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(f"error: could not write to stdout: {e.strerror or e}. Make room (or send "
+                         f"stdout elsewhere) and run the same command again: the runs saved are "
+                         f"skipped, and the table is printed") from None
 
 
 def toy_out(args):
@@ -139,9 +144,8 @@ def check(args, todo, rank, device):
     configs = {tuple(job.argv): options.parse_args(job.argv + ["--root", args.root, "--device",
                                                                device])
                for job in todo if job.kind == "train"}
-    check_data(sorted({job.argv[job.argv.index("--dataset") + 1] for job in todo
-                       if job.kind != "zeroshot"} | ({"toy"} if args.benchmark == "toy" else set())),
-               args.root)
+    read = {job.argv[job.argv.index("--dataset") + 1] for job in todo if job.kind != "zeroshot"}
+    check_data(sorted(read | ({"toy"} if args.benchmark == "toy" else set())), args.root)
     models = {argv: cfg["model"] for argv, cfg in configs.items()}
     digests = {model: clip.clip.sha256(model) for model in {*models.values(), "toy"}}
     for job in todo:
@@ -197,20 +201,22 @@ def work(todo, args, device, rank, world, evaluate):
                 if not held(job.folder) and job.folder not in running(pending):
                     pending.remove(job)  # its ImageNet run failed (reported where it ran)
                 continue  # its ImageNet run is still going: wait
-            if not claim(job):
-                pending.remove(job)  # another process has it
-                continue
-            if world > 1:
-                print(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}", flush=True)
-            try:
-                perform(job, args, device, evaluate)
+            try:  # a folder that cannot be locked (a file in its place, say) fails like a run
+                if not claim(job):
+                    pending.remove(job)  # another process has it
+                    continue
+                try:
+                    if world > 1:
+                        say(f"rank {rank} ({device}): {job.kind} {job.out or job.folder}")
+                    perform(job, args, device, evaluate)
+                finally:
+                    release(job)
             except (Exception, SystemExit) as e:  # one failed run: report it, go on with the others
-                message = str(e) if isinstance(e, SystemExit) else traceback.format_exc(limit=3)
+                message = (str(e).removeprefix("error: ") if isinstance(e, SystemExit) else
+                           traceback.format_exc(limit=3))
                 print(f"error: rank {rank}: the run in {job.folder} failed: {message}",
                       file=sys.stderr, flush=True)
-                failures.append((job.folder, str(e) or type(e).__name__))
-            finally:
-                release(job)
+                failures.append((job.folder, str(e).removeprefix("error: ") or type(e).__name__))
             pending.remove(job)
             progressed = True
         if pending and not progressed:
@@ -225,7 +231,8 @@ def unfinished(todo, failures):
     waiting = [job for job in todo if not done(job) and job.folder not in failed]
     while any(held_job(job) for job in waiting if not done(job)):
         time.sleep(2)
-    return [(job.folder, "not finished: another process held it and stopped")
+    return [(job.folder, "not finished: the process that ran it failed (its error is above) or "
+                         "was stopped")
             for job in waiting if not done(job)]
 
 
@@ -238,16 +245,25 @@ def running(pending):
 
 
 def claim(job):
-    """This process's lock on the job (a run's folder lock, or an evaluation's own), or False."""
-    if job.kind == "eval":
-        if not runfolder.try_lock(job.out + ".lock"):
-            return False
-    else:
-        runfolder.make_run_folder(job.folder)  # marked before it is locked: check() saw it is ours
-        try:
+    """This process's lock on the job (a run's folder lock, or an evaluation's own), or False if
+    another process has it. A folder where no lock can be taken raises SystemExit saying why."""
+    folder = os.path.dirname(job.out) if job.kind == "eval" else job.folder
+    why = runfolder.unwritable(folder)  # a file in the folder's place, a read-only folder
+    if why:
+        raise SystemExit(f"error: {why}: fix or remove it, or pass another --out")
+    try:
+        if job.kind == "eval":
+            with console.write_errors(folder):
+                os.makedirs(folder, exist_ok=True)
+                if not runfolder.try_lock(job.out + ".lock"):
+                    return False
+        else:
+            runfolder.make_run_folder(job.folder)  # marked before locked: check() saw it is ours
             runfolder.lock_run_folder(job.folder)
-        except SystemExit:  # another process is running in it
+    except SystemExit:  # another process holds the lock, or it cannot be taken: the message says
+        if held_job(job) or done(job):
             return False
+        raise
     if done(job):  # finished between the look and the lock
         release(job)
         return False
@@ -269,8 +285,13 @@ def held(folder):
 
 
 def held_lock(path):
-    if not runfolder.try_lock(path):
-        return True
+    """Whether some process holds the lock file at path; False where none can be (no such folder,
+    the lock a folder or unreadable: claim names what is wrong)."""
+    try:
+        if not runfolder.try_lock(path):
+            return True
+    except OSError:
+        return False
     runfolder.unlock(path, remove=False)
     return False
 

@@ -127,8 +127,8 @@ def markdown_tables(key, table, grid):
     if cfg["protocol"] == "crossdataset":  # its targets: eval.py's results on all classes
         table = {d: {c.removesuffix(" (all)"): v for c, v in row.items()
                      if not c.endswith((" (base)", " (new)"))} for d, row in table.items()}
-        targets = sorted({c for row in table.values() for c in row if c not in ("accuracy", "seed")},
-                         key=paper_order)
+        targets = sorted({c for row in table.values() for c in row
+                          if c not in ("accuracy", "seed")}, key=paper_order)
         shifts = [t for t in targets if t in SHIFTS]
         wanted = [t for t in (grid or {}).get("datasets", targets)]
         parts = [("cross-dataset transfer", [t for t in targets if t not in SHIFTS],

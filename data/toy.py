@@ -51,7 +51,7 @@ def ensure_world(path):
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OSError) and os.path.isfile(stamp):
-            return ensure_world(path)  # another process (a torchrun rank) drew it meanwhile: check it
+            return ensure_world(path)  # another process (a torchrun rank) drew it: check it
         raise
     return path
 

@@ -81,7 +81,8 @@ def test_cross_dataset_prints_transfer_and_domain_generalisation_apart(tmp_path)
 def test_flags_the_benchmark_owns_are_refused_after_the_dashes(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         eval_py.main(["--benchmark", "toy", "--out", str(tmp_path / "b"), "--", f"--{flag}", "1"])
-    assert stop.value.code == 2 and f"--{flag} after -- is the benchmark's" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"--{flag} after -- is the benchmark's" in err
     assert not os.path.exists(tmp_path / "b")
 
 

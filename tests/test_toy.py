@@ -244,7 +244,8 @@ def test_real_data_path_untouched():
         assert options.settings(method, "caltech101", {}) == options.settings(method, "folder:/x",
                                                                               {})
     cfg = options.parse_args(["--method", "pmpo", "--dataset", "caltech101"])
-    assert cfg["model"] == "ViT-B/16" and cfg["epochs"] == prompts.METHODS["pmpo"].DEFAULTS["epochs"]
+    epochs = prompts.METHODS["pmpo"].DEFAULTS["epochs"]
+    assert cfg["model"] == "ViT-B/16" and cfg["epochs"] == epochs
 
 
 def test_picture(tmp_path):
