@@ -83,7 +83,8 @@ class Log:
             self.file = open(path, "a")
 
     def __call__(self, msg):
-        print(msg, flush=True)
+        sys.stdout.write(msg + "\n")  # one write: lines of torchrun's processes never interleave
+        sys.stdout.flush()
         with write_errors(self.path):
             self.file.write(msg + "\n")
             self.file.flush()

@@ -122,8 +122,9 @@ def run(args, extra, evaluate):
 def say(text):
     """A line on stdout, flushed. A full disk or a closed pipe there stops the benchmark with one
     line, before any run (the first line) or after all (the table)."""
-    try:
-        print(text, flush=True)
+    try:  # one write per line: two processes' lines on one pipe never cut into each other
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
     except OSError as e:
         with suppress(OSError, ValueError):  # what stays buffered goes nowhere, not to a traceback
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
