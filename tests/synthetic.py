@@ -283,3 +283,14 @@ def load_open_clip_file(filename):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def snapshot(folder):
+    """Every file under folder -> its bytes: what a test compares to show nothing was touched."""
+    files = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files

@@ -20,7 +20,7 @@ import checkpoint
 import tables
 import train
 from tests import synthetic
-from tests.synthetic import CLASSES, argv, message_of, one_thread  # noqa: F401 (a fixture)
+from tests.synthetic import CLASSES, argv, message_of, one_thread, snapshot  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,12 +34,6 @@ def world(tmp_path_factory):
     train.main(argv(world, world.run, "coop"))
     world.ckpt = torch.load(world.run / "prompt_learner.pt", weights_only=True)
     return world
-
-
-def snapshot(folder):
-    """Every file under folder -> its bytes (to assert that user files are unchanged)."""
-    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
-            for d, _, names in os.walk(folder) for n in names}
 
 
 def evaluate(world, ckpt, *extra):

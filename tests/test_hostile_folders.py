@@ -5,7 +5,6 @@ A user's files are compared byte for byte before and after ("lost" otherwise); b
 one `error:` line that names the file or flag, never in a traceback.
 """
 import json
-import os
 
 import pytest
 
@@ -15,21 +14,10 @@ import tables
 import train
 from tests import synthetic
 # one_thread and world are fixtures
-from tests.synthetic import argv, interrupted, message_of, one_thread, world  # noqa: F401
+from tests.synthetic import argv, interrupted, message_of, one_thread, snapshot, world  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON that json.load cannot read: RecursionError
-
-
-def snapshot(folder):
-    """Every file under folder and its bytes."""
-    files = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
 
 
 def refused_untouched(call, folder, capsys):

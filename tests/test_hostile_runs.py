@@ -8,7 +8,6 @@ byte-identical afterwards ("lost" otherwise).
 import errno
 import json
 import os
-import runpy
 import stat
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import train
 from clip.files import atomic_write
 from tests import synthetic
 # one_thread and world are fixtures
-from tests.synthetic import argv, interrupted, one_thread, world  # noqa: F401
+from tests.synthetic import argv, interrupted, one_thread, snapshot, world  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,17 +39,6 @@ def outcome(call, capsys):
     except Exception as e:  # noqa: BLE001 (any other exception is a traceback for the user)
         return "traceback", repr(e)
     return "ran", None
-
-
-def snapshot(folder):
-    """Every file under folder and its bytes."""
-    files = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
 
 
 # -- lost: a user's folder whose files merely carry run-file names ---------------------------------
